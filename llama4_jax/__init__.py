@@ -1,0 +1,22 @@
+"""llama4_jax: pretrain, fine-tune, convert and sample Meta's Llama 4 models with JAX and Flax NNX.
+
+The public API (README, notebooks and tests use exactly these names):
+
+    import llama4_jax as l4
+    mesh = l4.make_mesh(data=1, fsdp=-1, tensor=1, expert=1, context=1)
+    model = l4.load_model(path, dtype=None, mesh=None, **model_overrides)
+    logits = model(input_ids)            # int32 [B, T] -> float32 [B, T, V]
+    l4.save_pretrained(model, out_dir)
+"""
+
+from llama4_jax.checkpoint import CheckpointError, load_model, save_pretrained
+from llama4_jax.config import ModelConfig, from_hf_config, get_config, to_hf_config
+from llama4_jax.model import Llama4, abstract_model, create_model
+from llama4_jax.sharding import make_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "Llama4", "ModelConfig", "abstract_model", "create_model", "from_hf_config",
+    "get_config", "load_model", "make_mesh", "save_pretrained", "to_hf_config",
+]

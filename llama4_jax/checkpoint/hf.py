@@ -1,0 +1,300 @@
+"""Hugging Face checkpoints in and out: `load_model` and `save_pretrained`.
+
+Loading reads config.json and the safetensors files (single or sharded with an index; the
+`Llama4ForCausalLM` layout or the released `Llama4ForConditionalGeneration` one, whose vision weights are
+ignored here). Each parameter is built with `jax.make_array_from_callback`: a device's callback reads only
+that device's slice from the memory-mapped file, so no host materialises more than its own shards (plus
+one slice in flight). Saving streams one tensor at a time into sharded safetensors with an index and a
+config.json that `transformers.Llama4ForCausalLM.from_pretrained` loads; the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from llama4_jax.checkpoint.keys import ParamPlan, hf_tensor_specs, plan, state_leaves, state_path
+from llama4_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
+from llama4_jax.model.transformer import Llama4, abstract_model, check_mesh_fits
+from llama4_jax.sharding import state_shardings
+
+ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_NON_TEXT_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+class HFTensors:
+  """All tensors of a Hugging Face safetensors checkpoint directory, opened lazily and validated."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index = os.path.join(directory, INDEX_FILE)
+    self.files: dict[str, SafetensorsFile] = {}
+    self.where: dict[str, str] = {}
+    if os.path.exists(index):
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from None
+      for name in sorted(set(weight_map.values())):
+        file = os.path.join(directory, name)
+        if not os.path.exists(file):
+          raise CheckpointError(f"shard {name} is named in {index} but missing from {directory}")
+        self.files[name] = SafetensorsFile(file)
+      for key, name in weight_map.items():
+        if key not in self.files[name]:
+          raise CheckpointError(f"{index} places tensor {key!r} in {name}, which does not contain it")
+        self.where[key] = name
+    elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+      self.files[SINGLE_FILE] = SafetensorsFile(os.path.join(directory, SINGLE_FILE))
+      self.where = {k: SINGLE_FILE for k in self.files[SINGLE_FILE].keys()}
+    else:
+      raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}: not a Hugging Face "
+                            "safetensors checkpoint")
+
+  def keys(self):
+    return self.where.keys()
+
+  def file_of(self, key: str) -> str:
+    return os.path.join(self.directory, self.where[key])
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self.files[self.where[key]].shape(key)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self.files[self.where[key]][key]
+
+
+def text_prefix(keys) -> str:
+  """'' for Llama4ForCausalLM, 'language_model.' for Llama4ForConditionalGeneration checkpoints."""
+  for key in keys:
+    if key.endswith("model.embed_tokens.weight"):
+      return key[: -len("model.embed_tokens.weight")]
+  raise CheckpointError("no '*model.embed_tokens.weight' tensor: not a Llama 4 text checkpoint")
+
+
+def _check_architecture(hf: dict, directory: str) -> None:
+  archs = hf.get("architectures") or []
+  if archs and not any(a in ARCHITECTURES for a in archs):
+    raise ValueError(f"{directory}: architecture {archs} is not supported; expected one of "
+                     f"{ARCHITECTURES}")
+  if hf.get("model_type") not in ("llama4", "llama4_text"):
+    raise ValueError(f"{directory}: model_type {hf.get('model_type')!r} is not Llama 4 "
+                     "('llama4' or 'llama4_text')")
+
+
+def _normalize_index(idx, shape) -> tuple[slice, ...]:
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
+
+
+def _read_param(tensors: HFTensors, prefix: str, p: ParamPlan, idx: tuple[slice, ...], dtype):
+  """The slice `idx` of our parameter `p`, read from the HF tensors (only the rows it needs)."""
+  idx = _normalize_index(idx, p.shape)
+  unit_idx = idx[1:] if p.stacked else idx
+  keys = p.hf_keys[idx[0]] if p.stacked else p.hf_keys
+
+  def one(key):
+    src = tensors[prefix + key]
+    return np.asarray(p.layout.read(lambda i: src[i], p.unit_shape, unit_idx)).astype(dtype)
+
+  parts = [one(k) for k in keys]
+  return np.stack(parts) if p.stacked else parts[0]
+
+
+def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, **overrides) -> Llama4:
+  """Loads a Hugging Face Llama 4 checkpoint directory into a `Llama4` (sharded on `mesh` if given).
+
+  dtype: parameter and compute dtype (a name like "bfloat16" or a jnp dtype); default: the checkpoint's.
+  overrides: ModelConfig fields, e.g. `attention_impl="dense"`, `remat_policy="full"`.
+  """
+  directory = os.fspath(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  hf = read_hf_config(directory)
+  _check_architecture(hf, directory)
+  if dtype is not None:
+    name = jnp.dtype(dtype).name
+    overrides = {"param_dtype": name, "dtype": name, **overrides}
+  cfg = from_hf_config(hf, **overrides)
+  tensors = HFTensors(directory)
+  prefix = text_prefix(tensors.keys())
+  if mesh is not None:
+    check_mesh_fits(cfg, mesh)
+  abstract = abstract_model(cfg, mesh)
+  plans = plan(abstract)
+  _check_tensors(tensors, prefix, plans)
+  graphdef, abstract_state = nnx.split(abstract)
+  if mesh is not None:
+    shardings = state_shardings(abstract_state, mesh)
+  else:
+    one_device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, abstract_state)
+  by_path = {p.path: p for p in plans}
+  sharding_of = {state_path(path): s for path, s in jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+
+  def build(path, var):
+    p = by_path[state_path(path)]
+    arr = jax.make_array_from_callback(
+        p.shape, sharding_of[p.path], lambda idx: _read_param(tensors, prefix, p, idx, param_dtype))
+    return var.replace(arr)
+
+  state = jax.tree_util.tree_map_with_path(build, abstract_state,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+def _check_tensors(tensors: HFTensors, prefix: str, plans: list[ParamPlan]) -> None:
+  expected = hf_tensor_specs(plans)
+  for key, shape in expected.items():
+    full = prefix + key
+    if full not in tensors.where:
+      raise CheckpointError(f"tensor {full!r} is missing from the checkpoint in {tensors.directory} "
+                            "(does config.json match the weights?)")
+    found = tensors.shape(full)
+    if tuple(found) != tuple(shape):
+      raise CheckpointError(f"tensor {full!r} in {tensors.file_of(full)} has shape {tuple(found)}, "
+                            f"but the config implies {tuple(shape)}")
+  known = {prefix + k for k in expected}
+  for key in tensors.keys():
+    if key in known or (prefix and not key.startswith(prefix)) or key.startswith(_NON_TEXT_PREFIXES):
+      continue
+    raise CheckpointError(f"unexpected tensor {key!r} in {tensors.file_of(key)}: the config does not "
+                          "describe it (wrong num_hidden_layers or layer pattern?)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"cannot parse size {size!r}; use e.g. '5GB' or '500MB'")
+  unit = (m.group(2) or "B").upper()
+  mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+  return int(float(m.group(1)) * mult)
+
+
+def _layer_order(key: str):
+  m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+  return (1, int(m.group(1)), m.group(2)) if m else (0 if "embed" in key else 2, 0, key)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_tensor_producer(model: Llama4, dtype=None):
+  """(specs, produce): HF key -> (shape, dtype) in checkpoint order, and produce(key) -> np.ndarray.
+
+  Each call gathers only the parameter slices that one HF tensor needs (one layer of a stacked weight).
+  """
+  plans = plan(model)
+  leaves = state_leaves(model)
+  out_dtype = np.dtype(jnp.dtype(dtype or model.config.param_dtype))
+  sources: dict[str, list] = {}
+  for p in plans:
+    for i, key in enumerate(p.hf_keys):
+      sources.setdefault(key, []).append((p, i))
+  specs = {k: (plans_shape, out_dtype) for k, plans_shape in sorted(
+      hf_tensor_specs(plans).items(), key=lambda kv: _layer_order(kv[0]))}
+
+  def produce(key: str) -> np.ndarray:
+    parts = []
+    for p, i in sorted(sources[key], key=lambda s: s[0].layout.fused_part or 0):
+      x = leaves[p.path]
+      x = _gather(x[i] if p.stacked else x).astype(out_dtype)
+      parts.append(p.layout.to_hf(x))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+  return specs, produce
+
+
+def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype=None, overwrite: bool = False) -> str:
+  """Writes `model` as a Hugging Face `Llama4ForCausalLM` checkpoint directory; returns its path.
+
+  Sharded safetensors (`max_shard_size`) with `model.safetensors.index.json` (or one `model.safetensors`),
+  config.json and generation_config.json. Written into a temporary sibling and renamed at the end, so a
+  crash never leaves a partial directory. Multi-host: every process must call it; process 0 writes.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+  limit = _parse_size(max_shard_size)
+  specs, produce = hf_tensor_producer(model, dtype)
+  shards: list[dict] = [{}]
+  size = 0
+  for key, (shape, dt) in specs.items():
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append({})
+      size = 0
+    shards[-1][key] = (shape, dt)
+    size += nbytes
+  writer = jax.process_index() == 0
+  tmp = None
+  if writer:
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = 0
+    for name, shard in zip(names, shards):
+      arrays = ((k, produce(k)) for k in shard)  # all processes gather; process 0 writes
+      if writer:
+        total += write_safetensors(os.path.join(tmp, name), shard, arrays, {"format": "pt"})
+      else:
+        for _ in arrays:
+          pass
+    if writer:
+      if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        _write_json(os.path.join(tmp, INDEX_FILE), index)
+      cfg = model.config
+      hf_cfg = to_hf_config(cfg)
+      if dtype is not None:
+        hf_cfg["dtype"] = jnp.dtype(dtype).name
+      _write_json(os.path.join(tmp, "config.json"), hf_cfg)
+      _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
+      if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+      os.replace(tmp, out_dir)
+      tmp = None
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+  return {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id),
+          "pad_token_id": cfg.pad_token_id, "do_sample": False}
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")

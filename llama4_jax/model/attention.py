@@ -1,0 +1,91 @@
+"""Llama 4 grouped-query self-attention: RoPE layers (chunked causal, QK norm) and NoPE layers (full causal,
+temperature tuning). Reproduces transformers' `Llama4TextAttention` (see shared/design/LLAMA4.md).
+
+Masks are built from positions and segment ids, so packed documents (positions restarting at 0, one
+segment id per document) never attend across a boundary and each chunk is counted from its document's start.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import ModelConfig
+from llama4_jax.model.layers import apply_rope, param, rms_normalize
+from llama4_jax.sharding import constrain
+
+
+def attention_mask(positions_BT, segment_ids_BT, chunk_size: int | None):
+  """Boolean [B, T, S] (S = T): key s visible to query t.
+
+  Causal by index within one segment; with `chunk_size` C, also only keys in the query's chunk
+  (position // C), as on Llama 4's RoPE layers.
+  """
+  t = jnp.arange(positions_BT.shape[1])
+  mask = (t[None, :, None] >= t[None, None, :]) & (
+      segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  if chunk_size is not None:
+    chunk = positions_BT // chunk_size
+    mask &= chunk[:, :, None] == chunk[:, None, :]
+  return mask
+
+
+def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, mesh=None):
+  """Softmax attention in float32 with GQA (query head n reads kv head n // G). Returns [B, T, N, H].
+
+  Rows with no visible key (not produced by causal masks, but possible for callers' masks) give zeros.
+  """
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  mask = mask_BTS[:, None, None, :, :]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v_BSKH.dtype), v_BSKH,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+  """q [D, N, H], k/v [D, K, H], o [N, H, D]: bias-free projections, x @ W layouts."""
+
+  def __init__(self, cfg: ModelConfig, rope: bool, rngs: nnx.Rngs, stack=()):
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pd, std = cfg.param_dtype, cfg.initializer_range
+    self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std=std, stack=stack)
+    self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=std, stack=stack)
+    self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=std, stack=stack)
+    self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std=std, stack=stack)
+    self.rope = rope
+    self.qk_norm = cfg.use_qk_norm and rope
+    self.eps = cfg.rms_norm_eps
+    self.chunk_size = cfg.attention_chunk_size if rope else None
+    self.temperature_tuning = cfg.attn_temperature_tuning and not rope
+    self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None):
+    dt = x_BTD.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+    q = constrain(q, mesh, ("batch", "seq", "heads", "head_dim"))
+    k = constrain(k, mesh, ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, mesh, ("batch", "seq", "kv_heads", "head_dim"))
+    if self.rope:
+      q, k = apply_rope(q, *rope_cos_sin), apply_rope(k, *rope_cos_sin)
+      if self.qk_norm:  # after RoPE, weightless, over H
+        q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
+    elif self.temperature_tuning:  # identity below position floor_scale - 1
+      p = positions_BT.astype(jnp.float32)
+      scale = jnp.log1p(jnp.floor((p + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+      q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
+    mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
+    out_BTNH = dense_attention(q, k, v, mask, mesh)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(dt))

@@ -1,0 +1,87 @@
+"""Building blocks: the one weight-declaration helper, RMSNorm, interleaved RoPE, SwiGLU.
+
+Axis letters used in this package's einsum strings and shape names:
+  B batch, T query length, S key length, D hidden (embed), N query heads, K kv heads, G query heads per
+  kv head (N = K * G), H head dim, E experts, F expert/shared width, M dense width, V vocab, L stacked
+  layers (superblocks).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax.sharding import constrain
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
+          init: str = "normal", std: float = 0.02, stack: tuple[int, ...] = ()) -> nnx.Param:
+  """Declares one weight: shape, logical axes, dtype, init. Everything else derives from this.
+
+  `stack` prepends leading dims (the scanned superblocks), named `layers`.
+  """
+  shape = tuple(stack) + tuple(shape)
+  axes = ("layers",) * len(stack) + tuple(axes)
+  assert len(axes) == len(shape), (shape, axes)
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, then times the weight [D]."""
+
+  def __init__(self, dim: int, eps: float, dtype, stack=()):
+    self.weight = param(None, (dim,), ("norm",), dtype, init="ones", stack=stack)
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_normalize(x, self.eps) * self.weight[...].astype(x.dtype)
+
+
+def rms_normalize(x, eps: float):
+  """Weightless RMS norm over the last axis in float32 (also Llama 4's QK norm)."""
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope_angles(positions, inv_freq: np.ndarray):
+  """cos, sin [B, T, H/2] (float32) for integer positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNH, cos_BTh, sin_BTh):
+  """Interleaved rotary embedding: pairs (2j, 2j+1) of the head dim rotate as one complex number."""
+  dtype = x_BTNH.dtype
+  x = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], -1, 2)  # [B, T, N, H/2, 2]
+  re, im = x[..., 0], x[..., 1]
+  cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x_BTNH.shape).astype(dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(x @ gate) * (x @ up)): the dense MLP (width M) and the shared expert (width F)."""
+
+  def __init__(self, dim: int, width: int, dtype, rngs: nnx.Rngs, std: float, stack=()):
+    self.gate = param(rngs, (dim, width), ("embed", "mlp"), dtype, std=std, stack=stack)
+    self.up = param(rngs, (dim, width), ("embed", "mlp"), dtype, std=std, stack=stack)
+    self.down = param(rngs, (width, dim), ("mlp", "embed"), dtype, std=std, stack=stack)
+
+  def __call__(self, x_BTD, mesh=None):
+    dt = x_BTD.dtype
+    g_BTM = jnp.einsum("BTD,DM->BTM", x_BTD, self.gate[...].astype(dt))
+    u_BTM = jnp.einsum("BTD,DM->BTM", x_BTD, self.up[...].astype(dt))
+    h_BTM = constrain(jax.nn.silu(g_BTM) * u_BTM, mesh, ("batch", "seq", "mlp"))
+    return jnp.einsum("BTM,MD->BTD", h_BTM, self.down[...].astype(dt))

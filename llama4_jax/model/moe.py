@@ -1,0 +1,135 @@
+"""Llama 4 mixture-of-experts block: top-k sigmoid router that scales each expert's *input*, routed SwiGLU
+experts, plus a shared expert on every token. Reproduces transformers' `Llama4TextMoe`.
+
+Routing is real: the N*k (token, expert) assignments are sorted by expert and run through a grouped matmul
+(`grouped_matmul`), so each token costs k expert evaluations, not E. `moe_impl="dense"` runs every expert
+on every token (the transformers formulation) and is the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import ModelConfig
+from llama4_jax.model.layers import SwiGLU, param
+
+
+def _block_size(rows: int, groups: int) -> int:
+  """Rows per block: about rows/groups (so padding, at most one block per group, stays below the
+  work), as a power of two in [8, 256]."""
+  per_group = max(rows // max(groups, 1), 1)
+  return int(min(256, max(8, 1 << (per_group.bit_length() - 1))))
+
+
+def grouped_matmul(x_MK, w_GKN, group_sizes_G, impl: str = "blocked"):
+  """y[m] = x[m] @ w[g(m)] where rows are sorted by group and group g has group_sizes[g] rows.
+
+  impl "ragged_dot": `jax.lax.ragged_dot` (a native grouped matmul on TPU and GPU; on CPU XLA lowers it
+  densely, G times the work). impl "blocked": rows are padded per group to whole blocks and a scan runs
+  one [b, K] @ [K, N] matmul per non-empty block, so the work is about M*K*N (plus padding) on any backend.
+  """
+  if impl == "ragged_dot":
+    out = jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G, preferred_element_type=jnp.float32)
+    return out.astype(x_MK.dtype)
+  m, k = x_MK.shape
+  g, _, n = w_GKN.shape
+  b = _block_size(m, g)
+  num_blocks = -(-m // b) + g  # static bound: sum_g ceil(size_g / b) <= ceil(M / b) + G
+  sizes = group_sizes_G.astype(jnp.int32)
+  padded = (sizes + b - 1) // b * b
+  group_start = jnp.cumsum(sizes) - sizes
+  padded_start = jnp.cumsum(padded) - padded
+  row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")
+  row_group = jnp.minimum(row_group, g - 1)
+  dest = jnp.arange(m) - group_start[row_group] + padded_start[row_group]  # [M] rows in the padded buffer
+  buf = jnp.zeros((num_blocks * b, k), x_MK.dtype).at[dest].set(x_MK, unique_indices=True)
+  block_first_row = jnp.arange(num_blocks) * b
+  block_group = jnp.searchsorted(jnp.cumsum(padded), block_first_row, side="right")
+  block_used = block_group < g
+  block_group = jnp.minimum(block_group, g - 1)
+
+  def one_block(_, inp):
+    xb_bK, gid, used = inp
+    yb = jax.lax.cond(
+        used,
+        lambda: jnp.dot(xb_bK, w_GKN[gid], preferred_element_type=jnp.float32).astype(x_MK.dtype),
+        lambda: jnp.zeros((b, n), x_MK.dtype))
+    return None, yb
+
+  _, out = jax.lax.scan(one_block, None, (buf.reshape(num_blocks, b, k), block_group, block_used))
+  return out.reshape(num_blocks * b, n)[dest]
+
+
+def default_moe_impl() -> str:
+  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+class MoE(nnx.Module):
+  """router [D, E]; experts gate/up [E, D, F], down [E, F, D]; shared expert SwiGLU of width F."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=()):
+    d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
+    pd, std = cfg.param_dtype, cfg.initializer_range
+    self.router = param(rngs, (d, e), ("embed", None), pd, std=std, stack=stack)
+    self.gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std, stack=stack)
+    self.up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std, stack=stack)
+    self.down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), pd, std=std, stack=stack)
+    self.shared = SwiGLU(d, f, pd, rngs, std, stack=stack)
+    self.top_k = cfg.num_experts_per_tok
+    self.impl = cfg.moe_impl
+
+  def route(self, x_ND):
+    """Router logits [N, E], chosen experts [N, k] and their sigmoid scores [N, k] (in x's dtype)."""
+    logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.router[...].astype(x_ND.dtype))
+    top_logits, top_idx = jax.lax.top_k(logits_NE, self.top_k)
+    scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(x_ND.dtype)
+    return logits_NE, top_idx, scores
+
+  def __call__(self, x_BTD, mesh=None):
+    """Returns y [B, T, D] and the load-balancing auxiliary loss (a float32 scalar)."""
+    b, t, d = x_BTD.shape
+    x_ND = x_BTD.reshape(b * t, d)
+    logits_NE, idx_Nk, score_Nk = self.route(x_ND)
+    impl = default_moe_impl() if self.impl == "auto" else self.impl
+    if impl == "dense":
+      routed_ND = self._dense(x_ND, idx_Nk, score_Nk)
+    else:
+      routed_ND = self._routed(x_ND, idx_Nk, score_Nk, impl)
+    y_BTD = self.shared(x_BTD, mesh) + routed_ND.reshape(b, t, d)
+    return y_BTD, load_balance_loss(logits_NE, idx_Nk)
+
+  def _routed(self, x_ND, idx_Nk, score_Nk, impl):
+    n, k = idx_Nk.shape
+    e = self.gate.shape[0]
+    dt = x_ND.dtype
+    expert_A = idx_Nk.reshape(-1)  # A = N*k assignments, token-major
+    order_A = jnp.argsort(expert_A, stable=True)
+    token_A = order_A // k
+    x_AD = x_ND[token_A] * score_Nk.reshape(-1)[order_A][:, None]  # the score scales the expert input
+    sizes_E = jnp.bincount(expert_A, length=e)
+    gate_AF = grouped_matmul(x_AD, self.gate[...].astype(dt), sizes_E, impl)
+    up_AF = grouped_matmul(x_AD, self.up[...].astype(dt), sizes_E, impl)
+    y_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, self.down[...].astype(dt), sizes_E, impl)
+    y_AD = y_AD[jnp.argsort(order_A)]  # back to token-major order
+    return y_AD.reshape(n, k, -1).sum(axis=1)
+
+  def _dense(self, x_ND, idx_Nk, score_Nk):
+    """Every expert on every token, unchosen ones with score 0 (transformers' formulation)."""
+    dt = x_ND.dtype
+    e = self.gate.shape[0]
+    score_NE = jnp.zeros((x_ND.shape[0], e), dt).at[
+        jnp.arange(x_ND.shape[0])[:, None], idx_Nk].set(score_Nk)
+    x_END = x_ND[None] * score_NE.T[:, :, None]
+    g = jnp.einsum("END,EDF->ENF", x_END, self.gate[...].astype(dt))
+    u = jnp.einsum("END,EDF->ENF", x_END, self.up[...].astype(dt))
+    return jnp.einsum("ENF,EFD->ND", jax.nn.silu(g) * u, self.down[...].astype(dt))
+
+
+def load_balance_loss(logits_NE, idx_Nk):
+  """Switch-style balance loss E * sum_e f_e * p_e (f: share of assignments, p: mean softmax prob)."""
+  e = logits_NE.shape[-1]
+  frac = jnp.bincount(idx_Nk.reshape(-1), length=e).astype(jnp.float32) / idx_Nk.size
+  prob = jnp.mean(jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1), axis=0)
+  return e * jnp.sum(frac * prob)

@@ -1,0 +1,181 @@
+"""The Llama 4 text decoder (`Llama4`) and its construction on a mesh (`create_model`, `abstract_model`).
+
+Layers are scanned as superblocks: the layer pattern (RoPE/NoPE every 4, MoE/dense every step) repeats
+with period P (4 for Scout and Maverick), so `blocks` holds P layer modules whose weights carry a leading
+[L // P] axis and one `lax.scan` runs them; compile time does not grow with depth. A remainder of
+L % P layers, if any, runs unscanned from `tail`. Layer i lives at blocks[i % P][i // P] (scanned part).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama4_jax.config import LayerKind, ModelConfig
+from llama4_jax.model.attention import Attention
+from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
+from llama4_jax.model.moe import MoE
+from llama4_jax.sharding import constrain, state_shardings
+
+
+class DecoderLayer(nnx.Module):
+  """h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h)), FFN being MoE or a dense SwiGLU of width M."""
+
+  def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs, stack=()):
+    pd = cfg.param_dtype
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, stack=stack)
+    self.attn = Attention(cfg, kind.rope, rngs, stack=stack)
+    self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, stack=stack)
+    if kind.moe:
+      self.ffn = MoE(cfg, rngs, stack=stack)
+    else:
+      self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp, pd, rngs, cfg.initializer_range,
+                        stack=stack)
+    self.kind = kind
+
+  def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None):
+    h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh)
+    h_BTD = constrain(h_BTD, mesh, ("batch", "seq", "act_embed"))
+    if self.kind.moe:
+      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh)
+    else:
+      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh), jnp.zeros((), jnp.float32)
+    h_BTD = constrain(h_BTD + y, mesh, ("batch", "seq", "act_embed"))
+    return h_BTD, aux
+
+
+_REMAT = {
+    "full": lambda: None,
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": lambda: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama4(nnx.Module):
+  """Llama 4 text model. `model(input_ids [B, T] int32) -> logits [B, T, V] float32`.
+
+  Optional `positions` [B, T] (default 0..T-1) and `segment_ids` [B, T] (default all 0): tokens attend only
+  within their segment, so packed documents behave as if run alone. The call is jit-compiled.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+    self.config = cfg
+    self.mesh = mesh
+    d, v, pd, std = cfg.hidden_size, cfg.vocab_size, cfg.param_dtype, cfg.initializer_range
+    self.embed = param(rngs, (v, d), ("vocab", "embed"), pd, std=std)
+    kinds = cfg.layer_kinds()
+    period = cfg.layer_period() if cfg.scan_layers else cfg.num_hidden_layers
+    self.num_blocks, rest = divmod(cfg.num_hidden_layers, period)
+    self.period = period
+    self.blocks = nnx.List(
+        [DecoderLayer(cfg, kinds[j], rngs, stack=(self.num_blocks,)) for j in range(period)]
+        if self.num_blocks else [])
+    self.tail = nnx.List(
+        [DecoderLayer(cfg, kinds[self.num_blocks * period + j], rngs) for j in range(rest)])
+    self.final_norm = RMSNorm(d, cfg.rms_norm_eps, pd)
+    self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd, std=std)
+
+  def layer_location(self, i: int) -> tuple[str, int, int | None]:
+    """Where layer i's weights live: ("blocks", j, stack index) or ("tail", j, None)."""
+    scanned = self.num_blocks * self.period
+    if i < scanned:
+      return "blocks", i % self.period, i // self.period
+    return "tail", i - scanned, None
+
+  def __call__(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
+    return _forward_jit(self, input_ids, positions, segment_ids, return_aux)
+
+  def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
+    """The traceable forward pass (what `__call__` jit-compiles)."""
+    cfg, mesh = self.config, self.mesh
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be int32 [batch, seq], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    positions = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None
+                 else jnp.asarray(positions, jnp.int32))
+    segment_ids = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
+                   else jnp.asarray(segment_ids, jnp.int32))
+    dt = dtype_of(cfg.dtype)
+    h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+    h = constrain(h, mesh, ("batch", "seq", "act_embed"))
+    rope_cos_sin = rope_angles(positions, cfg.rope_inv_freq())
+    aux = jnp.zeros((), jnp.float32)
+    if self.num_blocks:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def superblock(h, layer_state):
+        aux = jnp.zeros((), jnp.float32)
+        for layer in nnx.merge(graphdef, layer_state):
+          h, a = layer(h, positions, segment_ids, rope_cos_sin, mesh)
+          aux = aux + a
+        return h, aux
+
+      if cfg.remat_policy != "none":
+        superblock = jax.checkpoint(superblock, policy=_REMAT[cfg.remat_policy](),
+                                    prevent_cse=False)
+      h, block_aux = jax.lax.scan(superblock, h, stacked)
+      aux = aux + block_aux.sum()
+    for layer in self.tail:
+      h, a = layer(h, positions, segment_ids, rope_cos_sin, mesh)
+      aux = aux + a
+    h = self.final_norm(h)
+    logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    logits = constrain(logits, mesh, ("batch", "seq", "vocab"))
+    if return_aux:
+      num_moe = sum(k.moe for k in cfg.layer_kinds())
+      return logits, {"moe_aux_loss": aux / max(num_moe, 1)}
+    return logits
+
+
+@functools.partial(nnx.jit, static_argnames=("return_aux",))
+def _forward_jit(model, input_ids, positions, segment_ids, return_aux):
+  return model.forward(input_ids, positions, segment_ids, return_aux=return_aux)
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh | None = None) -> Llama4:
+  """The model with ShapeDtypeStructs instead of arrays: no memory is allocated."""
+  return nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def check_mesh_fits(cfg: ModelConfig, mesh: Mesh) -> None:
+  """Clear errors for the common ways a config does not fit a mesh (before any sharding is tried)."""
+  tensor, expert = mesh.shape.get("tensor", 1), mesh.shape.get("expert", 1)
+  for name, value, axis, size in (
+      ("num_attention_heads", cfg.num_attention_heads, "tensor", tensor),
+      ("num_key_value_heads", cfg.num_key_value_heads, "tensor", tensor),
+      ("intermediate_size", cfg.intermediate_size, "tensor", tensor),
+      ("intermediate_size_mlp", cfg.intermediate_size_mlp, "tensor", tensor),
+      ("vocab_size", cfg.vocab_size, "tensor", tensor),
+      ("num_local_experts", cfg.num_local_experts, "expert", expert)):
+    if value % size:
+      raise ValueError(f"{name}={value} is not divisible by the mesh's {axis}={size}; choose a {axis} "
+                       f"size that divides {value}")
+
+
+def model_shardings(cfg: ModelConfig, mesh: Mesh):
+  """(graphdef, abstract state, NamedShardings) for the model on `mesh`."""
+  check_mesh_fits(cfg, mesh)
+  graphdef, abstract_state = nnx.split(abstract_model(cfg, mesh))
+  return graphdef, abstract_state, state_shardings(abstract_state, mesh)
+
+
+def create_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Llama4:
+  """A randomly initialised model, its weights created directly in their shards when `mesh` is given."""
+  if mesh is None:
+    return Llama4(cfg, rngs=nnx.Rngs(seed))
+  graphdef, _, shardings = model_shardings(cfg, mesh)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.split(Llama4(cfg, rngs=nnx.Rngs(seed), mesh=mesh))[1]
+
+  return nnx.merge(graphdef, init())

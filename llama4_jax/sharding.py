@@ -1,0 +1,157 @@
+"""Logical axis names, the one rules table that maps them to mesh axes, and `make_mesh`.
+
+Model code names only logical axes; this file alone decides where they live on the mesh. Changing the
+parallelism means editing `RULES` or the mesh, never the model.
+
+Mesh axes: data (pure replication of params), fsdp (params and optimizer state sharded, activations split
+by batch), tensor (heads / mlp / vocab), expert (routed experts), context (sequence; ring attention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": "context",
+    "act_embed": None,
+    # parameters (and the activation axes that share their sharding)
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "layers": None,
+    "norm": None,
+}
+
+
+def _mesh_axes_of(logical: str | None, rules: dict) -> tuple[str, ...]:
+  if logical is None:
+    return ()
+  if logical not in rules:
+    raise KeyError(f"logical axis {logical!r} is not in the sharding rules table; add it to "
+                   f"llama4_jax.sharding.RULES (known: {sorted(rules)})")
+  target = rules[logical]
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None, rules: dict | None = None,
+                    strict: bool = True) -> P:
+  """PartitionSpec for an array whose dims carry `logical_axes`.
+
+  Mesh axes of size 1 (or absent from `mesh`) are dropped. Two logical axes of one array landing on the
+  same mesh axis is an error. With `shape`, a dim that the mesh axes do not divide raises ValueError when
+  `strict`, else that dim is replicated (used for activations such as a batch of 1).
+  """
+  rules = RULES if rules is None else rules
+  used: dict[str, str] = {}
+  spec = []
+  for dim, logical in enumerate(logical_axes):
+    axes = _mesh_axes_of(logical, rules)
+    if mesh is not None:
+      axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    for a in axes:
+      if a in used:
+        raise ValueError(f"logical axes {used[a]!r} and {logical!r} of one array both map to mesh axis "
+                         f"{a!r}; fix llama4_jax.sharding.RULES")
+      used[a] = logical
+    if shape is not None and mesh is not None and axes:
+      size = math.prod(mesh.shape[a] for a in axes)
+      if shape[dim] % size:
+        if strict:
+          raise ValueError(f"dimension {dim} ({logical!r}, size {shape[dim]}) is not divisible by mesh "
+                           f"axes {axes} of total size {size}")
+        for a in axes:
+          used.pop(a)
+        axes = ()
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape=None, strict=True,
+                   rules: dict | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape, rules, strict))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical axes; a no-op without a mesh or on one device.
+
+  Dims the mesh does not divide are left replicated rather than failing (a batch of 1 while sampling).
+  """
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, named_sharding(mesh, logical_axes, x.shape, strict=False))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
+  """NamedShardings for an NNX state whose Variables carry `logical_axes` metadata.
+
+  A dim not divisible by its mesh axes raises ValueError naming the parameter, e.g.
+  `layers/0/attn/q: dimension 1 ('heads', size 40) is not divisible by mesh axes ('tensor',) ...`.
+  """
+  from flax import nnx
+
+  def one(path, var):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+      return NamedSharding(mesh, P())
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    try:
+      return named_sharding(mesh, axes, var.shape, strict=True, rules=rules)
+    except ValueError as e:
+      raise ValueError(f"cannot shard parameter {name} of shape {tuple(var.shape)} with logical axes "
+                       f"{axes} on mesh {dict(mesh.shape)}: {e}") from None
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, context: int = 1,
+              devices: Iterable[jax.Device] | None = None) -> Mesh:
+  """A 5-axis mesh (data, fsdp, tensor, expert, context) over `devices` (default: all).
+
+  One axis may be -1: it takes the devices the others leave. Errors say which sizes do not fit.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert, "context": context}
+  for name, size in sizes.items():
+    if not isinstance(size, (int, np.integer)) or size == 0 or size < -1:
+      raise ValueError(f"mesh axis {name}={size} must be a positive integer or -1 (the rest)")
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"only one mesh axis may be -1, got {free}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if len(devices) % fixed:
+      given = ", ".join(f"{n}={s}" for n, s in sizes.items() if s != -1 and s != 1)
+      raise ValueError(f"mesh axes {given} (product {fixed}) do not divide the {len(devices)} devices; "
+                       f"choose sizes whose product divides {len(devices)}")
+    sizes[free[0]] = len(devices) // fixed
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    desc = ", ".join(f"{n}={s}" for n, s in sizes.items())
+    raise ValueError(f"mesh {desc} needs {total} devices but {len(devices)} are available; make the "
+                     f"product of the axis sizes equal {len(devices)} (or set one axis to -1)")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # non-TPU topologies or mixed devices: plain row-major order
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES)
