@@ -11,17 +11,18 @@ from conftest import CHUNK, MAVERICK_LIKE, SCOUT_LIKE, SEQ, hf_logits, make_hf_c
 TOL = 1e-4
 
 
+@pytest.mark.parametrize("seq", [SEQ, 384])  # 384: several query blocks of the attention kernel
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_logits_match_transformers(ckpt, request):
+def test_logits_match_transformers(ckpt, seq, request):
   directory, hf_model = request.getfixturevalue(ckpt)
   model = l4.load_model(directory)
-  assert model.config.attn_temperature_tuning and model.config.floor_scale < SEQ  # tuning is active
-  ids = random_ids(model.config, batch=2, seq=SEQ)
+  assert model.config.attn_temperature_tuning and model.config.floor_scale < seq  # tuning is active
+  ids = random_ids(model.config, batch=2, seq=seq)
   ours = np.asarray(model(jnp.asarray(ids)))
   ref = hf_logits(hf_model, ids)
-  assert ours.shape == (2, SEQ, model.config.vocab_size) and ours.dtype == np.float32
+  assert ours.shape == (2, seq, model.config.vocab_size) and ours.dtype == np.float32
   diff = np.abs(ours - ref).max()
-  print(f"{ckpt}: max |ours - transformers| = {diff:.3g} (logit scale {np.abs(ref).max():.3g})")
+  print(f"{ckpt} T={seq}: max |ours - transformers| = {diff:.3g} (logit scale {np.abs(ref).max():.3g})")
   assert diff < TOL
 
 

@@ -31,26 +31,41 @@ def attention_mask(positions_BT, segment_ids_BT, chunk_size: int | None):
   return mask
 
 
-def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, mesh=None):
-  """Softmax attention in float32 with GQA (query head n reads kv head n // G). Returns [B, T, N, H].
+def _query_block(t: int) -> int:
+  """Query block length: 128 (about 4x faster on CPU than one [T, T] block, which spills the caches),
+  growing for long sequences so the unrolled loop stays at <= 32 blocks; t itself if nothing divides."""
+  qb = max(128, t // 32)
+  return qb if t % qb == 0 and t > qb else t
 
-  Rows with no visible key (not produced by causal masks, but possible for callers' masks) give zeros.
+
+def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, mesh=None):
+  """Causal softmax attention in float32 with GQA (query head n reads kv head n // G) -> [B, T, N, H].
+
+  Queries are processed in blocks; block i sees only keys [0, end of block i), which is every key the
+  causal mask can allow, so the upper triangle is never computed. Rows with no visible key give zeros.
   """
   b, t, n, h = q_BTNH.shape
   kv = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
-  mask = mask_BTS[:, None, None, :, :]
-  scores = jnp.where(mask, scores, -jnp.inf)
-  m = jnp.max(scores, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(scores - m)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v_BSKH.dtype), v_BSKH,
+  g = n // kv
+  k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+  v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+  qb = _query_block(t)
+  outs = []
+  for start in range(0, t, qb):
+    end = start + qb
+    q_BKMH = q_BTNH[:, start:end].reshape(b, qb, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, qb * g, h)  # M = qb*G
+    s = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH[:, :, :end], preferred_element_type=jnp.float32)
+    s = s.reshape(b, kv, qb, g, end) * (h ** -0.5)
+    visible = mask_BTS[:, None, start:end, None, :end]
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = (p / jnp.where(denom == 0, 1.0, denom)).reshape(b, kv, qb * g, end)
+    o = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v_BSKH.dtype), v_BKSH[:, :, :end],
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+    outs.append(o.reshape(b, kv, qb, g, h).transpose(0, 2, 1, 3, 4).reshape(b, qb, n, h))
+  return jnp.concatenate(outs, axis=1).astype(q_BTNH.dtype)
 
 
 class Attention(nnx.Module):

@@ -83,7 +83,11 @@ class MoE(nnx.Module):
   def route(self, x_ND):
     """Router logits [N, E], chosen experts [N, k] and their sigmoid scores [N, k] (in x's dtype)."""
     logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.router[...].astype(x_ND.dtype))
-    top_logits, top_idx = jax.lax.top_k(logits_NE, self.top_k)
+    if self.top_k == 1:  # Llama 4's setting; argmax is several times faster than top_k on CPU
+      top_idx = jnp.argmax(logits_NE, axis=-1)[:, None]
+      top_logits = jnp.take_along_axis(logits_NE, top_idx, axis=-1)
+    else:
+      top_logits, top_idx = jax.lax.top_k(logits_NE, self.top_k)
     scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(x_ND.dtype)
     return logits_NE, top_idx, scores
 

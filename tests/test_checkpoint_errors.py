@@ -1,0 +1,105 @@
+"""Bad checkpoints and bad input give errors that name the problem."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama4_jax as l4
+from conftest import MAVERICK_LIKE, random_ids
+from llama4_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+
+
+@pytest.fixture()
+def ckpt_copy(maverick_ckpt, tmp_path):
+  d = tmp_path / "ckpt"
+  shutil.copytree(maverick_ckpt[0], d)
+  return d
+
+
+def shard_files(d):
+  return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def test_missing_directory_and_config(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    l4.load_model(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    l4.load_model(tmp_path)
+
+
+def test_missing_shard(ckpt_copy):
+  victim = shard_files(ckpt_copy)[1]
+  os.remove(ckpt_copy / victim)
+  with pytest.raises(l4.CheckpointError, match=f"shard {victim} is named in .* but missing"):
+    l4.load_model(ckpt_copy)
+
+
+def test_truncated_shard(ckpt_copy):
+  victim = ckpt_copy / shard_files(ckpt_copy)[0]
+  size = os.path.getsize(victim)
+  with open(victim, "r+b") as f:
+    f.truncate(size - 100)
+  with pytest.raises(l4.CheckpointError, match=f"{victim.name} is truncated: tensor .* ends at byte"):
+    l4.load_model(ckpt_copy)
+  with open(victim, "r+b") as f:
+    f.truncate(5)
+  with pytest.raises(l4.CheckpointError, match="truncated"):
+    l4.load_model(ckpt_copy)
+
+
+def test_shape_mismatch(ckpt_copy):
+  cfg = json.loads((ckpt_copy / "config.json").read_text())
+  cfg["intermediate_size"] = 48
+  (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(l4.CheckpointError, match=r"gate_up_proj' in .*safetensors has shape \(4, 64, 64\), "
+                                                r"but the config implies \(4, 64, 96\)"):
+    l4.load_model(ckpt_copy)
+
+
+def test_missing_and_unexpected_tensors(ckpt_copy):
+  cfg = json.loads((ckpt_copy / "config.json").read_text())
+  cfg["num_hidden_layers"] = 3
+  cfg.pop("no_rope_layers"), cfg.pop("moe_layers")
+  (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(l4.CheckpointError, match=r"unexpected tensor 'model.layers.3"):
+    l4.load_model(ckpt_copy)
+  cfg["num_hidden_layers"] = 6
+  (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(l4.CheckpointError, match=r"tensor 'model.layers.4.* is missing"):
+    l4.load_model(ckpt_copy)
+
+
+def test_unknown_architecture(ckpt_copy):
+  cfg = json.loads((ckpt_copy / "config.json").read_text())
+  cfg["architectures"] = ["LlamaForCausalLM"]
+  (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"architecture \['LlamaForCausalLM'\] is not supported"):
+    l4.load_model(ckpt_copy)
+
+
+def test_mesh_that_does_not_fit(maverick_ckpt):
+  with pytest.raises(ValueError, match="num_local_experts=4 is not divisible by the mesh's expert=8"):
+    l4.load_model(maverick_ckpt[0], mesh=l4.make_mesh(fsdp=1, expert=8))
+
+
+def test_bad_input_ids(maverick_ckpt):
+  model = l4.load_model(maverick_ckpt[0])
+  with pytest.raises(ValueError, match="input_ids must be int32"):
+    model(jnp.zeros((4,), jnp.int32))
+
+
+def test_safetensors_writer_round_trip_bf16(tmp_path):
+  import ml_dtypes
+  a = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+  b = np.ones((2,), np.int64)
+  specs = {"a": (a.shape, a.dtype), "b": (b.shape, b.dtype)}
+  write_safetensors(str(tmp_path / "x.safetensors"), specs, {"a": a, "b": b}.__getitem__)
+  f = SafetensorsFile(str(tmp_path / "x.safetensors"))
+  np.testing.assert_array_equal(np.asarray(f["a"]), a)
+  np.testing.assert_array_equal(np.asarray(f["b"][1:]), b[1:])
+  from safetensors.numpy import load_file  # the reference reader agrees on the format
+  np.testing.assert_array_equal(load_file(str(tmp_path / "x.safetensors"))["b"], b)
