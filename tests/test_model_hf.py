@@ -99,3 +99,26 @@ def test_conditional_generation_layout(tmp_path):
   assert isinstance(text_model, tf.Llama4ForCausalLM)
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(text_model, ids),
                              atol=TOL, rtol=0)
+
+
+def test_remat_gives_same_gradients(maverick_ckpt):
+  from flax import nnx
+  ids = jnp.asarray(random_ids(MAVERICK_LIKE))
+
+  def grads(policy):
+    model = l4.load_model(maverick_ckpt[0], remat_policy=policy)
+    g = nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model)
+    return g.blocks[1].ffn.gate[...], g.embed[...]
+
+  for a, b in zip(grads("none"), grads("full")):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_save_pretrained_overwrite_replaces(maverick_ckpt, tmp_path):
+  model = l4.load_model(maverick_ckpt[0])
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "stale.txt").write_text("old")
+  l4.save_pretrained(model, out, overwrite=True)
+  assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary siblings left behind

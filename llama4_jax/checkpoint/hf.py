@@ -279,10 +279,14 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
         hf_cfg["dtype"] = jnp.dtype(dtype).name
       _write_json(os.path.join(tmp, "config.json"), hf_cfg)
       _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
-      if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+      old = None
+      if os.path.exists(out_dir):  # keep the old directory until the new one is in place
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        os.replace(out_dir, os.path.join(old, "previous"))
       os.replace(tmp, out_dir)
       tmp = None
+      if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
   finally:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
