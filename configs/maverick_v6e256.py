@@ -1,0 +1,32 @@
+"""Llama 4 Maverick (17B active, 128 experts, 401B total) pretraining on a TPU v6e-256 slice.
+
+    python -m llama4_jax.train --config=configs/maverick_v6e256.py --workdir=gs://BUCKET/maverick \
+        --config.data.source=array_record --config.data.path='/data/corpus/*.array_record' \
+        --config.data.tokenizer=/path/to/Llama-4-Maverick/tokenizer.model
+
+Mesh: v6e chips have 32 GB of HBM, so the 401B parameters must be spread over all 256 chips: expert=64
+(2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 for everything else, tensor=1. Parameters
+in bf16 with fp32 Adam moments (10 bytes/param = 4 TB: about 15.7 GB per chip), bf16 compute, full remat,
+4 microbatches of 64 x 4096 tokens. Tight on HBM; `python -m llama4_jax.plan` (to come) checks the fit.
+Not yet run on hardware.
+"""
+
+from llama4_jax.train.config import default_run_config, model_fields
+
+
+def get_config():
+  c = default_run_config()
+  c.steps = 100_000
+  c.batch_size = 256
+  c.seq_len = 4096
+  c.microbatches = 4
+  c.learning_rate = 2e-4
+  c.warmup_steps = 2000
+  c.log_every = 10
+  c.eval_every = 1000
+  c.eval_batches = 20
+  c.checkpoint_every = 500
+  c.mesh.update(data=1, fsdp=4, tensor=1, expert=64, context=1)
+  c.model = model_fields("maverick", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
+  c.data.source = "array_record"
+  return c

@@ -1,0 +1,185 @@
+"""Document sources: random-access sequences of text documents, read lazily.
+
+Each source is a `Sequence[str]` (len + getitem) that grain's `MapDataset.source` can shuffle and slice,
+so a host touches only the documents of its share. Kinds:
+- `builtin`: the Python standard library's own `.py` files on this machine (nothing downloaded);
+- `text`: a directory (all files below it) or a glob of text files, one document per file;
+- `jsonl`: JSON Lines files, one document per line, text in `field`;
+- `parquet`: Parquet files, text in column `field` (needs pyarrow);
+- `array_record`: ArrayRecord files whose records are UTF-8 text (the `array_record` package, a grain dep).
+
+`split_train_eval` makes the deterministic held-out split: a document is held out iff a hash of its
+stable key (its path and index) falls below `eval_fraction`, so the split does not move when files are added.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Sequence
+
+
+class DocumentSource(Sequence[str]):
+  """A lazy list of documents with a stable key per document (for the held-out split)."""
+
+  def key(self, i: int) -> str:
+    raise NotImplementedError
+
+
+def _expand(path: str) -> list[str]:
+  if os.path.isdir(path):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+  else:
+    files = glob.glob(path, recursive=True)
+  files = sorted(f for f in files if os.path.isfile(f))
+  if not files:
+    raise FileNotFoundError(f"data path {path!r} matches no files (data.path must be a directory, a "
+                            "file or a glob such as 'corpus/**/*.txt')")
+  return files
+
+
+class TextFiles(DocumentSource):
+  def __init__(self, files: Sequence[str], root: str | None = None):
+    self.files = list(files)
+    self.root = root
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i):
+    with open(self.files[i], encoding="utf-8", errors="replace") as f:
+      return f.read()
+
+  def key(self, i):
+    return os.path.relpath(self.files[i], self.root) if self.root else self.files[i]
+
+
+def builtin_corpus() -> TextFiles:
+  """The `.py` files of this Python's standard library (site-packages excluded), sorted by path."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+           if "site-packages" not in f and "dist-packages" not in f]
+  if not files:
+    raise FileNotFoundError(f"no .py files under the standard library at {root}")
+  return TextFiles(sorted(files), root=root)
+
+
+class JsonLines(DocumentSource):
+  """One document per line; an index of (file, byte offset) is built once by scanning the files."""
+
+  def __init__(self, files: Sequence[str], field: str):
+    self.files, self.field = list(files), field
+    self.index: list[tuple[int, int]] = []
+    for fi, path in enumerate(self.files):
+      with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+          if line.strip():
+            self.index.append((fi, offset))
+          offset += len(line)
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    fi, offset = self.index[i]
+    with open(self.files[fi], "rb") as f:
+      f.seek(offset)
+      line = f.readline()
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{self.files[fi]} at byte {offset}: not valid JSON ({e})") from None
+    if self.field not in record:
+      raise KeyError(f"{self.files[fi]} at byte {offset}: no field {self.field!r} (set data.field)")
+    return str(record[self.field])
+
+  def key(self, i):
+    fi, offset = self.index[i]
+    return f"{self.files[fi]}:{offset}"
+
+
+class Parquet(DocumentSource):
+  def __init__(self, files: Sequence[str], field: str):
+    import pyarrow.parquet as pq
+    self.files, self.field = list(files), field
+    self.index: list[tuple[int, int, int]] = []  # (file, row group, row)
+    for fi, path in enumerate(self.files):
+      meta = pq.ParquetFile(path).metadata
+      for g in range(meta.num_row_groups):
+        self.index.extend((fi, g, r) for r in range(meta.row_group(g).num_rows))
+    self._cache: tuple | None = None
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    import pyarrow.parquet as pq
+    fi, g, r = self.index[i]
+    if self._cache is None or self._cache[0] != (fi, g):
+      table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.field])
+      self._cache = ((fi, g), table.column(self.field).to_pylist())
+    return str(self._cache[1][r])
+
+  def key(self, i):
+    fi, g, r = self.index[i]
+    return f"{self.files[fi]}:{g}:{r}"
+
+
+class ArrayRecords(DocumentSource):
+  def __init__(self, files: Sequence[str]):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    self.files = list(files)
+    self._src = ArrayRecordDataSource(self.files)
+
+  def __len__(self):
+    return len(self._src)
+
+  def __getitem__(self, i):
+    return self._src[i].decode("utf-8", errors="replace")
+
+  def key(self, i):
+    return f"array_record:{i}"
+
+
+def open_source(kind: str, path: str = "", field: str = "text") -> DocumentSource:
+  """A DocumentSource by kind ('builtin', 'text', 'jsonl', 'parquet', 'array_record')."""
+  if kind == "builtin":
+    return builtin_corpus()
+  if not path:
+    raise ValueError(f"data.source={kind!r} needs data.path (a directory, file or glob)")
+  files = _expand(path)
+  if kind == "text":
+    return TextFiles(files, root=path if os.path.isdir(path) else None)
+  if kind == "jsonl":
+    return JsonLines(files, field)
+  if kind == "parquet":
+    return Parquet(files, field)
+  if kind == "array_record":
+    return ArrayRecords(files)
+  raise ValueError(f"unknown data.source {kind!r}; choose builtin, text, jsonl, parquet or array_record")
+
+
+class Subset(Sequence[str]):
+  def __init__(self, source: Sequence[str], indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[self.indices[i]]
+
+
+def split_train_eval(source: DocumentSource, eval_fraction: float) -> tuple[Subset, Subset]:
+  """Deterministic held-out split by a hash of each document's key."""
+  train, held_out = [], []
+  for i in range(len(source)):
+    h = int.from_bytes(hashlib.sha256(source.key(i).encode()).digest()[:8], "big") / 2.0 ** 64
+    (held_out if h < eval_fraction else train).append(i)
+  if not train:
+    raise ValueError(f"data.eval_fraction={eval_fraction} leaves no training documents")
+  return Subset(source, train), Subset(source, held_out)

@@ -1,0 +1,119 @@
+"""The run config (ml_collections): defaults for every field, validation, and the ModelConfig it implies.
+
+Config files in configs/ start from `default_run_config()` and change what they need; the command line
+overrides any field (`--config.steps=100`, `--config.model.hidden_size=512`, `--config.mesh.fsdp=4`).
+`validate` runs before anything is compiled and names the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from llama4_jax.config import ModelConfig, get_config
+
+
+def model_fields(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+  """`model.*`: the preset's name and every ModelConfig field, so any of them can be overridden."""
+  cfg = get_config(preset, **overrides)
+  d = ml_collections.ConfigDict()
+  d.preset = preset
+  for f in dataclasses.fields(ModelConfig):
+    value = getattr(cfg, f.name)
+    if value is None:
+      kind = {"attention_chunk_size": int, "bos_token_id": int, "pad_token_id": int}.get(f.name, tuple)
+      value = config_dict.placeholder(kind)
+    d[f.name] = value
+  return d
+
+
+def default_run_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 1000  # optimizer steps
+  c.batch_size = 16  # global, in sequences (rows of seq_len tokens)
+  c.seq_len = 256
+  c.microbatches = 1  # gradient accumulation: batch_size is split into this many forward/backward passes
+  c.learning_rate = 1e-3  # peak, after linear warmup; cosine decay to learning_rate * min_lr_ratio
+  c.warmup_steps = 50
+  c.min_lr_ratio = 0.1
+  c.weight_decay = 0.1  # AdamW, on matrices only (norm weights are not decayed)
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_clip = 1.0  # global-norm clipping; 0 disables
+  c.moe_aux_loss_coef = 0.001  # load-balancing loss weight (HF's router_aux_loss_coef)
+  c.log_every = 10
+  c.eval_every = 200  # 0: only at the end
+  c.eval_batches = 0  # 0: the whole held-out set
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.seed = 0
+  c.init_from = ""  # a Hugging Face directory or an Orbax checkpoint of this project to start from
+  c.peak_flops = 0.0  # per device, for MFU; 0: known chips by name, CPU 220e9 for the whole machine
+  c.sample_prompt = ""  # printed after training: a sample continuing this prompt
+  c.sample_tokens = 120
+  c.sample_temperature = 0.8
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, context=1))
+  c.model = model_fields("tiny")
+  c.data = ml_collections.ConfigDict(dict(
+      source="builtin",  # builtin | text | jsonl | parquet | array_record
+      path="",  # directory, file or glob (not for builtin)
+      field="text",  # the text field of jsonl / parquet records
+      tokenizer="",  # tokenizer.model / tokenizer.json (file or directory); "" trains a BPE
+      vocab_size=8192,  # size of the BPE trained when no tokenizer is given
+      eval_fraction=0.01,  # held-out share of the documents (deterministic by document key)
+  ))
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict, **overrides) -> ModelConfig:
+  fields = {k: v for k, v in c.model.to_dict().items() if k != "preset"}
+  fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
+  return ModelConfig(**{**fields, **overrides})
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Errors name the field: every check here runs before any compile."""
+
+  def bad(field, msg):
+    raise ValueError(f"config.{field}: {msg}")
+
+  for field in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "keep_checkpoints"):
+    if int(c[field]) <= 0:
+      bad(field, f"must be a positive integer, got {c[field]}")
+  for field in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
+    if int(c[field]) < 0:
+      bad(field, f"must be >= 0, got {c[field]}")
+  if c.learning_rate <= 0:
+    bad("learning_rate", f"must be positive, got {c.learning_rate}")
+  if not 0 < c.data.eval_fraction < 1:
+    bad("data.eval_fraction", f"must be in (0, 1), got {c.data.eval_fraction}")
+  sizes = dict(c.mesh)
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  free = [k for k, v in sizes.items() if v == -1]
+  if fixed <= 0 or len(free) > 1 or num_devices % fixed:
+    bad("mesh", f"{sizes} does not fit {num_devices} devices (one axis may be -1; the product of the "
+                f"others must divide {num_devices})")
+  if free:
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    bad("mesh", f"{sizes} uses {math.prod(sizes.values())} devices but there are {num_devices}")
+  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  if c.batch_size % c.microbatches:
+    bad("microbatches", f"{c.microbatches} does not divide batch_size={c.batch_size}")
+  micro = c.batch_size // c.microbatches
+  if micro % batch_shards:
+    bad("batch_size", f"{c.batch_size} / microbatches={c.microbatches} = {micro} sequences per "
+                      f"microbatch is not divisible by the batch mesh axes data*fsdp*expert = "
+                      f"{batch_shards}")
+  if c.batch_size % num_processes:
+    bad("batch_size", f"{c.batch_size} is not divisible by the {num_processes} processes")
+  if sizes["context"] != 1:
+    bad("mesh.context", "context parallelism (ring attention) is not implemented yet; use 1")
+  if c.data.source != "builtin" and not c.data.path:
+    bad("data.path", f"data.source={c.data.source!r} needs a path (directory, file or glob)")
+  model_config(c)  # raises ValueError naming the model field
+

@@ -1,0 +1,259 @@
+"""The trainer, top to bottom in data-flow order: mesh, data, tokenizer, model, shardings, optimizer,
+restore, steps (with eval, checkpoints, preemption), final eval and a sample.
+
+`train(config, workdir)` is what `python -m llama4_jax.train` runs; notebooks and tests call it directly.
+Rerunning it on the same workdir resumes from the latest checkpoint; SIGTERM saves a checkpoint and returns
+normally; a NaN/Inf loss raises `TrainingDiverged` without writing anything, so the last good checkpoint is
+what remains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama4_jax.checkpoint.hf import load_model
+from llama4_jax.config import from_hf_config, read_hf_config
+from llama4_jax.data import HostBatches, eval_batches, open_source, split_train_eval
+from llama4_jax.model import create_model
+from llama4_jax.sharding import make_mesh
+from llama4_jax.tokenizer import TOKENIZER_FILE, HFTokenizer, load_tokenizer, train_bpe
+from llama4_jax.train import checkpointing
+from llama4_jax.train.config import model_config, validate
+from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
+from llama4_jax.train.step import (TrainModel, batch_sharding, learning_rate_schedule, make_eval_step,
+                                   make_optimizer, make_train_step, opt_state_shardings)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+_IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "remat_policy", "scan_layers")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def get_tokenizer(c, workdir: str, train_docs, log) -> Any:
+  if c.data.tokenizer:
+    return load_tokenizer(c.data.tokenizer)
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(path) and jax.process_index() == 0:
+    t0 = time.time()
+    train_bpe((train_docs[i] for i in range(len(train_docs))), c.data.vocab_size, path)
+    log(f"trained a {c.data.vocab_size}-token byte-level BPE on {len(train_docs)} documents in "
+        f"{time.time() - t0:.1f}s -> {path}")
+  _sync("tokenizer")
+  return HFTokenizer(path)
+
+
+def init_params(c, cfg, mesh, log):
+  """(TrainModel, params as a pure dict of sharded arrays, ModelConfig) from init_from or random."""
+  if c.init_from:
+    impl = {k: getattr(cfg, k) for k in _IMPL_FIELDS}
+    if os.path.exists(os.path.join(c.init_from, "config.json")):
+      model = load_model(c.init_from, mesh=mesh, **impl)
+      log(f"initialised from the Hugging Face checkpoint {c.init_from}")
+    else:
+      ckpt_cfg, step = checkpointing.read_model_config(c.init_from)
+      model = create_model(ckpt_cfg.replace(**impl), mesh=mesh, seed=c.seed)
+      tm = TrainModel.of(model)
+      params = checkpointing.restore_params(c.init_from, nnx.to_pure_dict(nnx.state(model)))
+      log(f"initialised from step {step} of the checkpoint {c.init_from}")
+      return tm, params, model.config
+    return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), model.config
+  model = create_model(cfg, mesh=mesh, seed=c.seed)
+  return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), cfg
+
+
+def evaluate(eval_step, params, batches, sharding, byte_lengths) -> dict[str, float]:
+  total = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+  for host_batch in batches:
+    out = eval_step(params, _global_batch(host_batch, sharding), byte_lengths)
+    for k in total:
+      total[k] += float(out[k])
+  tokens = max(total["tokens"], 1.0)
+  return {"eval_loss": total["loss_sum"] / tokens,
+          "eval_bits_per_byte": total["loss_sum"] / math.log(2) / max(total["bytes"], 1.0),
+          "eval_tokens": total["tokens"]}
+
+
+def _replicated(value: np.ndarray, sharding) -> jax.Array:
+  """A global array holding the same host value on every device (every process passes the same)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def _global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  per_host = next(iter(host_batch.values())).shape[0]
+  shape = lambda x: (per_host * jax.process_count(),) + x.shape[1:]  # noqa: E731
+  return {k: jax.make_array_from_process_local_data(sharding, v, shape(v)) for k, v in host_batch.items()}
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(c, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training as configured; returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  logger = MetricsLogger(workdir, c.steps, enabled=is_main)
+  log = logger.info
+  validate(c, jax.device_count(), jax.process_count())
+
+  mesh_axes = dict(c.mesh)
+  mesh = make_mesh(**mesh_axes)
+  log(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"mesh {dict(mesh.shape)}")
+
+  source = open_source(c.data.source, c.data.path, c.data.field)
+  train_docs, held_out = split_train_eval(source, c.data.eval_fraction)
+  log(f"data: {len(train_docs)} training and {len(held_out)} held-out documents ({c.data.source})")
+  tokenizer = get_tokenizer(c, workdir, train_docs, log)
+
+  cfg = model_config(c)
+  if c.init_from and os.path.exists(os.path.join(c.init_from, "config.json")):
+    cfg = from_hf_config(read_hf_config(c.init_from), **{k: getattr(cfg, k) for k in _IMPL_FIELDS})
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                     f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+  tm, params, cfg = init_params(c, cfg, mesh, log)
+  log(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
+      f"{cfg.num_local_experts} experts, dtype {cfg.dtype} (params {cfg.param_dtype})")
+
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  tx = make_optimizer(c)
+  opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  bsharding = batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rng = _replicated(np.asarray(jax.random.key_data(jax.random.PRNGKey(c.seed))), replicated)
+
+  train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed,
+                           jax.process_index(), jax.process_count())
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints,
+                                    c.async_checkpointing)
+  start = ckpt.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            {"params": params, "opt_state": opt_state})
+    abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    abstract["rng"] = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+    state = ckpt.restore(start, abstract, train_iter)
+    params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+    log(f"resumed from the step-{start} checkpoint in {ckpt.directory}")
+
+  step_fn = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
+                    out_shardings=(param_shardings, opt_shardings, None))
+  eval_fn = jax.jit(make_eval_step(tm))
+  schedule = learning_rate_schedule(c)
+  held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches,
+                                  jax.process_index(), jax.process_count())
+  byte_lengths = jnp.asarray(tokenizer.byte_lengths())
+  flops_per_token = train_flops_per_token(cfg, c.seq_len)
+  peak = peak_flops_total(c.peak_flops)
+  run_config = c.to_dict()
+
+  def save(step, force=False):
+    state = {"params": params, "opt_state": opt_state, "rng": rng,
+             "step": _replicated(np.asarray(step, np.int32), replicated)}
+    ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force)
+
+  result: dict[str, Any] = {"step": start}
+  last_time = time.perf_counter()
+  step = start
+  with _Preemption() as preemption:
+    while step < c.steps:
+      step += 1
+      batch = _global_batch(next(train_iter), bsharding)
+      params, opt_state, m = step_fn(params, opt_state, batch)
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        raise TrainingDiverged(
+            f"the loss became {loss} at step {step}; stopping without saving. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower learning_rate or enable "
+            "grad_clip and rerun to resume from it")
+      now = time.perf_counter()
+      tokens_per_sec = c.batch_size * c.seq_len / (now - last_time)
+      last_time = now
+      metrics = {"loss": loss, "learning_rate": float(schedule(step - 1)),
+                 "tokens_per_sec": tokens_per_sec, "mfu": flops_per_token * tokens_per_sec / peak
+                 if peak else 0.0, "grad_norm": float(m["grad_norm"]),
+                 "moe_aux_loss": float(m["moe_aux_loss"])}
+      if step % c.log_every == 0 or step == c.steps:
+        logger.write(step, metrics)
+        logger.progress(step, metrics, c.batch_size * c.seq_len / tokens_per_sec)
+      if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
+        ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
+        logger.write(step, ev)
+        log(f"eval at step {step}: loss {ev['eval_loss']:.4f}, "
+            f"{ev['eval_bits_per_byte']:.3f} bits/byte")
+        last_time = time.perf_counter()
+      if preemption.agreed():
+        save(step, force=True)
+        ckpt.close()
+        log(f"SIGTERM: saved the step-{step} checkpoint in {ckpt.directory}; exiting")
+        result.update(step=step, preempted=True, **metrics)
+        logger.close()
+        return result
+      if step % c.checkpoint_every == 0 or step == c.steps:
+        save(step)
+      result.update(step=step, **metrics)
+
+  if held_out_batches:
+    ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
+    logger.write(step, ev)
+    log(f"final eval at step {step}: loss {ev['eval_loss']:.4f}, "
+        f"{ev['eval_bits_per_byte']:.3f} bits/byte on {int(ev['eval_tokens'])} held-out tokens")
+    result.update(ev)
+  ckpt.close()
+  if c.sample_prompt:
+    from llama4_jax.inference import sample_uncached
+    model = tm.merge(params)
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
+        c.sample_prompt)
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    new = sample_uncached(model, prompt, c.sample_tokens, c.sample_temperature, c.seed, stop,
+                          window=c.seq_len)
+    result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])
+    log("sample:\n" + result["sample"])
+  logger.close()
+  return result

@@ -1,0 +1,131 @@
+"""Optimizer, loss and the jitted train / eval steps.
+
+Parameters travel as a pure dict (path -> array) so that optimizer state, shardings and Orbax checkpoints
+are plain pytrees; `TrainModel` turns them back into the NNX module inside the step.
+
+Loss = mean next-token cross-entropy over unmasked targets + `moe_aux_loss_coef` * the load-balancing loss.
+Gradient accumulation splits the batch into `microbatches` and divides every microbatch's summed loss by
+the *whole* batch's token count, so accumulated gradients equal the full batch's (the load-balancing term
+is a per-microbatch statistic, averaged over microbatches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llama4_jax.sharding import named_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainModel:
+  """The static half of the model (graphdef + abstract state), to rebuild it from pure-dict params."""
+  graphdef: Any
+  abstract_state: Any
+
+  @classmethod
+  def of(cls, model) -> "TrainModel":
+    graphdef, state = nnx.split(model)
+    return cls(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+
+  def merge(self, params):
+    state = jax.tree.map(lambda x: x, self.abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+
+def learning_rate_schedule(c) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=c.learning_rate, warmup_steps=max(c.warmup_steps, 1),
+      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=c.learning_rate * c.min_lr_ratio)
+
+
+def decay_mask(params):
+  """Weight decay on weight matrices; not on norm weights."""
+  def keep(path, _):
+    return not any("norm" in str(getattr(k, "key", "")) for k in path)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(c) -> optax.GradientTransformation:
+  parts = []
+  if c.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(c.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2,
+                           weight_decay=c.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def token_losses(model, batch):
+  """Per-token cross-entropy [B, T] (float32), and the MoE load-balancing loss."""
+  logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                              return_aux=True)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  return logz - target_logit, aux["moe_aux_loss"]
+
+
+def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_sharding):
+  """train_step(params, opt_state, batch) -> (params, opt_state, metrics); jit it with donation."""
+  n_micro = c.microbatches
+  aux_coef = c.moe_aux_loss_coef
+
+  def micro_loss(params, mb, total_tokens):
+    losses, aux = token_losses(tm.merge(params), mb)
+    summed = jnp.sum(losses * mb["loss_mask"])
+    return summed / total_tokens + aux_coef * aux / n_micro, (summed, aux)
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def train_step(params, opt_state, batch):
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+    if n_micro == 1:
+      grads, (summed, aux) = grad_fn(params, batch, total_tokens)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        g_acc, s_acc, a_acc = carry
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
+        g, (s, a) = grad_fn(params, mb, total_tokens)
+        return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, a_acc + a / n_micro), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, summed, aux), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": summed / total_tokens, "moe_aux_loss": aux,
+               "grad_norm": optax.tree.norm(grads), "tokens": total_tokens}
+    return params, opt_state, metrics
+
+  return train_step
+
+
+def make_eval_step(tm: TrainModel):
+  """eval_step(params, batch, byte_lengths) -> summed loss (nats), target tokens, target bytes."""
+
+  def eval_step(params, batch, byte_lengths):
+    losses, _ = token_losses(tm.merge(params), batch)
+    mask = batch["loss_mask"]
+    return {"loss_sum": jnp.sum(losses * mask), "tokens": jnp.sum(mask),
+            "bytes": jnp.sum(byte_lengths[batch["targets"]] * mask)}
+
+  return eval_step
+
+
+def batch_sharding(mesh):
+  return named_sharding(mesh, ("batch", None))
+
+
+def opt_state_shardings(tx, params_abstract, param_shardings, mesh):
+  """Optimizer-state shardings: moments like their parameters, everything else replicated."""
+  state = jax.eval_shape(tx.init, params_abstract)
+  replicated = named_sharding(mesh, ())
+  return optax.tree_map_params(tx, lambda _, s: s, state, param_shardings,
+                               transform_non_params=lambda _: replicated)

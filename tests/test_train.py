@@ -1,0 +1,177 @@
+"""Training: loss falls, exact resume after SIGKILL, mesh and accumulation invariance, multi-process,
+SIGTERM, divergence, bad configs. Small models on a synthetic corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import llama4_jax as l4
+from llama4_jax.train import TrainingDiverged, train
+from llama4_jax.train.checkpointing import checkpoint_steps
+from train_utils import REPO, make_corpus, micro_config, read_metrics, run, train_command
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference_losses(corpus, tmp_path_factory):
+  """An uninterrupted 8-step run on one device (a separate process with a single CPU device)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  c = micro_config(corpus, steps=8, checkpoint_every=4)
+  run(*train_command(workdir, c, devices=1))
+  return read_metrics(workdir), c
+
+
+def test_loss_falls(corpus, tmp_path):
+  c = micro_config(corpus, steps=30, learning_rate=1e-2, warmup_steps=3, checkpoint_every=30,
+                   mesh=dict(data=1, fsdp=8, tensor=1, expert=1, context=1))
+  result = train(c, str(tmp_path))
+  losses = read_metrics(tmp_path)
+  first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
+  assert last < first - 1.0, (first, last)
+  rec = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {"step", "loss", "learning_rate", "tokens_per_sec", "mfu"} <= set(rec[0])
+  assert "eval_bits_per_byte" in rec[-1] and result["eval_bits_per_byte"] > 0
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  assert os.path.exists(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(fsdp=2, tensor=2, expert=2)])
+def test_same_losses_on_eight_devices(mesh, reference_losses, tmp_path):
+  want, c = reference_losses
+  c = micro_config(c.data.path, steps=8, checkpoint_every=8,
+                   mesh=dict(dict(data=1, fsdp=1, tensor=1, expert=1, context=1), **mesh))
+  train(c, str(tmp_path))
+  got = read_metrics(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch(corpus, tmp_path):
+  results = {}
+  for micro in (1, 4):
+    c = micro_config(corpus, steps=4, batch_size=16, microbatches=micro, moe_aux_loss_coef=0.0,
+                     checkpoint_every=4, mesh=dict(data=1, fsdp=4, tensor=2, expert=1, context=1))
+    train(c, str(tmp_path / f"m{micro}"))
+    results[micro] = read_metrics(tmp_path / f"m{micro}")
+  np.testing.assert_allclose([results[4][s] for s in range(1, 5)],
+                             [results[1][s] for s in range(1, 5)], rtol=1e-5)
+
+
+def kill_after_checkpoint(cmd, env, workdir, step):
+  """Starts the command, SIGKILLs it as soon as the step-`step` checkpoint is complete."""
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while step not in checkpoint_steps(str(workdir / "checkpoints")):
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+
+
+def test_exact_resume_after_sigkill(reference_losses, tmp_path):
+  want, c = reference_losses
+  cmd, env = train_command(tmp_path, c, devices=1)
+  kill_after_checkpoint(cmd, env, tmp_path, 4)
+  run(cmd, env)  # the same command resumes
+  got = read_metrics(tmp_path)
+  assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]  # bitwise on CPU
+
+
+def test_two_processes_equal_one(reference_losses, tmp_path):
+  want, c = reference_losses
+  cmd, env = train_command(tmp_path, c)
+  env = dict(env, DEVICES_PER_PROCESS="4")
+  mh = ["bash", "launch/local_multihost.sh", "2"] + cmd[3:] + [
+      "--config.mesh.fsdp=8", "--config.async_checkpointing=True"]
+  run(mh, dict(env, PYTHON=cmd[0]), timeout=400)
+  got = read_metrics(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def test_sigterm_saves_and_exits_cleanly(reference_losses, tmp_path):
+  _, c = reference_losses
+  cmd, env = train_command(tmp_path, c)
+  cmd += ["--config.steps=1000", "--config.checkpoint_every=1000"]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while not (tmp_path / "metrics.jsonl").exists() or len(read_metrics(tmp_path)) < 3:
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err.decode()[-2000:]
+  assert b"SIGTERM: saved the step-" in out
+  steps = checkpoint_steps(str(tmp_path / "checkpoints"))
+  assert len(steps) == 1 and 3 <= steps[0] < 1000
+  # and it restores: a short continuation resumes from it
+  run(cmd[:-2] + [f"--config.steps={steps[0] + 1}"], env)
+  assert max(read_metrics(tmp_path)) == steps[0] + 1
+
+
+def test_divergence_keeps_the_last_good_checkpoint(corpus, tmp_path):
+  c = micro_config(corpus, steps=3, checkpoint_every=3)
+  train(c, str(tmp_path))
+  c = micro_config(corpus, steps=40, checkpoint_every=40, learning_rate=1e9, warmup_steps=0)
+  with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 3\) is intact"):
+    train(c, str(tmp_path))
+  assert checkpoint_steps(str(tmp_path / "checkpoints")) == [3]
+
+
+def test_bad_configs_fail_before_compiling(corpus, tmp_path):
+  with pytest.raises(ValueError, match=r"config.batch_size: 6 .* not divisible by the batch mesh axes"):
+    train(micro_config(corpus, batch_size=6), str(tmp_path))
+  with pytest.raises(ValueError, match="config.mesh"):
+    train(micro_config(corpus, mesh=dict(data=3, fsdp=1, tensor=1, expert=1, context=1)), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="matches no files"):
+    train(micro_config(corpus, **{"data.path": str(tmp_path / "missing")}), str(tmp_path))
+  cmd, env = train_command(tmp_path, micro_config(corpus))
+  proc = subprocess.run(cmd + ["--config.no_such_field=1"], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and "no_such_field" in proc.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_resume_onto_a_different_mesh(reference_losses, tmp_path):
+  want, c = reference_losses
+  cmd, env = train_command(tmp_path, c, devices=8)
+  kill_after_checkpoint(cmd + ["--config.mesh.fsdp=8"], env, tmp_path, 4)
+  base = dict(data=1, fsdp=1, tensor=1, expert=1, context=1)
+  train(micro_config(c.data.path, steps=8, checkpoint_every=4,
+                     mesh=dict(base, fsdp=2, tensor=2, expert=2)), str(tmp_path))
+  got = read_metrics(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
+  base = dict(data=1, fsdp=8, tensor=1, expert=1, context=1)
+  first = micro_config(corpus, steps=12, checkpoint_every=12, learning_rate=1e-2, mesh=base)
+  trained = train(first, str(tmp_path / "a"))
+  # the trained weights as a Hugging Face checkpoint
+  from llama4_jax.train.checkpointing import read_model_config
+  cfg, _ = read_model_config(str(tmp_path / "a"))
+  model = l4.create_model(cfg)
+  from flax import nnx
+  from llama4_jax.train.checkpointing import restore_params
+  params = restore_params(str(tmp_path / "a"), nnx.to_pure_dict(nnx.state(model)))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  l4.save_pretrained(model, tmp_path / "hf")
+  losses = {}
+  for name, src in (("orbax", tmp_path / "a"), ("hf", tmp_path / "hf")):
+    c = micro_config(corpus, steps=1, checkpoint_every=1, init_from=str(src), mesh=base,
+                     **{"data.tokenizer": str(tmp_path / "a" / "tokenizer.json")})
+    losses[name] = train(c, str(tmp_path / name))["loss"]
+  random_init = read_metrics(tmp_path / "a")[1]
+  assert losses["orbax"] == pytest.approx(losses["hf"], rel=1e-5)
+  assert losses["orbax"] < random_init - 1.0 and losses["orbax"] < trained["loss"] + 0.5
