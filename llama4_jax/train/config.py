@@ -8,7 +8,9 @@ overrides any field (`--config.steps=100`, `--config.model.hidden_size=512`, `--
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -115,5 +117,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     bad("mesh.context", "context parallelism (ring attention) is not implemented yet; use 1")
   if c.data.source != "builtin" and not c.data.path:
     bad("data.path", f"data.source={c.data.source!r} needs a path (directory, file or glob)")
+  if c.data.source != "builtin" and not (os.path.exists(c.data.path) or glob.glob(c.data.path,
+                                                                                 recursive=True)):
+    raise FileNotFoundError(f"config.data.path: {c.data.path!r} matches no files")
+  for field, value in (("data.tokenizer", c.data.tokenizer), ("init_from", c.init_from)):
+    if value and not os.path.exists(value):
+      raise FileNotFoundError(f"config.{field}: {value!r} does not exist")
   model_config(c)  # raises ValueError naming the model field
 

@@ -132,11 +132,10 @@ class _Preemption:
 
 def train(c, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training as configured; returns the final metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  logger = MetricsLogger(workdir, c.steps, enabled=is_main)
-  log = logger.info
   validate(c, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0)
+  log = logger.info
 
   mesh_axes = dict(c.mesh)
   mesh = make_mesh(**mesh_axes)
