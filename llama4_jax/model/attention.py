@@ -85,7 +85,8 @@ class Attention(nnx.Module):
     self.temperature_tuning = cfg.attn_temperature_tuning and not rope
     self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None):
+  def _project(self, x_BTD, positions_BT, rope_cos_sin, mesh):
+    """q [B, T, N, H], k, v [B, T, K, H] with RoPE + QK norm (RoPE layers) or temperature (NoPE)."""
     dt = x_BTD.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
@@ -101,6 +102,82 @@ class Attention(nnx.Module):
       p = positions_BT.astype(jnp.float32)
       scale = jnp.log1p(jnp.floor((p + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
       q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
+    return q, k, v
+
+  def _out(self, out_BTNH):
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(out_BTNH.dtype))
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None, cache=None,
+               mode=None):
+    """Attention over the given tokens; with a KV cache (see `init_kv_cache`), `mode` is "prefill"
+    (attend within the prompt, then store it) or "decode" (store one token per row, attend over the
+    cache). Returns (out [B, T, D], cache)."""
+    q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh)
+    if mode == "decode":
+      cache = store_decode(cache, k, v, positions_BT[:, 0])
+      mask = cache_mask(cache["pos"], positions_BT[:, 0], self.chunk_size)
+      return self._out(masked_attention(q, cache["k"], cache["v"], mask[:, None, :])), cache
     mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
-    out_BTNH = dense_attention(q, k, v, mask, mesh)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(dt))
+    out = self._out(dense_attention(q, k, v, mask, mesh))
+    if mode == "prefill":
+      cache = store_prefill(cache, k, v, jnp.sum(segment_ids_BT > 0, axis=1))
+    return out, cache
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache: per layer {"k", "v": [B, S, K, H], "pos": [B, S] int32 (-1 = empty)}. Token at position p
+# lives in slot p % S. Chunked (RoPE) layers get S = min(C, max length): a ring buffer that always holds
+# the current chunk; NoPE layers get S = max length.
+
+def init_kv_cache(batch: int, size: int, kv_heads: int, head_dim: int, dtype):
+  return {"k": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+          "v": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+          "pos": jnp.full((batch, size), -1, jnp.int32)}
+
+
+def store_prefill(cache, k_BTKH, v_BTKH, lengths_B):
+  """Stores each row's prompt (its first lengths[b] tokens, positions 0..L-1): slot s gets the latest
+  position p < L with p % S == s, so a ring buffer shorter than the prompt keeps the last chunk."""
+  size = cache["pos"].shape[1]
+  slots = jnp.arange(size)
+  last = lengths_B[:, None] - 1
+  src = last - jnp.mod(last - slots[None, :], size)  # [B, S] prompt position per slot, < 0 if none
+  valid = src >= 0
+  idx = jnp.clip(src, 0, k_BTKH.shape[1] - 1)
+  take = lambda x: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)  # noqa: E731
+  keep = valid[:, :, None, None]
+  return {"k": jnp.where(keep, take(k_BTKH), 0).astype(cache["k"].dtype),
+          "v": jnp.where(keep, take(v_BTKH), 0).astype(cache["v"].dtype),
+          "pos": jnp.where(valid, src, -1).astype(jnp.int32)}
+
+
+def store_decode(cache, k_B1KH, v_B1KH, pos_B):
+  size = cache["pos"].shape[1]
+  rows, slot = jnp.arange(pos_B.shape[0]), pos_B % size
+  return {"k": cache["k"].at[rows, slot].set(k_B1KH[:, 0].astype(cache["k"].dtype)),
+          "v": cache["v"].at[rows, slot].set(v_B1KH[:, 0].astype(cache["v"].dtype)),
+          "pos": cache["pos"].at[rows, slot].set(pos_B)}
+
+
+def cache_mask(kpos_BS, qpos_B, chunk_size: int | None):
+  """[B, S]: cached key visible to the query at qpos (causal; same chunk on chunked layers)."""
+  q = qpos_B[:, None]
+  mask = (kpos_BS >= 0) & (kpos_BS <= q)
+  if chunk_size is not None:
+    mask &= kpos_BS // chunk_size == q // chunk_size
+  return mask
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Plain softmax attention with an arbitrary mask (decode: T = 1 over the cache), float32 softmax."""
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q = q_BTNH.reshape(b, t, kv, n // kv, h)
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32) * (h ** -0.5)
+  s = jnp.where(mask_BTS[:, None, None], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v_BSKH.dtype), v_BSKH,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)

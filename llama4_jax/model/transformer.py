@@ -37,15 +37,16 @@ class DecoderLayer(nnx.Module):
                         stack=stack)
     self.kind = kind
 
-  def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None):
-    h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh)
-    h_BTD = constrain(h_BTD, mesh, ("batch", "seq", "act_embed"))
+  def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None, cache=None, mode=None):
+    """Returns (h [B, T, D], MoE load-balancing loss, updated KV cache or None)."""
+    a, cache = self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh, cache, mode)
+    h_BTD = constrain(h_BTD + a, mesh, ("batch", "seq", "act_embed"))
     if self.kind.moe:
       y, aux = self.ffn(self.ffn_norm(h_BTD), mesh)
     else:
       y, aux = self.ffn(self.ffn_norm(h_BTD), mesh), jnp.zeros((), jnp.float32)
     h_BTD = constrain(h_BTD + y, mesh, ("batch", "seq", "act_embed"))
-    return h_BTD, aux
+    return h_BTD, aux, cache
 
 
 _REMAT = {
@@ -91,7 +92,7 @@ class Llama4(nnx.Module):
 
   def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
     """The traceable forward pass (what `__call__` jit-compiles)."""
-    cfg, mesh = self.config, self.mesh
+    cfg = self.config
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be int32 [batch, seq], got shape {input_ids.shape}")
@@ -100,37 +101,90 @@ class Llama4(nnx.Module):
                  else jnp.asarray(positions, jnp.int32))
     segment_ids = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
                    else jnp.asarray(segment_ids, jnp.int32))
-    dt = dtype_of(cfg.dtype)
-    h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
-    h = constrain(h, mesh, ("batch", "seq", "act_embed"))
-    rope_cos_sin = rope_angles(positions, cfg.rope_inv_freq())
-    aux = jnp.zeros((), jnp.float32)
-    if self.num_blocks:
-      graphdef, stacked = nnx.split(self.blocks)
-
-      def superblock(h, layer_state):
-        aux = jnp.zeros((), jnp.float32)
-        for layer in nnx.merge(graphdef, layer_state):
-          h, a = layer(h, positions, segment_ids, rope_cos_sin, mesh)
-          aux = aux + a
-        return h, aux
-
-      if cfg.remat_policy != "none":
-        superblock = jax.checkpoint(superblock, policy=_REMAT[cfg.remat_policy](),
-                                    prevent_cse=False)
-      h, block_aux = jax.lax.scan(superblock, h, stacked)
-      aux = aux + block_aux.sum()
-    for layer in self.tail:
-      h, a = layer(h, positions, segment_ids, rope_cos_sin, mesh)
-      aux = aux + a
-    h = self.final_norm(h)
-    logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    logits = constrain(logits, mesh, ("batch", "seq", "vocab"))
+    h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids)
+    logits = self._logits(h)
     if return_aux:
       num_moe = sum(k.moe for k in cfg.layer_kinds())
       return logits, {"moe_aux_loss": aux / max(num_moe, 1)}
     return logits
+
+  # --- KV-cache inference -----------------------------------------------------------------------
+  def init_cache(self, batch: int, max_length: int, dtype=None):
+    """Zeroed KV cache for `batch` rows of up to `max_length` tokens: a ring buffer of
+    min(C, max_length) entries for chunked layers, `max_length` for NoPE layers."""
+    from llama4_jax.model.attention import init_kv_cache
+    cfg = self.config
+    dtype = dtype or dtype_of(cfg.dtype)
+
+    def one(kind, stack=()):
+      size = max_length if not kind.rope or cfg.attention_chunk_size is None else min(
+          cfg.attention_chunk_size, max_length)
+      c = init_kv_cache(batch, size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+      c = {k: constrain(v, self.mesh, ("batch", None, "kv_heads", None)[: v.ndim]) for k, v in c.items()}
+      return jax.tree.map(lambda x: jnp.broadcast_to(x, stack + x.shape), c)
+
+    return {"blocks": [one(layer.kind, (self.num_blocks,)) for layer in self.blocks],
+            "tail": [one(layer.kind) for layer in self.tail]}
+
+  def prefill(self, tokens, lengths, cache):
+    """Runs right-padded prompts tokens [B, T] (row b has lengths[b] real tokens) and stores them in
+    `cache`. Returns (logits [B, V] at each row's last prompt token, cache)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "prefill")
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return self._logits(last)[:, 0], cache
+
+  def decode(self, tokens, positions, cache):
+    """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache)."""
+    pos = positions[:, None].astype(jnp.int32)
+    h, _, cache = self._layers(self._embed(tokens[:, None]), pos, jnp.ones_like(pos), cache, "decode")
+    return self._logits(h)[:, 0], cache
+
+  # --- shared pieces ------------------------------------------------------------------------------
+  def _embed(self, ids):
+    h = jnp.take(self.embed[...], ids, axis=0).astype(dtype_of(self.config.dtype))
+    return constrain(h, self.mesh, ("batch", "seq", "act_embed"))
+
+  def _logits(self, h):
+    h = self.final_norm(h)
+    logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
+
+  def _layers(self, h, positions, segment_ids, cache=None, mode=None):
+    """All decoder layers: the scanned superblocks, then the unscanned tail. Returns (h, aux, cache)."""
+    cfg, mesh = self.config, self.mesh
+    rope_cos_sin = rope_angles(positions, cfg.rope_inv_freq())
+    aux = jnp.zeros((), jnp.float32)
+    new_cache = None if cache is None else {"blocks": [], "tail": []}
+    if self.num_blocks:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def superblock(h, xs):
+        layer_state, layer_caches = xs
+        total, caches = jnp.zeros((), jnp.float32), []
+        for j, layer in enumerate(nnx.merge(graphdef, layer_state)):
+          h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
+                          None if layer_caches is None else layer_caches[j], mode)
+          total, caches = total + a, caches + [c]
+        return h, (total, None if layer_caches is None else caches)
+
+      if cfg.remat_policy != "none" and cache is None:
+        superblock = jax.checkpoint(superblock, policy=_REMAT[cfg.remat_policy](), prevent_cse=False)
+      h, (block_aux, block_caches) = jax.lax.scan(
+          superblock, h, (stacked, None if cache is None else cache["blocks"]))
+      aux = aux + block_aux.sum()
+      if cache is not None:
+        new_cache["blocks"] = block_caches
+    for j, layer in enumerate(self.tail):
+      h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
+                      None if cache is None else cache["tail"][j], mode)
+      aux = aux + a
+      if cache is not None:
+        new_cache["tail"].append(c)
+    return h, aux, new_cache
 
 
 @functools.partial(nnx.jit, static_argnames=("return_aux",))

@@ -1,0 +1,157 @@
+"""`generate`: jit-compiled prefill + `lax.while_loop` decode over a sharded KV cache; `generate_stream`.
+
+Prompts of different lengths share a batch: they are right-padded, each row keeps its own positions
+and stop state, so a row's tokens are exactly those it would get alone. The chunked (RoPE) layers keep
+a ring buffer of C = attention_chunk_size entries, the NoPE layers the whole length (`Llama4.init_cache`).
+The cache is created sharded (batch over data/fsdp/expert, kv heads over tensor) and donated to the
+compiled loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax.inference.sampling import make_strategy
+
+_BUCKET = 64  # prompt and cache lengths are rounded up to this, so few shapes get compiled
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _check_prompts(model, prompts, max_new_tokens, cache_length):
+  if not len(prompts):
+    raise ValueError("no prompts given")
+  vocab = model.config.vocab_size
+  for i, p in enumerate(prompts):
+    if not len(p):
+      raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
+    lo, hi = min(p), max(p)
+    if lo < 0 or hi >= vocab:
+      raise ValueError(f"prompt {i} has token id {hi if hi >= vocab else lo} outside the vocabulary "
+                       f"[0, {vocab})")
+  longest = max(len(p) for p in prompts)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  limit = model.config.max_position_embeddings
+  need = longest + max_new_tokens
+  if cache_length is not None and need > cache_length:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
+                     f"exceeds cache_length={cache_length}; shorten the prompt or raise cache_length")
+  if need > limit:
+    raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
+                     f"exceeds the model's max_position_embeddings={limit}")
+  return longest
+
+
+def _pack(prompts, width):
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, : len(p)] = p
+  return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "strategy"), donate_argnames=("cache",))
+def _generate_loop(model, tokens, lengths, cache, key, stop, max_new_tokens, strategy):
+  b = tokens.shape[0]
+  logits, cache = model.prefill(tokens, lengths, cache)
+  key, sub = jax.random.split(key)
+  tok = strategy(logits, sub)
+  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
+  done = jnp.isin(tok, stop)
+  count = jnp.ones((b,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, _, done, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tok, pos, cache, out, done, count, key = state
+    logits, cache = model.decode(tok, pos, cache)
+    key, sub = jax.random.split(key)
+    nxt = strategy(logits, sub)
+    nxt = jnp.where(done, 0, nxt)
+    out = out.at[:, step].set(nxt)
+    count = count + (~done).astype(jnp.int32)
+    done = done | jnp.isin(nxt, stop)
+    return step + 1, nxt, pos + 1, cache, out, done, count, key
+
+  state = (jnp.int32(1), tok, lengths, cache, out, done, count, key)
+  _, _, _, cache, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+  return out, count
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_tokens: Sequence[int] | None = None, cache_length: int | None = None) -> list[list[int]]:
+  """New tokens for each prompt (a list of token ids), up to and including a stop token.
+
+  temperature 0 is greedy; otherwise sampling, optionally restricted by top_k or top_p, reproducible
+  from `seed`. stop_tokens default to the model config's eos_token_id. cache_length defaults to the
+  longest prompt + max_new_tokens (rounded up).
+  """
+  longest = _check_prompts(model, prompts, max_new_tokens, cache_length)
+  strategy = make_strategy(temperature, top_k, top_p)
+  stop = list(model.config.eos_token_id if stop_tokens is None else stop_tokens) or [-1]
+  width = _round_up(longest, _BUCKET)
+  length = cache_length or _round_up(longest + max_new_tokens, _BUCKET)
+  tokens, lengths = _pack(prompts, width)
+  cache = _init_cache(model, len(prompts), length)
+  out, count = _generate_loop(model, tokens, lengths, cache, jax.random.PRNGKey(seed),
+                              jnp.asarray(stop, jnp.int32), max_new_tokens, strategy)
+  out, count = np.asarray(out), np.asarray(count)
+  return [out[i, : count[i]].tolist() for i in range(len(prompts))]
+
+
+@functools.partial(nnx.jit, static_argnames=("batch", "length"))
+def _init_cache_jit(model, batch, length):
+  return model.init_cache(batch, length)
+
+
+def _init_cache(model, batch, length):
+  return _init_cache_jit(model, batch, length)
+
+
+@functools.partial(nnx.jit, donate_argnames=("cache",))
+def _prefill(model, tokens, lengths, cache):
+  return model.prefill(tokens, lengths, cache)
+
+
+@functools.partial(nnx.jit, static_argnames=("strategy",), donate_argnames=("cache",))
+def _decode_and_sample(model, tok, pos, cache, key, strategy):
+  logits, cache = model.decode(tok, pos, cache)
+  return strategy(logits, key), cache
+
+
+def generate_stream(model, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                    stop_tokens: Sequence[int] | None = None,
+                    cache_length: int | None = None) -> Iterator[int]:
+  """Yields the new tokens of one prompt as they are produced (one compiled decode step per token).
+
+  Same tokens as `generate` for the same arguments."""
+  longest = _check_prompts(model, [prompt], max_new_tokens, cache_length)
+  strategy = make_strategy(temperature, top_k, top_p)
+  stop = set(model.config.eos_token_id if stop_tokens is None else stop_tokens)
+  tokens, lengths = _pack([prompt], _round_up(longest, _BUCKET))
+  cache = _init_cache(model, 1, cache_length or _round_up(longest + max_new_tokens, _BUCKET))
+  logits, cache = _prefill(model, tokens, lengths, cache)
+  key = jax.random.PRNGKey(seed)
+  key, sub = jax.random.split(key)
+  tok = strategy(logits, sub)
+  pos = lengths
+  for i in range(max_new_tokens):
+    t = int(tok[0])
+    yield t
+    if t in stop or i == max_new_tokens - 1:
+      return
+    key, sub = jax.random.split(key)
+    tok, cache = _decode_and_sample(model, tok, pos, cache, sub, strategy)
+    pos = pos + 1

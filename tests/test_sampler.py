@@ -1,0 +1,93 @@
+"""The KV-cache sampler against transformers' generate, the uncached sampler, and itself."""
+
+import numpy as np
+import pytest
+import torch
+
+import llama4_jax as l4
+from conftest import SCOUT_LIKE, MAVERICK_LIKE, make_hf_checkpoint
+from llama4_jax.inference import generate, generate_stream, sample_uncached
+
+NEW = 40
+
+
+@pytest.fixture(scope="module", params=["scout", "maverick"])
+def models(request, tmp_path_factory):
+  base = SCOUT_LIKE if request.param == "scout" else MAVERICK_LIKE
+  cfg = base.replace(attention_chunk_size=8 if request.param == "scout" else 16, eos_token_id=(2,))
+  d = tmp_path_factory.mktemp(request.param)
+  hf = make_hf_checkpoint(cfg, d, seed=3)
+  return l4.load_model(d), hf
+
+
+def prompts_for(cfg, lengths=(5, 13, 21)):
+  rng = np.random.RandomState(0)
+  return [rng.randint(3, cfg.vocab_size, n).tolist() for n in lengths]
+
+
+def test_greedy_equals_transformers_generate(models):
+  model, hf = models
+  prompts = prompts_for(model.config)
+  out = generate(model, prompts, max_new_tokens=NEW, stop_tokens=[])  # one ragged batch
+  for p, o in zip(prompts, out):
+    ref = hf.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+    assert o == ref  # crosses several chunk boundaries; the ring buffer wraps
+
+
+def test_chunked_cache_is_a_ring_of_chunk_size(models):
+  model, _ = models
+  cache = model.init_cache(batch=2, max_length=256)
+  cfg = model.config
+  for j, layer in enumerate(model.blocks):
+    size = cache["blocks"][j]["k"].shape[2]
+    assert size == (cfg.attention_chunk_size if layer.kind.rope else 256)
+  # generating far past the buffer stays equal to the uncached reference
+  p = prompts_for(model.config, (7,))[0]
+  assert generate(model, [p], max_new_tokens=60, stop_tokens=[])[0] == sample_uncached(model, p, 60,
+                                                                                      window=128)
+
+
+@pytest.fixture(scope="module")
+def scout(tmp_path_factory):
+  cfg = SCOUT_LIKE.replace(attention_chunk_size=8, eos_token_id=(2,))
+  d = tmp_path_factory.mktemp("scout_sampling")
+  make_hf_checkpoint(cfg, d, seed=4)
+  return l4.load_model(d)
+
+
+def test_sampling_strategies(scout):
+  model = scout
+  prompts = prompts_for(model.config)
+  greedy = generate(model, prompts, max_new_tokens=12, stop_tokens=[])
+  assert generate(model, prompts, 12, temperature=1.0, top_k=1, stop_tokens=[]) == greedy
+  a = generate(model, prompts, 12, temperature=1.0, seed=1, stop_tokens=[])
+  assert a == generate(model, prompts, 12, temperature=1.0, seed=1, stop_tokens=[])
+  assert a != generate(model, prompts, 12, temperature=1.0, seed=2, stop_tokens=[])
+  top_p = generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=1, stop_tokens=[])
+  assert all(len(t) == 12 for t in top_p)
+  stream = list(generate_stream(model, prompts[0], 12, temperature=1.0, seed=1, stop_tokens=[]))
+  assert len(stream) == 12
+
+
+def test_stop_tokens_end_each_row(scout):
+  model = scout
+  prompts = prompts_for(model.config)
+  free = generate(model, prompts, max_new_tokens=NEW, stop_tokens=[])
+  stop = free[1][5]
+  out = generate(model, prompts, max_new_tokens=NEW, stop_tokens=[stop])
+  for f, o in zip(free, out):
+    cut = f.index(stop) + 1 if stop in f else len(f)
+    assert o == f[:cut]
+
+
+def test_bad_prompts(scout):
+  model = scout
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    generate(model, [[5], []], 4)
+  with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
+    generate(model, [[5, 512]], 4)
+  with pytest.raises(ValueError, match="exceeds cache_length=32"):
+    generate(model, [[5] * 30], 4, cache_length=32)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    generate(model, [[5] * 10], 5000)
