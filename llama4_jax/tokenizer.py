@@ -160,6 +160,30 @@ class TiktokenTokenizer:
     return out
 
 
+CHAT_ROLES = ("system", "user", "assistant", "ipython")
+
+
+def chat_prompt(messages, add_generation_prompt: bool = True) -> str:
+  """Llama 4's chat format: <|begin_of_text|> then per turn
+  <|header_start|>ROLE<|header_end|>\n\n CONTENT <|eot|>, ending with an open assistant header."""
+  text = "<|begin_of_text|>"
+  for m in messages:
+    if m.get("role") not in CHAT_ROLES:
+      raise ValueError(f"chat role {m.get('role')!r} is not one of {CHAT_ROLES}")
+    text += f"<|header_start|>{m['role']}<|header_end|>\n\n{m['content']}<|eot|>"
+  if add_generation_prompt:
+    text += "<|header_start|>assistant<|header_end|>\n\n"
+  return text
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+  """Token ids of a chat prompt; needs a tokenizer with Llama 4's special tokens."""
+  if not isinstance(tokenizer, TiktokenTokenizer):
+    raise ValueError("chat needs the Llama 4 tokenizer (tokenizer.model) with its header tokens; this "
+                     "model's tokenizer has none: use a plain prompt instead")
+  return tokenizer.encode(chat_prompt(messages, add_generation_prompt), allow_special=True)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """A tokenizer from a file or a directory holding `tokenizer.model` or `tokenizer.json`."""
   if os.path.isdir(path):

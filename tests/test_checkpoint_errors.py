@@ -27,7 +27,7 @@ def shard_files(d):
 def test_missing_directory_and_config(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     l4.load_model(tmp_path / "nope")
-  with pytest.raises(FileNotFoundError, match="no config.json"):
+  with pytest.raises(FileNotFoundError, match="neither a Hugging Face checkpoint"):
     l4.load_model(tmp_path)
 
 

@@ -47,3 +47,15 @@ def test_builtin_bpe(tmp_path):
     assert tok.decode(tok.encode(t)) == t
     assert tok.byte_lengths()[tok.encode(t)].sum() == len(t.encode())
   assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size
+
+
+def test_llama4_chat_prompt(llama4):
+  from llama4_jax.tokenizer import encode_chat
+  ids = encode_chat(llama4, [{"role": "system", "content": "You are terse."},
+                             {"role": "user", "content": "Hi!"}])
+  want = ([200000, 200005] + llama4.encode("system") + [200006] + llama4.encode("\n\nYou are terse.")
+          + [200008, 200005] + llama4.encode("user") + [200006] + llama4.encode("\n\nHi!") + [200008]
+          + [200005] + llama4.encode("assistant") + [200006] + llama4.encode("\n\n"))
+  assert ids == want
+  with pytest.raises(ValueError, match="chat role 'robot'"):
+    encode_chat(llama4, [{"role": "robot", "content": "x"}])

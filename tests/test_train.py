@@ -156,16 +156,9 @@ def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
   base = dict(data=1, fsdp=8, tensor=1, expert=1, context=1)
   first = micro_config(corpus, steps=12, checkpoint_every=12, learning_rate=1e-2, mesh=base)
   trained = train(first, str(tmp_path / "a"))
-  # the trained weights as a Hugging Face checkpoint
-  from llama4_jax.train.checkpointing import read_model_config
-  cfg, _ = read_model_config(str(tmp_path / "a"))
-  model = l4.create_model(cfg)
-  from flax import nnx
-  from llama4_jax.train.checkpointing import restore_params
-  params = restore_params(str(tmp_path / "a"), nnx.to_pure_dict(nnx.state(model)))
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
+  # the trained weights (load_model reads a training workdir) as a Hugging Face checkpoint
+  model = l4.load_model(str(tmp_path / "a"))
+  assert model.config.hidden_size == 64
   l4.save_pretrained(model, tmp_path / "hf")
   losses = {}
   for name, src in (("orbax", tmp_path / "a"), ("hf", tmp_path / "hf")):

@@ -10,14 +10,14 @@ and for `init_from`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from llama4_jax.checkpoint.orbax import (checkpoint_steps, find_checkpoints, read_model_config,  # noqa: F401
+                                         restore_params)
 from llama4_jax.config import ModelConfig
 
 
@@ -54,47 +54,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def checkpoint_steps(directory: str) -> list[int]:
-  """Completed checkpoint steps in an Orbax directory (in-progress saves carry a temporary suffix)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def find_checkpoints(directory: str) -> str:
-  """The Orbax directory under a workdir (`checkpoints/`) or the directory itself."""
-  for candidate in (os.path.join(directory, "checkpoints"), directory):
-    if checkpoint_steps(candidate):
-      return candidate
-  raise FileNotFoundError(f"no checkpoint of this project under {directory} (expected step "
-                          "directories in it or in its checkpoints/ folder)")
-
-
-def read_model_config(directory: str) -> tuple[ModelConfig, int]:
-  """The ModelConfig and step of the latest checkpoint under `directory` (a workdir or checkpoints dir)."""
-  ckpt_dir = find_checkpoints(directory)
-  step = checkpoint_steps(ckpt_dir)[-1]
-  path = os.path.join(ckpt_dir, str(step), "config", "metadata")
-  with open(path) as f:
-    fields = json.load(f)["model"]
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  return ModelConfig(**fields), step
-
-
-def restore_params(directory: str, abstract_params: Any) -> Any:
-  """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings."""
-  _, step = read_model_config(directory)
-  ckpt_dir = find_checkpoints(directory)
-  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract_params},
-                                     restore_args=jax.tree.map(_restore_arg, {"params": abstract_params}),
-                                     partial_restore=True)))
-  return restored["state"]["params"]
-
-
-def _restore_arg(x):
-  return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)

@@ -1,0 +1,89 @@
+"""Reading this project's Orbax training checkpoints: steps, the stored ModelConfig, params alone.
+
+Complete steps are plain numbered directories (Orbax writes into a temporary name and renames), so a save
+cut off mid-write is never listed. `load_orbax_model` builds a `Llama4` from the latest step on any mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from llama4_jax.config import ModelConfig
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Completed checkpoint steps in an Orbax directory (in-progress saves carry a temporary suffix)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def find_checkpoints(directory: str) -> str:
+  """The Orbax directory under a workdir (`checkpoints/`) or the directory itself."""
+  for candidate in (os.path.join(directory, "checkpoints"), directory):
+    if checkpoint_steps(candidate):
+      return candidate
+  raise FileNotFoundError(f"no checkpoint of this project under {directory} (expected step "
+                          "directories in it or in its checkpoints/ folder)")
+
+
+def read_model_config(directory: str) -> tuple[ModelConfig, int]:
+  """The ModelConfig and step of the latest checkpoint under `directory` (a workdir or checkpoints dir)."""
+  ckpt_dir = find_checkpoints(directory)
+  step = checkpoint_steps(ckpt_dir)[-1]
+  path = os.path.join(ckpt_dir, str(step), "config", "metadata")
+  with open(path) as f:
+    fields = json.load(f)["model"]
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return ModelConfig(**fields), step
+
+
+def restore_params(directory: str, abstract_params: Any) -> Any:
+  """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings."""
+  _, step = read_model_config(directory)
+  ckpt_dir = find_checkpoints(directory)
+  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                     restore_args=jax.tree.map(_restore_arg, {"params": abstract_params}),
+                                     partial_restore=True)))
+  return restored["state"]["params"]
+
+
+def _restore_arg(x):
+  return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+
+
+def load_orbax_model(path: str, dtype=None, mesh=None, **overrides):
+  """A `Llama4` with the params of the latest checkpoint under `path` (a workdir or its checkpoints/),
+  restored straight into their shards on `mesh` (one device without a mesh)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import SingleDeviceSharding
+
+  from llama4_jax.checkpoint.keys import state_path
+  from llama4_jax.model.transformer import abstract_model, model_shardings
+  cfg, _ = read_model_config(path)
+  if dtype is not None:
+    name = jnp.dtype(dtype).name
+    overrides = {"param_dtype": name, "dtype": name, **overrides}
+  cfg = cfg.replace(**overrides)
+  if mesh is None:
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    shard_of = lambda _: SingleDeviceSharding(jax.devices()[0])  # noqa: E731
+  else:
+    graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
+    table = {state_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+    shard_of = lambda p: table[state_path(p)]  # noqa: E731
+  target = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_of(p)),
+      nnx.to_pure_dict(abstract_state))
+  nnx.replace_by_pure_dict(abstract_state, restore_params(path, target))
+  return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,94 @@
+"""python -m llama4_jax.sample --checkpoint=DIR --prompt="..." [--chat] [--prompt_file=F] [...]
+
+Streams the continuation to the terminal and prints tokens/s at the end. DIR is a Hugging Face checkpoint
+or a training workdir of this project; the tokenizer is found next to it (tokenizer.model or
+tokenizer.json) unless --tokenizer names one. --chat runs an interactive chat with Llama 4's template
+(needs the Llama 4 tokenizer); an empty line or end of input ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint or training workdir.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose text to continue.")
+_CHAT = flags.DEFINE_bool("chat", False, "Interactive chat with the Llama 4 chat template.")
+_SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: found "
+                                 "next to the checkpoint).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
+
+
+def find_tokenizer(checkpoint: str) -> str:
+  for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint).rstrip("/"))):
+    for name in ("tokenizer.model", "tokenizer.json"):
+      if os.path.exists(os.path.join(d, name)):
+        return os.path.join(d, name)
+  raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in or next to {checkpoint}; pass "
+                          "--tokenizer")
+
+
+def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float]:
+  """Prints the continuation as it is generated; returns (tokens, seconds)."""
+  from llama4_jax.inference import generate_stream
+  t0 = time.perf_counter()
+  tokens: list[int] = []
+  shown = ""
+  for tok in generate_stream(model, prompt_ids, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value,
+                             _TOP_P.value, _SEED.value, stop):
+    if tok in stop:
+      break
+    tokens.append(tok)
+    text = tokenizer.decode(tokens)
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+  return tokens, time.perf_counter() - t0
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import llama4_jax as l4
+  from llama4_jax.tokenizer import encode_chat, load_tokenizer
+  tokenizer = load_tokenizer(_TOKENIZER.value or find_tokenizer(_CHECKPOINT.value))
+  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
+  if _CHAT.value:
+    messages = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
+    while True:
+      try:
+        line = input("user> ")
+      except EOFError:
+        break
+      if not line.strip():
+        break
+      messages.append({"role": "user", "content": line})
+      sys.stdout.write("assistant> ")
+      tokens, secs = stream(model, tokenizer, encode_chat(tokenizer, messages), stop)
+      print(f"\n[{len(tokens)} tokens, {len(tokens) / secs:.1f} tokens/s]")
+      messages.append({"role": "assistant", "content": tokenizer.decode(tokens)})
+    return
+  if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
+    raise app.UsageError("give exactly one of --prompt, --prompt_file or --chat")
+  text = _PROMPT.value if _PROMPT.value is not None else open(_PROMPT_FILE.value).read()
+  ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+  sys.stdout.write(text)
+  tokens, secs = stream(model, tokenizer, ids, stop)
+  print(f"\n[{len(ids)} prompt tokens, {len(tokens)} new tokens in {secs:.2f}s: "
+        f"{len(tokens) / secs:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+  app.run(main)

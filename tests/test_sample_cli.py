@@ -1,0 +1,22 @@
+"""The sample command line on a Hugging Face checkpoint with a built-in BPE tokenizer beside it."""
+
+import subprocess
+import sys
+
+from conftest import MAVERICK_LIKE, make_hf_checkpoint
+from llama4_jax.tokenizer import train_bpe
+from train_utils import REPO
+
+
+def test_sample_cli(tmp_path):
+  cfg = MAVERICK_LIKE.replace(eos_token_id=(2,))
+  make_hf_checkpoint(cfg, tmp_path, seed=5)
+  train_bpe(["def add(a, b):\n    return a + b\n"] * 20, 300, str(tmp_path / "tokenizer.json"))
+  proc = subprocess.run([sys.executable, "-m", "llama4_jax.sample", f"--checkpoint={tmp_path}",
+                         "--prompt=def add", "--max_new_tokens=12"], cwd=REPO, capture_output=True,
+                        text=True, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("def add") and "tokens/s]" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "llama4_jax.sample", f"--checkpoint={tmp_path}",
+                        "--chat"], cwd=REPO, capture_output=True, text=True, timeout=180, input="hi\n")
+  assert bad.returncode != 0 and "chat needs the Llama 4 tokenizer" in bad.stderr
