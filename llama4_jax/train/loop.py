@@ -245,13 +245,12 @@ def train(c, workdir: str) -> dict[str, Any]:
     result.update(ev)
   ckpt.close()
   if c.sample_prompt:
-    from llama4_jax.inference import sample_uncached
-    model = tm.merge(params)
+    from llama4_jax.inference import generate
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
         c.sample_prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    new = sample_uncached(model, prompt, c.sample_tokens, c.sample_temperature, c.seed, stop,
-                          window=c.seq_len)
+    new = generate(tm.merge(params), [prompt], c.sample_tokens, temperature=c.sample_temperature,
+                   seed=c.seed, stop_tokens=stop)[0]
     result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])
     log("sample:\n" + result["sample"])
   logger.close()
