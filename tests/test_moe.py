@@ -47,3 +47,15 @@ def test_routed_equals_dense_reference(top_k, impl):
   for a, b in zip(jax.tree.leaves(g_routed), jax.tree.leaves(g_dense)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
+
+
+def test_few_tokens_take_the_gathered_path():
+  """With fewer (token, expert) pairs than experts (decoding) the chosen weights are gathered."""
+  cfg = SCOUT_LIKE.replace(num_local_experts=8, num_experts_per_tok=2)
+  moe = MoE(cfg, nnx.Rngs(0))
+  graphdef, state = nnx.split(moe)
+  dense = nnx.merge(graphdef, state)
+  dense.impl = "dense"
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 1, cfg.hidden_size), jnp.float32)  # 4 pairs, 8 experts
+  run = nnx.jit(lambda m, x: m(x)[0])
+  np.testing.assert_allclose(np.asarray(run(moe, x)), np.asarray(run(dense, x)), atol=2e-5, rtol=1e-5)

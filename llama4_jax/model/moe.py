@@ -108,6 +108,8 @@ class MoE(nnx.Module):
     n, k = idx_Nk.shape
     e = self.gate.shape[0]
     dt = x_ND.dtype
+    if 2 * n * k <= e:  # few tokens (decoding): read just the chosen experts' weights
+      return self._gathered(x_ND, idx_Nk, score_Nk)
     expert_A = idx_Nk.reshape(-1)  # A = N*k assignments, token-major
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
@@ -118,6 +120,16 @@ class MoE(nnx.Module):
     y_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, self.down[...].astype(dt), sizes_E, impl)
     y_AD = y_AD[jnp.argsort(order_A)]  # back to token-major order
     return y_AD.reshape(n, k, -1).sum(axis=1)
+
+  def _gathered(self, x_ND, idx_Nk, score_Nk):
+    """Each (token, expert) pair with that expert's weights gathered: memory traffic of k experts per
+    token instead of all E, which is what bounds a decode step."""
+    dt = x_ND.dtype
+    x_NkD = x_ND[:, None, :] * score_Nk[:, :, None]
+    g = jnp.einsum("NkD,NkDF->NkF", x_NkD, self.gate[...][idx_Nk].astype(dt))
+    u = jnp.einsum("NkD,NkDF->NkF", x_NkD, self.up[...][idx_Nk].astype(dt))
+    y = jnp.einsum("NkF,NkFD->NkD", jax.nn.silu(g) * u, self.down[...][idx_Nk].astype(dt))
+    return y.sum(axis=1)
 
   def _dense(self, x_ND, idx_Nk, score_Nk):
     """Every expert on every token, unchosen ones with score 0 (transformers' formulation)."""
