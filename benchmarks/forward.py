@@ -22,7 +22,6 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args()
 
-  import jax
   import jax.numpy as jnp
   import torch
   import transformers as tf

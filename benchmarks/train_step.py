@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import numpy as np
 
@@ -86,7 +85,6 @@ def main():
         "speedup": round(t_theirs / t_ours, 2),
         "ours_mfu": round(flops / t_ours / CPU_PEAK_FLOPS, 3),
         "ours_step_seconds": round(t_ours, 3), "transformers_step_seconds": round(t_theirs, 3)})
-    del hf, opt
   emit({"benchmark": "train_step_fp32", "batch": args.batch, "seq": args.seq, "results": results,
         "cpu_peak_flops": CPU_PEAK_FLOPS, "machine": machine()})
 

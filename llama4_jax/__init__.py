@@ -7,10 +7,13 @@ The public API (README, notebooks and tests use exactly these names):
     model = l4.load_model(path, dtype=None, mesh=None, **model_overrides)
     logits = model(input_ids)            # int32 [B, T] -> float32 [B, T, V]
     l4.save_pretrained(model, out_dir)
+    out = l4.generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
+                      seed=0, stop_tokens=None)   # prompts: token-id lists -> new-token lists
 """
 
 from llama4_jax.checkpoint import CheckpointError, load_model, save_pretrained
 from llama4_jax.config import ModelConfig, from_hf_config, get_config, to_hf_config
+from llama4_jax.inference import generate, generate_stream
 from llama4_jax.model import Llama4, abstract_model, create_model
 from llama4_jax.sharding import make_mesh
 
@@ -18,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Llama4", "ModelConfig", "abstract_model", "create_model", "from_hf_config",
-    "get_config", "load_model", "make_mesh", "save_pretrained", "to_hf_config",
+    "generate", "generate_stream", "get_config", "load_model", "make_mesh", "save_pretrained", "to_hf_config",
 ]

@@ -1,8 +1,8 @@
 """`python -m llama4_jax`: a smoke run of the tiny default model on this machine's devices.
 
 Builds the `tiny` preset with random weights, runs a jit-compiled forward pass, exports it as a Hugging Face
-checkpoint, loads that back and checks the logits agree. (Training on the built-in corpus and sampling
-replace this demo when the training and sampler modules land.)
+checkpoint, loads that back and checks the logits agree: a quick check that an install works. The main
+job is `python -m llama4_jax.train` (see the README).
 """
 
 from __future__ import annotations

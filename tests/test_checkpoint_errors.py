@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import llama4_jax as l4
-from conftest import MAVERICK_LIKE, random_ids
 from llama4_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 
 

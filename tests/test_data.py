@@ -1,7 +1,6 @@
 """Data: sources, the held-out split, packing with segment ids, and exact iterator restore."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 import pytest
 
 from llama4_jax.tokenizer import TiktokenTokenizer, load_tokenizer, train_bpe

@@ -7,7 +7,6 @@ segment id per document) never attend across a boundary and each chunk is counte
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -13,7 +13,6 @@ import dataclasses
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from llama4_jax.checkpoint.orbax import (checkpoint_steps, find_checkpoints, read_model_config,  # noqa: F401
