@@ -91,3 +91,14 @@ def test_bad_prompts(scout):
     generate(model, [[5] * 30], 4, cache_length=32)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generate(model, [[5] * 10], 5000)
+
+
+def test_sharded_generate_equals_single_device(scout, tmp_path):
+  """Model and KV cache sharded over 8 devices (kv heads over tensor) give the same tokens."""
+  prompts = prompts_for(scout.config, (5, 9, 13, 17))
+  want = generate(scout, prompts, max_new_tokens=16, stop_tokens=[])
+  l4.save_pretrained(scout, tmp_path / "ckpt")
+  sharded = l4.load_model(tmp_path / "ckpt", mesh=l4.make_mesh(fsdp=4, tensor=2))
+  cache = sharded.init_cache(batch=4, max_length=64)
+  assert cache["blocks"][0]["k"].sharding.spec[3] == "tensor"  # [L, B, S, K, H]: kv heads split
+  assert generate(sharded, prompts, max_new_tokens=16, stop_tokens=[]) == want
