@@ -68,6 +68,7 @@ def test_sampling_strategies(scout):
   assert all(len(t) == 12 for t in top_p)
   stream = list(generate_stream(model, prompts[0], 12, temperature=1.0, seed=1, stop_tokens=[]))
   assert len(stream) == 12
+  assert list(generate_stream(model, prompts[2], 12, stop_tokens=[])) == greedy[2]
 
 
 def test_stop_tokens_end_each_row(scout):
