@@ -61,22 +61,16 @@ def get_tokenizer(c, workdir: str, train_docs, log) -> Any:
 
 
 def init_params(c, cfg, mesh, log):
-  """(TrainModel, params as a pure dict of sharded arrays, ModelConfig) from init_from or random."""
+  """(TrainModel, params as a pure dict of sharded arrays, ModelConfig) from init_from or random.
+
+  init_from (a Hugging Face directory or a training checkpoint) fixes the architecture; the run config
+  still chooses the implementation (dtypes, kernels, remat)."""
   if c.init_from:
-    impl = {k: getattr(cfg, k) for k in _IMPL_FIELDS}
-    if os.path.exists(os.path.join(c.init_from, "config.json")):
-      model = load_model(c.init_from, mesh=mesh, **impl)
-      log(f"initialised from the Hugging Face checkpoint {c.init_from}")
-    else:
-      ckpt_cfg, step = checkpointing.read_model_config(c.init_from)
-      model = create_model(ckpt_cfg.replace(**impl), mesh=mesh, seed=c.seed)
-      tm = TrainModel.of(model)
-      params = checkpointing.restore_params(c.init_from, nnx.to_pure_dict(nnx.state(model)))
-      log(f"initialised from step {step} of the checkpoint {c.init_from}")
-      return tm, params, model.config
-    return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), model.config
-  model = create_model(cfg, mesh=mesh, seed=c.seed)
-  return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), cfg
+    model = load_model(c.init_from, mesh=mesh, **{k: getattr(cfg, k) for k in _IMPL_FIELDS})
+    log(f"initialised from {c.init_from}")
+  else:
+    model = create_model(cfg, mesh=mesh, seed=c.seed)
+  return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), model.config
 
 
 def evaluate(eval_step, params, batches, sharding, byte_lengths) -> dict[str, float]:
