@@ -7,7 +7,8 @@
 Mesh: v6e chips have 32 GB of HBM, so the 401B parameters must be spread over all 256 chips: expert=64
 (2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 for everything else, tensor=1. Parameters
 in bf16 with fp32 Adam moments (10 bytes/param = 4 TB: about 15.7 GB per chip), bf16 compute, full remat,
-4 microbatches of 64 x 4096 tokens. Tight on HBM; `python -m llama4_jax.plan` (to come) checks the fit.
+batch rows split over data*fsdp*expert = 256 chips: one 4096-token sequence per chip per step (more would
+need microbatches of 256 rows each). Tight on HBM; `python -m llama4_jax.plan` (to come) checks the fit.
 Not yet run on hardware.
 """
 
@@ -19,7 +20,7 @@ def get_config():
   c.steps = 100_000
   c.batch_size = 256
   c.seq_len = 4096
-  c.microbatches = 4
+  c.microbatches = 1
   c.learning_rate = 2e-4
   c.warmup_steps = 2000
   c.log_every = 10

@@ -168,3 +168,20 @@ def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
   random_init = read_metrics(tmp_path / "a")[1]
   assert losses["orbax"] == pytest.approx(losses["hf"], rel=1e-5)
   assert losses["orbax"] < random_init - 1.0 and losses["orbax"] < trained["loss"] + 0.5
+
+
+@pytest.mark.parametrize("name,chips", [("scout_v5p256", 128), ("maverick_v6e256", 256)])
+def test_tpu_configs_validate_for_their_slices(name, chips, tmp_path):
+  import importlib.util
+  from llama4_jax.train.config import model_config, validate
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  (tmp_path / "shard.array_record").write_bytes(b"")
+  c.data.path = str(tmp_path / "*.array_record")
+  validate(c, num_devices=chips, num_processes=chips // 4)
+  cfg = model_config(c)
+  assert cfg.num_params() == l4.get_config(name.split("_")[0]).num_params()
+  with pytest.raises(ValueError, match="config.mesh"):
+    validate(c, num_devices=chips // 2)
