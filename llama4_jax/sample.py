@@ -38,14 +38,17 @@ def find_tokenizer(checkpoint: str) -> str:
                           "--tokenizer")
 
 
-def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float]:
-  """Prints the continuation as it is generated; returns (tokens, seconds)."""
+def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float, float]:
+  """Prints the continuation as it is generated; returns (tokens, seconds to the first token,
+  seconds for the rest)."""
   from llama4_jax.inference import generate_stream
   t0 = time.perf_counter()
+  first = None
   tokens: list[int] = []
   shown = ""
   for tok in generate_stream(model, prompt_ids, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value,
                              _TOP_P.value, _SEED.value, stop):
+    first = first or time.perf_counter()
     if tok in stop:
       break
     tokens.append(tok)
@@ -54,7 +57,12 @@ def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int
       out.write(text[len(shown):])
       out.flush()
       shown = text
-  return tokens, time.perf_counter() - t0
+  end = time.perf_counter()
+  return tokens, (first or end) - t0, end - (first or end)
+
+
+def _rate(tokens, rest) -> str:
+  return f"{(len(tokens) - 1) / rest:.1f} tokens/s after the first" if len(tokens) > 1 and rest > 0 else ""
 
 
 def main(argv):
@@ -76,8 +84,8 @@ def main(argv):
         break
       messages.append({"role": "user", "content": line})
       sys.stdout.write("assistant> ")
-      tokens, secs = stream(model, tokenizer, encode_chat(tokenizer, messages), stop)
-      print(f"\n[{len(tokens)} tokens, {len(tokens) / secs:.1f} tokens/s]")
+      tokens, first, rest = stream(model, tokenizer, encode_chat(tokenizer, messages), stop)
+      print(f"\n[{len(tokens)} tokens; first after {first:.2f}s; {_rate(tokens, rest)}]")
       messages.append({"role": "assistant", "content": tokenizer.decode(tokens)})
     return
   if (_PROMPT.value is None) == (_PROMPT_FILE.value is None):
@@ -85,9 +93,9 @@ def main(argv):
   text = _PROMPT.value if _PROMPT.value is not None else open(_PROMPT_FILE.value).read()
   ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
   sys.stdout.write(text)
-  tokens, secs = stream(model, tokenizer, ids, stop)
-  print(f"\n[{len(ids)} prompt tokens, {len(tokens)} new tokens in {secs:.2f}s: "
-        f"{len(tokens) / secs:.1f} tokens/s]")
+  tokens, first, rest = stream(model, tokenizer, ids, stop)
+  print(f"\n[{len(ids)} prompt tokens, {len(tokens)} new tokens; first after {first:.2f}s (includes "
+        f"compiling); {_rate(tokens, rest)}]")
 
 
 if __name__ == "__main__":
