@@ -12,7 +12,7 @@ import pytest
 
 import llama4_jax as l4
 from llama4_jax.train import TrainingDiverged, train
-from llama4_jax.train.checkpointing import checkpoint_steps
+from llama4_jax.checkpoint.orbax import checkpoint_steps
 from train_utils import REPO, make_corpus, micro_config, read_metrics, run, train_command
 
 

@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
-from llama4_jax.checkpoint.keys import ParamPlan, hf_tensor_specs, plan, state_leaves, state_path
+from llama4_jax.checkpoint.keys import (ParamPlan, hf_tensor_specs, plan, sharding_table, state_leaves,
+                                        state_path)
 from llama4_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
-from llama4_jax.model.transformer import Llama4, abstract_model, check_mesh_fits
-from llama4_jax.sharding import state_shardings
+from llama4_jax.model.transformer import Llama4, model_shardings
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 INDEX_FILE = "model.safetensors.index.json"
@@ -124,6 +124,9 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, **
   directory = os.fspath(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  if dtype is not None:
+    name = jnp.dtype(dtype).name
+    overrides = {"param_dtype": name, "dtype": name, **overrides}
   if not os.path.exists(os.path.join(directory, "config.json")):
     from llama4_jax.checkpoint import orbax
     try:
@@ -131,29 +134,17 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, **
     except FileNotFoundError:
       raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor a "
                               "training checkpoint of this project (no step directories)") from None
-    return orbax.load_orbax_model(directory, dtype, mesh, **overrides)
+    return orbax.load_orbax_model(directory, mesh, **overrides)
   hf = read_hf_config(directory)
   _check_architecture(hf, directory)
-  if dtype is not None:
-    name = jnp.dtype(dtype).name
-    overrides = {"param_dtype": name, "dtype": name, **overrides}
   cfg = from_hf_config(hf, **overrides)
   tensors = HFTensors(directory)
   prefix = text_prefix(tensors.keys())
-  if mesh is not None:
-    check_mesh_fits(cfg, mesh)
-  abstract = abstract_model(cfg, mesh)
-  plans = plan(abstract)
+  graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
+  plans = plan(nnx.merge(graphdef, abstract_state))
   _check_tensors(tensors, prefix, plans)
-  graphdef, abstract_state = nnx.split(abstract)
-  if mesh is not None:
-    shardings = state_shardings(abstract_state, mesh)
-  else:
-    one_device = SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: one_device, abstract_state)
   by_path = {p.path: p for p in plans}
-  sharding_of = {state_path(path): s for path, s in jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  sharding_of = sharding_table(shardings)
   param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
 
   def build(path, var):

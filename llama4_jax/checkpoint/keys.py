@@ -163,6 +163,14 @@ def state_path(path) -> tuple:
   return tuple(out)
 
 
+def sharding_table(shardings) -> dict[tuple, Any]:
+  """Path -> Sharding for a tree of shardings over an nnx State (as `model_shardings` returns)."""
+  import jax
+  flat = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  return {state_path(path): s for path, s in flat}
+
+
 def state_leaves(model) -> dict[tuple, Any]:
   """Path -> array (or ShapeDtypeStruct) for every parameter of an nnx model."""
   import jax

@@ -46,8 +46,8 @@ def read_model_config(directory: str) -> tuple[ModelConfig, int]:
 
 def restore_params(directory: str, abstract_params: Any) -> Any:
   """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings."""
-  _, step = read_model_config(directory)
   ckpt_dir = find_checkpoints(directory)
+  step = checkpoint_steps(ckpt_dir)[-1]
   with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": abstract_params},
@@ -60,30 +60,19 @@ def _restore_arg(x):
   return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
 
 
-def load_orbax_model(path: str, dtype=None, mesh=None, **overrides):
+def load_orbax_model(path: str, mesh=None, **overrides):
   """A `Llama4` with the params of the latest checkpoint under `path` (a workdir or its checkpoints/),
-  restored straight into their shards on `mesh` (one device without a mesh)."""
-  import jax.numpy as jnp
+  restored straight into their shards on `mesh` (one device without a mesh); `overrides` are
+  ModelConfig fields (dtypes, kernels) to change."""
   from flax import nnx
-  from jax.sharding import SingleDeviceSharding
 
-  from llama4_jax.checkpoint.keys import state_path
-  from llama4_jax.model.transformer import abstract_model, model_shardings
+  from llama4_jax.checkpoint.keys import sharding_table, state_path
+  from llama4_jax.model.transformer import model_shardings
   cfg, _ = read_model_config(path)
-  if dtype is not None:
-    name = jnp.dtype(dtype).name
-    overrides = {"param_dtype": name, "dtype": name, **overrides}
-  cfg = cfg.replace(**overrides)
-  if mesh is None:
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    shard_of = lambda _: SingleDeviceSharding(jax.devices()[0])  # noqa: E731
-  else:
-    graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
-    table = {state_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
-    shard_of = lambda p: table[state_path(p)]  # noqa: E731
+  graphdef, abstract_state, shardings = model_shardings(cfg.replace(**overrides), mesh)
+  table = sharding_table(shardings)
   target = jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard_of(p)),
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=table[state_path(p)]),
       nnx.to_pure_dict(abstract_state))
   nnx.replace_by_pure_dict(abstract_state, restore_params(path, target))
   return nnx.merge(graphdef, abstract_state)

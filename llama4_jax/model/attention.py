@@ -43,28 +43,34 @@ def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, mesh=None):
   Queries are processed in blocks; block i sees only keys [0, end of block i), which is every key the
   causal mask can allow, so the upper triangle is never computed. Rows with no visible key give zeros.
   """
+  t = q_BTNH.shape[1]
+  qb = _query_block(t)
+  outs = [masked_attention(q_BTNH[:, s:s + qb], k_BSKH[:, :s + qb], v_BSKH[:, :s + qb],
+                           mask_BTS[:, s:s + qb, :s + qb]) for s in range(0, t, qb)]
+  return jnp.concatenate(outs, axis=1)
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Softmax attention (float32) of queries [B, T, N, H] over keys [B, S, K, H] under any mask [B, T, S].
+
+  Query heads are folded next to the query axis (M = T*G) so each kv head is one plain matmul, the
+  layout XLA CPU runs fastest. Rows with no visible key give zeros, never NaN.
+  """
   b, t, n, h = q_BTNH.shape
   kv = k_BSKH.shape[2]
   g = n // kv
   k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
   v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
-  qb = _query_block(t)
-  outs = []
-  for start in range(0, t, qb):
-    end = start + qb
-    q_BKMH = q_BTNH[:, start:end].reshape(b, qb, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, qb * g, h)  # M = qb*G
-    s = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH[:, :, :end], preferred_element_type=jnp.float32)
-    s = s.reshape(b, kv, qb, g, end) * (h ** -0.5)
-    visible = mask_BTS[:, None, start:end, None, :end]
-    s = jnp.where(visible, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = (p / jnp.where(denom == 0, 1.0, denom)).reshape(b, kv, qb * g, end)
-    o = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v_BSKH.dtype), v_BKSH[:, :, :end],
-                   preferred_element_type=jnp.float32)
-    outs.append(o.reshape(b, kv, qb, g, h).transpose(0, 2, 1, 3, 4).reshape(b, qb, n, h))
-  return jnp.concatenate(outs, axis=1).astype(q_BTNH.dtype)
+  q_BKMH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
+  s = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH, preferred_element_type=jnp.float32)
+  s = s.reshape(b, kv, t, g, -1) * (h ** -0.5)
+  s = jnp.where(mask_BTS[:, None, :, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = (p / jnp.where(denom == 0, 1.0, denom)).reshape(b, kv, t * g, -1)
+  o = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  return o.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
 class Attention(nnx.Module):
@@ -166,17 +172,3 @@ def cache_mask(kpos_BS, qpos_B, chunk_size: int | None):
     mask &= kpos_BS // chunk_size == q // chunk_size
   return mask
 
-
-def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-  """Plain softmax attention with an arbitrary mask (decode: T = 1 over the cache), float32 softmax."""
-  b, t, n, h = q_BTNH.shape
-  kv = k_BSKH.shape[2]
-  q = q_BTNH.reshape(b, t, kv, n // kv, h)
-  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32) * (h ** -0.5)
-  s = jnp.where(mask_BTS[:, None, None], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v_BSKH.dtype), v_BSKH,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)

@@ -13,10 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from llama4_jax.config import LayerKind, ModelConfig
-from llama4_jax.model.attention import Attention
+from llama4_jax.model.attention import Attention, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
 from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import constrain, state_shardings
@@ -112,7 +112,6 @@ class Llama4(nnx.Module):
   def init_cache(self, batch: int, max_length: int, dtype=None):
     """Zeroed KV cache for `batch` rows of up to `max_length` tokens: a ring buffer of
     min(C, max_length) entries for chunked layers, `max_length` for NoPE layers."""
-    from llama4_jax.model.attention import init_kv_cache
     cfg = self.config
     dtype = dtype or dtype_of(cfg.dtype)
 
@@ -215,8 +214,13 @@ def check_mesh_fits(cfg: ModelConfig, mesh: Mesh) -> None:
                        f"size that divides {value}")
 
 
-def model_shardings(cfg: ModelConfig, mesh: Mesh):
-  """(graphdef, abstract state, NamedShardings) for the model on `mesh`."""
+def model_shardings(cfg: ModelConfig, mesh: Mesh | None):
+  """(graphdef, abstract state, shardings) for the model on `mesh`, or all on the first device."""
+  if mesh is None:
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    one = SingleDeviceSharding(jax.devices()[0])
+    return graphdef, abstract_state, jax.tree.map(lambda _: one, abstract_state,
+                                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
   check_mesh_fits(cfg, mesh)
   graphdef, abstract_state = nnx.split(abstract_model(cfg, mesh))
   return graphdef, abstract_state, state_shardings(abstract_state, mesh)

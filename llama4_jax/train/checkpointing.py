@@ -15,8 +15,6 @@ import os
 import grain
 import orbax.checkpoint as ocp
 
-from llama4_jax.checkpoint.orbax import (checkpoint_steps, find_checkpoints, read_model_config,  # noqa: F401
-                                         restore_params)
 from llama4_jax.config import ModelConfig
 
 

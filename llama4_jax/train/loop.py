@@ -189,6 +189,13 @@ def train(c, workdir: str) -> dict[str, Any]:
              "step": _replicated(np.asarray(step, np.int32), replicated)}
     ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force)
 
+  def run_eval(step, label):
+    ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
+    logger.write(step, ev)
+    log(f"{label} at step {step}: loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.3f} bits/byte "
+        f"on {int(ev['eval_tokens'])} held-out tokens")
+    return ev
+
   result: dict[str, Any] = {"step": start}
   last_time = time.perf_counter()
   step = start
@@ -215,10 +222,7 @@ def train(c, workdir: str) -> dict[str, Any]:
         logger.write(step, metrics)
         logger.progress(step, metrics, c.batch_size * c.seq_len / tokens_per_sec)
       if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
-        ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
-        logger.write(step, ev)
-        log(f"eval at step {step}: loss {ev['eval_loss']:.4f}, "
-            f"{ev['eval_bits_per_byte']:.3f} bits/byte")
+        run_eval(step, "eval")
         last_time = time.perf_counter()
       if preemption.agreed():
         save(step, force=True)
@@ -232,11 +236,7 @@ def train(c, workdir: str) -> dict[str, Any]:
       result.update(step=step, **metrics)
 
   if held_out_batches:
-    ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
-    logger.write(step, ev)
-    log(f"final eval at step {step}: loss {ev['eval_loss']:.4f}, "
-        f"{ev['eval_bits_per_byte']:.3f} bits/byte on {int(ev['eval_tokens'])} held-out tokens")
-    result.update(ev)
+    result.update(run_eval(step, "final eval"))
   ckpt.close()
   if c.sample_prompt:
     from llama4_jax.inference import generate
