@@ -1,0 +1,410 @@
+"""Sequence-parallel ring attention over the mesh's `context` axis (see shared/design/LONG_CONTEXT.md).
+
+Each device keeps its query shard; key/value shards (kv heads only, with their token metadata: true
+index, position and segment id) travel around a ring of devices with `lax.ppermute`, and blockwise
+online-softmax statistics merge the partial results in float32. A custom VJP saves only q, k, v, the
+output and the log-sum-exp, and runs a second ring in which dk/dv (already summed over each query group)
+follow their k/v one hop behind, so every transfer overlaps a block of compute.
+
+Masks come from metadata, never from shard offsets, so any token order works: causal by true index,
+same segment, and on chunked (RoPE) layers same chunk (position // C) within C - 1 tokens. `RingPlan`
+decides statically how far each layer's keys must travel: the whole ring for full-causal (NoPE) layers;
+only within a group of devices, or not at all, for chunked layers whose chunks line up with the shards.
+
+The per-step kernel is XLA blockwise attention that skips blocks with no visible key at run time (the
+same rule `block_cost` uses for the load-balance model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from llama4_jax.sharding import logical_to_spec
+
+AXIS = "context"
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def visible(q_idx, q_pos, q_seg, k_idx, k_pos, k_seg, chunk_size: int | None):
+  """Boolean [..., Tq, Tk]: key visible to query. Causal by true token index within one segment; with
+  `chunk_size` C also the same chunk (position // C) and fewer than C tokens back (which only matters
+  for padding, whose positions do not advance; for real tokens it follows from the chunk rule)."""
+  q_idx, k_idx = q_idx[..., :, None], k_idx[..., None, :]
+  mask = (k_idx <= q_idx) & (q_seg[..., :, None] == k_seg[..., None, :])
+  if chunk_size is not None:
+    mask &= (q_pos[..., :, None] // chunk_size == k_pos[..., None, :] // chunk_size)
+    mask &= q_idx - k_idx < chunk_size
+  return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans: which devices exchange K/V for a layer, and how many ring steps it takes.
+
+@dataclasses.dataclass(frozen=True)
+class RingPlan:
+  """Static plan of one attention layer. Devices form rings of `group` consecutive devices on the
+  context axis; each device sees the K/V of `steps` of them (itself first, then d-1, d-2, ...)."""
+  devices: int
+  group: int
+  steps: int
+  chunk_size: int | None
+  block: int
+
+  def shift(self, k: int):
+    """ppermute pairs sending device d to d + k within its group."""
+    g = self.group
+    return [(d, d // g * g + (d % g + k) % g) for d in range(self.devices)]
+
+
+def run_length(seq_len: int, devices: int, layout: str) -> int:
+  """Tokens in each contiguous run of the sequence a device holds (zigzag: two runs per device)."""
+  parts = devices * (2 if layout == "zigzag" and devices > 1 else 1)
+  if seq_len % parts:
+    raise ValueError(f"sequence length {seq_len} must be divisible by {parts} for ring attention over "
+                     f"{devices} devices ({layout} layout); pad the sequence or change mesh.context")
+  return seq_len // parts
+
+
+def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = "zigzag",
+              aligned: bool = False, block: int = 512) -> RingPlan:
+  """The ring plan of a layer over a global sequence of `seq_len` tokens.
+
+  `aligned` says that position == token index (no packing), so chunk edges are known statically:
+  then a chunked layer whose runs hold whole chunks needs no communication, and one whose chunks span
+  g runs communicates only within groups of g devices. Packed rows (positions restarting per document)
+  reach at most C - 1 tokens back: a few ring steps in the contiguous layout, the whole ring in zigzag.
+  """
+  run = run_length(seq_len, devices, layout)
+  blk = _block_size(run, block)
+  full = RingPlan(devices, devices, devices, chunk_size, blk)
+  if chunk_size is None or devices == 1:
+    return full
+  if aligned and run % chunk_size == 0:
+    return RingPlan(devices, 1, 1, chunk_size, blk)
+  if aligned and chunk_size % run == 0 and devices % (chunk_size // run) == 0:
+    g = chunk_size // run
+    return RingPlan(devices, g, g, chunk_size, blk)
+  if layout == "contiguous":
+    return RingPlan(devices, devices, min(devices, 1 + -(-(chunk_size - 1) // run)), chunk_size, blk)
+  return full
+
+
+def _block_size(run: int, target: int) -> int:
+  """Kernel block length: the largest divisor of `run` not above `target` (blocks never straddle runs)."""
+  for b in range(min(run, target), 0, -1):
+    if run % b == 0:
+      return b
+  return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Token layouts. Zigzag splits the sequence into 2N chunks; device i holds chunks i and 2N-1-i, which
+# balances causal work. It is applied once to the model's inputs and undone on its outputs.
+
+def zigzag_order(seq_len: int, devices: int) -> np.ndarray:
+  """Token indices in zigzag order: out[j] = original index of the j-th token of the layout."""
+  c = np.arange(seq_len).reshape(2 * devices, -1)
+  return np.concatenate([np.concatenate([c[i], c[2 * devices - 1 - i]]) for i in range(devices)])
+
+
+def _zigzag_perms(n: int):
+  """ppermute pairs for the chunks of the contiguous layout (device j: chunks 2j, 2j+1) to zigzag."""
+  home = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
+  even = [(j, home(2 * j)) for j in range(n)]
+  odd = [(j, home(2 * j + 1)) for j in range(n)]
+  return even, odd
+
+
+def _relayout(x, mesh: Mesh, logical_axes, forward: bool):
+  n = mesh.shape[AXIS]
+  even, odd = _zigzag_perms(n)
+  spec = logical_to_spec(logical_axes, mesh, x.shape, strict=False)
+
+  def local(x):
+    half = x.shape[1] // 2
+    a, b = x[:, :half], x[:, half:]
+    i_even = jax.lax.axis_index(AXIS) % 2 == 0
+    if forward:  # a: chunk 2j, b: chunk 2j+1 -> slots (chunk i, chunk 2N-1-i)
+      ra, rb = jax.lax.ppermute(a, AXIS, even), jax.lax.ppermute(b, AXIS, odd)
+      first, second = jnp.where(i_even, ra, rb), jnp.where(i_even, rb, ra)
+    else:  # slot 0: chunk i, slot 1: chunk 2N-1-i -> (chunk 2j, chunk 2j+1)
+      ev, od = jnp.where(i_even, a, b), jnp.where(i_even, b, a)
+      inv = lambda perm: [(d, s) for s, d in perm]  # noqa: E731
+      first, second = jax.lax.ppermute(ev, AXIS, inv(even)), jax.lax.ppermute(od, AXIS, inv(odd))
+    return jnp.concatenate([first, second], axis=1)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
+def to_zigzag(x, mesh: Mesh | None, logical_axes=("batch", "seq")):
+  """[B, T, ...] in token order -> zigzag layout, moving only the half-shards that change device."""
+  if mesh is None or mesh.shape.get(AXIS, 1) == 1:
+    return x
+  return _relayout(x, mesh, logical_axes, forward=True)
+
+
+def from_zigzag(x, mesh: Mesh | None, logical_axes=("batch", "seq")):
+  """Inverse of `to_zigzag`."""
+  if mesh is None or mesh.shape.get(AXIS, 1) == 1:
+    return x
+  return _relayout(x, mesh, logical_axes, forward=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-step kernel: blockwise attention of the local queries over one K/V shard.
+# Queries are kept folded per kv head: [b, nq, K, M, H] with M = block * G (G query heads per kv head).
+
+def _fold(q_BTNH, kv_heads: int, block: int):
+  b, t, n, h = q_BTNH.shape
+  g = n // kv_heads
+  x = q_BTNH.reshape(b, t // block, block, kv_heads, g, h).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, t // block, kv_heads, block * g, h)
+
+
+def _unfold(x, n: int):
+  b, nq, kv, m, h = x.shape
+  g = n // kv
+  x = x.reshape(b, nq, kv, m // g, g, h).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, nq * (m // g), n, h)
+
+
+def _kv_blocks(k_BSKH, block):
+  b, s, kv, h = k_BSKH.shape
+  return k_BSKH.reshape(b, s // block, block, kv, h).transpose(1, 0, 3, 2, 4)  # [nk, b, K, blk, H]
+
+
+def _meta_blocks(meta_B3T, block):
+  b, _, t = meta_B3T.shape
+  return meta_B3T.reshape(b, 3, t // block, block).transpose(2, 0, 1, 3)  # [n, b, 3, blk]
+
+
+def _block_mask(qm, km, g: int, chunk_size):
+  """[b, 1, M, blk] mask for a query block's meta qm [b, 3, bq] and a key block's km [b, 3, bk]."""
+  m = visible(qm[:, 0], qm[:, 1], qm[:, 2], km[:, 0], km[:, 1], km[:, 2], chunk_size)
+  b, bq, bk = m.shape
+  return jnp.broadcast_to(m[:, :, None, :], (b, bq, g, bk)).reshape(b, 1, bq * g, bk)
+
+
+def _any_visible(qm, km, chunk_size):
+  """Cheap block skip rule on index ranges (exact for runs of consecutive indices)."""
+  ok = jnp.min(km[:, 0]) <= jnp.max(qm[:, 0])
+  if chunk_size is not None:
+    ok &= jnp.min(qm[:, 0]) - jnp.max(km[:, 0]) < chunk_size
+  return ok
+
+
+def _safe(m):
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
+  """One ring step forward: merges the local queries' attention over shard (k, v) into
+  acc = (o [b, nq, K, M, H], m [b, nq, K, M], l [b, nq, K, M]), all float32."""
+  g = qf.shape[3] // plan.block
+  scale = qf.shape[-1] ** -0.5
+  kb, vb, kmb = _kv_blocks(k, plan.block), _kv_blocks(v, plan.block), _meta_blocks(kmeta, plan.block)
+  qmb = _meta_blocks(qmeta, plan.block)
+
+  def per_q(args):
+    q, qm, o, m, l = args  # q [b, K, M, H]
+
+    def per_k(carry, kv):
+      kk, vv, km = kv
+
+      def compute(carry):
+        o, m, l = carry
+        s = jnp.einsum("BKMH,BKSH->BKMS", q, kk, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(_block_mask(qm, km, g, plan.chunk_size), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - _safe(m_new))
+        p = jnp.exp(s - _safe(m_new)[..., None])
+        pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+        return o * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
+
+      return jax.lax.cond(_any_visible(qm, km, plan.chunk_size), compute, lambda c: c, carry), None
+
+    return jax.lax.scan(per_k, (o, m, l), (kb, vb, kmb))[0]
+
+  o, m, l = acc
+  mv = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731  nq first, for lax.map
+  out = jax.lax.map(per_q, (mv(qf), qmb, mv(o), mv(m), mv(l)))
+  return tuple(jnp.moveaxis(x, 0, 1) for x in out)
+
+
+def _grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan: RingPlan):
+  """One ring step backward: returns (dq accumulated into dqf, dk [b, S, K, H], dv) for shard (k, v)."""
+  g = qf.shape[3] // plan.block
+  scale = qf.shape[-1] ** -0.5
+  kb, vb, kmb = _kv_blocks(k, plan.block), _kv_blocks(v, plan.block), _meta_blocks(kmeta, plan.block)
+  mv = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+  q_xs = (mv(qf), _meta_blocks(qmeta, plan.block), mv(dof), mv(lse), mv(delta))
+
+  def per_k(dq_all, kv):
+    kk, vv, km = kv
+
+    def per_q(carry, xs):
+      (q, qm, do, ls, de), dq = xs
+
+      def compute(args):
+        (dk, dv), dq = args
+        s = jnp.einsum("BKMH,BKSH->BKMS", q, kk, preferred_element_type=jnp.float32) * scale
+        mask = _block_mask(qm, km, g, plan.chunk_size)
+        p = jnp.where(mask, jnp.exp(s - _safe(ls)[..., None]), 0.0)
+        dv = dv + jnp.einsum("BKMS,BKMH->BKSH", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("BKMH,BKSH->BKMS", do, vv, preferred_element_type=jnp.float32)
+        ds = (p * (dp - de[..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("BKMS,BKSH->BKMH", ds, kk, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("BKMS,BKMH->BKSH", ds, q, preferred_element_type=jnp.float32)
+        return (dk, dv), dq
+
+      carry, dq = jax.lax.cond(_any_visible(qm, km, plan.chunk_size), compute, lambda a: a, (carry, dq))
+      return carry, dq
+
+    zeros = jnp.zeros(kk.shape, jnp.float32)
+    (dk, dv), dq_all = jax.lax.scan(per_q, (zeros, zeros), (q_xs, dq_all))
+    return dq_all, (dk, dv)
+
+  dq_all, (dk, dv) = jax.lax.scan(per_k, mv(dqf), (kb, vb, kmb))
+  unblock = lambda x: x.transpose(1, 0, 3, 2, 4).reshape(k.shape)  # noqa: E731  [nk,b,K,blk,H]
+  return jnp.moveaxis(dq_all, 0, 1), unblock(dk), unblock(dv)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ring (runs inside shard_map on local shards).
+
+def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
+  b, t, n, h = q.shape
+  kvh = k.shape[2]
+  qf = _fold(q, kvh, plan.block)
+  shape = qf.shape[:-1]
+  acc = (jnp.zeros(qf.shape, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
+         jnp.zeros(shape, jnp.float32))
+  nxt = plan.shift(1)
+
+  def step(kv, acc, send):
+    sent = jax.lax.ppermute(kv, AXIS, nxt) if send else None  # in flight during the compute
+    return sent, _attend_step(qf, qmeta, *kv[:2], kv[2], acc, plan)
+
+  kv = (k, v, kmeta)
+  if plan.steps > 1:
+    kv, acc = step(kv, acc, True)
+  if plan.steps > 2:
+    kv, acc = jax.lax.fori_loop(0, plan.steps - 2, lambda _, c: step(*c, True), (kv, acc))
+  acc = step(kv, acc, False)[1]
+  o, m, l = acc
+  out = o / jnp.where(l == 0, 1.0, l)[..., None]
+  lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+  return _unfold(out, n).astype(q.dtype), lse
+
+
+def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
+  kvh, n = k.shape[2], q.shape[2]
+  qf, dof = _fold(q, kvh, plan.block), _fold(dout, kvh, plan.block)
+  delta = jnp.sum(dof.astype(jnp.float32) * _fold(out, kvh, plan.block).astype(jnp.float32), axis=-1)
+  nxt = plan.shift(1)
+
+  def step(kv, dkv, dq, send_kv, recv):
+    sent = jax.lax.ppermute(kv, AXIS, nxt) if send_kv else None
+    # dk/dv of the shard held now arrive from the previous device, one hop behind their k/v.
+    arrived = jax.lax.ppermute(dkv, AXIS, nxt) if recv else None
+    dq, dk, dv = _grad_step(qf, qmeta, dof, lse, delta, kv[0], kv[1], kv[2], dq, plan)
+    if arrived is not None:
+      dk, dv = dk + arrived[0], dv + arrived[1]
+    return sent, (dk, dv), dq
+
+  dq = jnp.zeros(qf.shape, jnp.float32)
+  kv, dkv = (k, v, kmeta), None
+  s = plan.steps
+  kv, dkv, dq = step(kv, dkv, dq, s > 1, False)
+  if s > 2:
+    kv, dkv, dq = jax.lax.fori_loop(0, s - 2, lambda _, c: step(*c, True, True), (kv, dkv, dq))
+  if s > 1:
+    _, dkv, dq = step(kv, dkv, dq, False, True)
+    dkv = jax.lax.ppermute(dkv, AXIS, plan.shift(1 - s))  # home: the shard held last came from d-(s-1)
+  dk, dv = dkv
+  return _unfold(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, qmeta, kmeta, plan):
+  return _ring_forward(q, k, v, qmeta, kmeta, plan)[0]
+
+
+def _ring_fwd(q, k, v, qmeta, kmeta, plan):
+  out, lse = _ring_forward(q, k, v, qmeta, kmeta, plan)
+  return out, (q, k, v, qmeta, kmeta, out, lse)
+
+
+def _ring_bwd(plan, res, dout):
+  q, k, v, qmeta, kmeta, out, lse = res
+  dq, dk, dv = _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan)
+  return dq, dk, dv, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_BT, mesh: Mesh | None,
+                   plan: RingPlan, kv_segment_ids_BT=None, custom_vjp: bool = True):
+  """Causal GQA attention of tokens laid out over the mesh's context axis -> [B, T, N, H].
+
+  index, positions and segment ids [B, T] describe each token (index: its place in the original
+  sequence). `kv_segment_ids` (default: the same) lets keys carry their own segment ids. Rows with no
+  visible key give zeros. `custom_vjp=False` differentiates through the ring instead (for comparison).
+  """
+  n, kvh = q_BTNH.shape[2], k_BTKH.shape[2]
+  if n % kvh:
+    raise ValueError(f"query heads {n} must be a multiple of kv heads {kvh}")
+  kv_seg = segment_ids_BT if kv_segment_ids_BT is None else kv_segment_ids_BT
+  qmeta = jnp.stack([index_BT, positions_BT, segment_ids_BT], axis=1).astype(jnp.int32)  # [B, 3, T]
+  kmeta = jnp.stack([index_BT, positions_BT, kv_seg], axis=1).astype(jnp.int32)
+  fn = _ring if custom_vjp else (lambda *a: _ring_forward(*a)[0])
+  if mesh is None or mesh.shape.get(AXIS, 1) == 1:
+    if plan.steps != 1:
+      raise ValueError(f"plan for {plan.devices} devices used without a context axis")
+    return _local(fn, plan)(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)
+  if mesh.shape[AXIS] != plan.devices:
+    raise ValueError(f"plan for {plan.devices} devices, mesh has context={mesh.shape[AXIS]}")
+  qs = logical_to_spec(("batch", "seq", "heads", None), mesh, q_BTNH.shape, strict=False)
+  ks = logical_to_spec(("batch", "seq", "kv_heads", None), mesh, k_BTKH.shape, strict=False)
+  ms = logical_to_spec(("batch", None, "seq"), mesh, qmeta.shape, strict=False)
+  return jax.shard_map(_local(fn, plan), mesh=mesh, in_specs=(qs, ks, ks, ms, ms), out_specs=qs,
+                       check_vma=False)(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)
+
+
+def _local(fn, plan):
+  return lambda q, k, v, qm, km: fn(q, k, v, qm, km, plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static load-balance model.
+
+def block_cost(seq_len: int, devices: int, layout: str, plan: RingPlan) -> dict:
+  """Blocks each device computes per ring step under the kernel's skip rule (`_any_visible`), for an
+  unpacked sequence. Returns the critical path (sum over steps of the busiest device) over the ideal
+  (total work / devices)."""
+  order = zigzag_order(seq_len, devices) if layout == "zigzag" else np.arange(seq_len)
+  idx = order.reshape(devices, -1, plan.block)  # [device, block, token]
+  lo, hi = idx.min(-1), idx.max(-1)
+  work = np.zeros((plan.steps, devices))
+  for s in range(plan.steps):
+    for d in range(devices):
+      g0 = d // plan.group * plan.group
+      src = g0 + (d - g0 - s) % plan.group
+      ok = lo[src][None, :] <= hi[d][:, None]
+      if plan.chunk_size is not None:
+        ok &= lo[d][:, None] - hi[src][None, :] < plan.chunk_size
+      work[s, d] = ok.sum()
+  critical, ideal = work.max(axis=1).sum(), work.sum() / devices
+  return {"critical_path_blocks": float(critical), "ideal_blocks": float(ideal),
+          "ratio": float(critical / ideal) if ideal else 1.0}
+
+
+__all__ = ["LAYOUTS", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
+           "run_length", "to_zigzag", "visible", "zigzag_order"]
