@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("dense",)
+ATTENTION_IMPLS = ("auto", "dense", "ring")
+RING_LAYOUTS = ("zigzag", "contiguous")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
@@ -67,7 +68,10 @@ class ModelConfig:
   # --- implementation choices (do not change the function) ---
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmuls; logits are always float32
-  attention_impl: str = "dense"
+  # auto: ring attention when the mesh's context axis is > 1, else dense. ring: also on one device
+  # (the same blockwise custom-VJP kernel: memory linear in length).
+  attention_impl: str = "auto"
+  ring_layout: str = "zigzag"  # token order over the context axis: zigzag (causal load balance) or contiguous
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   remat_policy: str = "none"
   scan_layers: bool = True
@@ -114,7 +118,8 @@ class ModelConfig:
       bad(f"rope_high_freq_factor={self.rope_high_freq_factor} must be >= rope_low_freq_factor="
           f"{self.rope_low_freq_factor}")
     for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
-                          ("attention_impl", ATTENTION_IMPLS), ("moe_impl", MOE_IMPLS),
+                          ("attention_impl", ATTENTION_IMPLS), ("ring_layout", RING_LAYOUTS),
+                          ("moe_impl", MOE_IMPLS),
                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         bad(f"{name}={getattr(self, name)!r}; choose one of {allowed}")

@@ -4,7 +4,8 @@ Model code names only logical axes; this file alone decides where they live on t
 parallelism means editing `RULES` or the mesh, never the model.
 
 Mesh axes: data (pure replication of params), fsdp (params and optimizer state sharded, activations split
-by batch), tensor (heads / mlp / vocab), expert (routed experts), context (sequence; ring attention).
+by batch), tensor (heads / mlp / vocab), expert (routed experts), context (sequence, ring attention; params
+and optimizer state are sharded over it as over fsdp, so long-context meshes do not replicate them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,
     # parameters (and the activation axes that share their sharding)
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),  # context too: its devices share the parameter and optimizer shards
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,

@@ -44,7 +44,8 @@ def test_loss_falls(corpus, tmp_path):
   assert os.path.exists(tmp_path / "tokenizer.json")
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(fsdp=2, tensor=2, expert=2)])
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(fsdp=2, tensor=2, expert=2),
+                                  dict(context=8), dict(context=2, fsdp=4)])  # the last two: ring attention
 def test_same_losses_on_eight_devices(mesh, reference_losses, tmp_path):
   want, c = reference_losses
   c = micro_config(c.data.path, steps=8, checkpoint_every=8,
@@ -132,6 +133,11 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path):
     train(micro_config(corpus, batch_size=6), str(tmp_path))
   with pytest.raises(ValueError, match="config.mesh"):
     train(micro_config(corpus, mesh=dict(data=3, fsdp=1, tensor=1, expert=1, context=1)), str(tmp_path))
+  context = dict(data=1, fsdp=1, tensor=1, expert=1, context=8)
+  with pytest.raises(ValueError, match="config.seq_len: 40 must be divisible by 16"):
+    train(micro_config(corpus, seq_len=40, mesh=context), str(tmp_path))
+  with pytest.raises(ValueError, match="config.model.attention_impl: 'dense' cannot split"):
+    train(micro_config(corpus, mesh=context, **{"model.attention_impl": "dense"}), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="matches no files"):
     train(micro_config(corpus, **{"data.path": str(tmp_path / "missing")}), str(tmp_path))
   cmd, env = train_command(tmp_path, micro_config(corpus))

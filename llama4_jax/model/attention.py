@@ -12,22 +12,20 @@ from flax import nnx
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import apply_rope, param, rms_normalize
+from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
 from llama4_jax.sharding import constrain
 
 
-def attention_mask(positions_BT, segment_ids_BT, chunk_size: int | None):
-  """Boolean [B, T, S] (S = T): key s visible to query t.
+def attention_mask(positions_BT, segment_ids_BT, chunk_size: int | None, index_BT=None):
+  """Boolean [B, T, S] (S = T): key s visible to query t (see `ring_attention.visible`).
 
-  Causal by index within one segment; with `chunk_size` C, also only keys in the query's chunk
-  (position // C), as on Llama 4's RoPE layers.
+  Causal by token index (default: the place in the row) within one segment; with `chunk_size` C, also
+  only keys in the query's chunk (position // C), as on Llama 4's RoPE layers.
   """
-  t = jnp.arange(positions_BT.shape[1])
-  mask = (t[None, :, None] >= t[None, None, :]) & (
-      segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-  if chunk_size is not None:
-    chunk = positions_BT // chunk_size
-    mask &= chunk[:, :, None] == chunk[:, None, :]
-  return mask
+  if index_BT is None:
+    index_BT = jnp.broadcast_to(jnp.arange(positions_BT.shape[1]), positions_BT.shape)
+  return visible(index_BT, positions_BT, segment_ids_BT, index_BT, positions_BT, segment_ids_BT,
+                 chunk_size)
 
 
 def _query_block(t: int) -> int:
@@ -113,11 +111,16 @@ class Attention(nnx.Module):
     return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(out_BTNH.dtype))
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None, cache=None,
-               mode=None):
+               mode=None, ring: RingContext | None = None):
     """Attention over the given tokens; with a KV cache (see `init_kv_cache`), `mode` is "prefill"
     (attend within the prompt, then store it) or "decode" (store one token per row, attend over the
-    cache). Returns (out [B, T, D], cache)."""
+    cache). With `ring` (no cache), ring attention over the mesh's context axis. Returns
+    (out [B, T, D], cache)."""
     q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh)
+    if ring is not None:
+      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned)
+      out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
+      return self._out(out), cache
     if mode == "decode":
       cache = store_decode(cache, k, v, positions_BT[:, 0])
       mask = cache_mask(cache["pos"], positions_BT[:, 0], self.chunk_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import SwiGLU, param
@@ -80,44 +81,51 @@ class MoE(nnx.Module):
     self.top_k = cfg.num_experts_per_tok
     self.impl = cfg.moe_impl
 
-  def route(self, x_ND):
-    """Router logits [N, E], chosen experts [N, k] and their sigmoid scores [N, k] (in x's dtype)."""
-    logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.router[...].astype(x_ND.dtype))
+  def route(self, x_D):
+    """Router logits [..., E], chosen experts [..., k] and their sigmoid scores [..., k] (in x's dtype)
+    for tokens x [..., D] (any leading shape: flattening a sequence-sharded [B, T] would gather it)."""
+    logits = jnp.einsum("...D,DE->...E", x_D, self.router[...].astype(x_D.dtype))
     if self.top_k == 1:  # Llama 4's setting; argmax is several times faster than top_k on CPU
-      top_idx = jnp.argmax(logits_NE, axis=-1)[:, None]
-      top_logits = jnp.take_along_axis(logits_NE, top_idx, axis=-1)
+      top_idx = jnp.argmax(logits, axis=-1)[..., None]
+      top_logits = jnp.max(logits, axis=-1, keepdims=True)  # the logit at argmax, without a gather
     else:
-      top_logits, top_idx = jax.lax.top_k(logits_NE, self.top_k)
-    scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(x_ND.dtype)
-    return logits_NE, top_idx, scores
+      top_logits, top_idx = jax.lax.top_k(logits, self.top_k)
+    scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(x_D.dtype)
+    return logits, top_idx, scores
 
   def __call__(self, x_BTD, mesh=None):
     """Returns y [B, T, D] and the load-balancing auxiliary loss (a float32 scalar)."""
     b, t, d = x_BTD.shape
-    x_ND = x_BTD.reshape(b * t, d)
-    logits_NE, idx_Nk, score_Nk = self.route(x_ND)
+    logits, idx, score = self.route(x_BTD)
     impl = default_moe_impl() if self.impl == "auto" else self.impl
+    weights = (self.gate[...], self.up[...], self.down[...])
+    flat = lambda a: a.reshape(b * t, a.shape[-1])  # noqa: E731
     if impl == "dense":
-      routed_ND = self._dense(x_ND, idx_Nk, score_Nk)
+      routed_BTD = self._dense(flat(x_BTD), flat(idx), flat(score)).reshape(b, t, d)
+    elif _context_split(mesh, t):  # route each device's own tokens (a global sort would gather them all)
+      routed_BTD = _per_context_shard(self._routed, mesh, impl, x_BTD, idx, score, weights)
+    elif 2 * b * t * self.top_k <= self.gate.shape[0]:  # few tokens (decoding)
+      routed_BTD = self._gathered(flat(x_BTD), flat(idx), flat(score)).reshape(b, t, d)
     else:
-      routed_ND = self._routed(x_ND, idx_Nk, score_Nk, impl)
-    y_BTD = self.shared(x_BTD, mesh) + routed_ND.reshape(b, t, d)
-    return y_BTD, load_balance_loss(logits_NE, idx_Nk)
+      routed_BTD = self._routed(flat(x_BTD), flat(idx), flat(score), impl, weights).reshape(b, t, d)
+    y_BTD = self.shared(x_BTD, mesh) + routed_BTD
+    return y_BTD, load_balance_loss(logits, idx)
 
-  def _routed(self, x_ND, idx_Nk, score_Nk, impl):
+  @staticmethod
+  def _routed(x_ND, idx_Nk, score_Nk, impl, weights):
+    """Sorted (token, expert) pairs through grouped matmuls; weights = (gate, up, down)."""
+    gate, up, down = weights
     n, k = idx_Nk.shape
-    e = self.gate.shape[0]
+    e = gate.shape[0]
     dt = x_ND.dtype
-    if 2 * n * k <= e:  # few tokens (decoding): read just the chosen experts' weights
-      return self._gathered(x_ND, idx_Nk, score_Nk)
     expert_A = idx_Nk.reshape(-1)  # A = N*k assignments, token-major
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
     x_AD = x_ND[token_A] * score_Nk.reshape(-1)[order_A][:, None]  # the score scales the expert input
     sizes_E = jnp.bincount(expert_A, length=e)
-    gate_AF = grouped_matmul(x_AD, self.gate[...].astype(dt), sizes_E, impl)
-    up_AF = grouped_matmul(x_AD, self.up[...].astype(dt), sizes_E, impl)
-    y_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, self.down[...].astype(dt), sizes_E, impl)
+    gate_AF = grouped_matmul(x_AD, gate.astype(dt), sizes_E, impl)
+    up_AF = grouped_matmul(x_AD, up.astype(dt), sizes_E, impl)
+    y_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, down.astype(dt), sizes_E, impl)
     y_AD = y_AD[jnp.argsort(order_A)]  # back to token-major order
     return y_AD.reshape(n, k, -1).sum(axis=1)
 
@@ -143,9 +151,29 @@ class MoE(nnx.Module):
     return jnp.einsum("ENF,EFD->ND", jax.nn.silu(g) * u, self.down[...].astype(dt))
 
 
-def load_balance_loss(logits_NE, idx_Nk):
-  """Switch-style balance loss E * sum_e f_e * p_e (f: share of assignments, p: mean softmax prob)."""
-  e = logits_NE.shape[-1]
-  frac = jnp.bincount(idx_Nk.reshape(-1), length=e).astype(jnp.float32) / idx_Nk.size
-  prob = jnp.mean(jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1), axis=0)
+def _context_split(mesh, seq_len: int) -> bool:
+  n = 1 if mesh is None else mesh.shape.get("context", 1)
+  return n > 1 and seq_len % n == 0
+
+
+def _per_context_shard(routed, mesh, impl, x_BTD, idx_BTk, score_BTk, weights):
+  """`routed` on each context shard's tokens alone (manual over the context axis only; batch and
+  weight axes stay with the compiler). Routing is per token, so the result does not change."""
+  def local(x, i, s, *w):
+    b, t, d = x.shape
+    return routed(x.reshape(b * t, d), i.reshape(b * t, -1), s.reshape(b * t, -1), impl,
+                  w).reshape(b, t, d)
+
+  tokens = P(None, "context")
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (P(),) * 3, out_specs=tokens,
+                       axis_names={"context"}, check_vma=False)(x_BTD, idx_BTk, score_BTk, *weights)
+
+
+def load_balance_loss(logits, idx):
+  """Switch-style balance loss E * sum_e f_e * p_e (f: share of assignments, p: mean softmax prob), for
+  logits [..., E] and chosen experts [..., k]."""
+  e = logits.shape[-1]
+  axes = tuple(range(logits.ndim - 1))
+  frac = jnp.mean(jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=-2), axis=axes) / idx.shape[-1]
+  prob = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=axes)
   return e * jnp.sum(frac * prob)

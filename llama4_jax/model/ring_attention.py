@@ -43,6 +43,16 @@ def visible(q_idx, q_pos, q_seg, k_idx, k_pos, k_seg, chunk_size: int | None):
   return mask
 
 
+@dataclasses.dataclass(frozen=True)
+class RingContext:
+  """What a model forward pass tells its attention layers when ring attention is on: the token order
+  (`layout`), the true index of each token [B, T] (traced), and whether positions equal indices."""
+  devices: int
+  layout: str
+  aligned: bool
+  index: jax.Array
+
+
 # ------------------------------------------------------------------------------------------------
 # Plans: which devices exchange K/V for a layer, and how many ring steps it takes.
 
@@ -406,5 +416,5 @@ def block_cost(seq_len: int, devices: int, layout: str, plan: RingPlan) -> dict:
           "ratio": float(critical / ideal) if ideal else 1.0}
 
 
-__all__ = ["LAYOUTS", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
+__all__ = ["LAYOUTS", "RingContext", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
            "run_length", "to_zigzag", "visible", "zigzag_order"]

@@ -19,6 +19,7 @@ from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
 from llama4_jax.model.moe import MoE
+from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag
 from llama4_jax.sharding import constrain, state_shardings
 
 
@@ -37,9 +38,11 @@ class DecoderLayer(nnx.Module):
                         stack=stack)
     self.kind = kind
 
-  def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None, cache=None, mode=None):
+  def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None, cache=None, mode=None,
+               ring=None):
     """Returns (h [B, T, D], MoE load-balancing loss, updated KV cache or None)."""
-    a, cache = self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh, cache, mode)
+    a, cache = self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh, cache, mode,
+                         ring)
     h_BTD = constrain(h_BTD + a, mesh, ("batch", "seq", "act_embed"))
     if self.kind.moe:
       y, aux = self.ffn(self.ffn_norm(h_BTD), mesh)
@@ -97,16 +100,36 @@ class Llama4(nnx.Module):
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be int32 [batch, seq], got shape {input_ids.shape}")
     b, t = input_ids.shape
+    positions_given = positions
     positions = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None
                  else jnp.asarray(positions, jnp.int32))
     segment_ids = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
                    else jnp.asarray(segment_ids, jnp.int32))
-    h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids)
+    ring = self._ring_context(b, t, aligned=positions_given is None)
+    if ring is not None and ring.layout == "zigzag":  # reorder once; every other op is per token
+      input_ids, positions, segment_ids = (to_zigzag(x, self.mesh)
+                                           for x in (input_ids, positions, segment_ids))
+    h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids, ring=ring)
+    if ring is not None and ring.layout == "zigzag":
+      h = from_zigzag(h, self.mesh, ("batch", "seq", "act_embed"))
     logits = self._logits(h)
     if return_aux:
       num_moe = sum(k.moe for k in cfg.layer_kinds())
       return logits, {"moe_aux_loss": aux / max(num_moe, 1)}
     return logits
+
+  def _ring_context(self, batch: int, seq_len: int, aligned: bool) -> RingContext | None:
+    """Ring attention's per-call context, or None for dense attention (see `attention_impl`)."""
+    cfg, mesh = self.config, self.mesh
+    devices = 1 if mesh is None else mesh.shape.get("context", 1)
+    if cfg.attention_impl == "dense" or (cfg.attention_impl == "auto" and devices == 1):
+      return None
+    layout = cfg.ring_layout if devices > 1 else "contiguous"
+    run_length(seq_len, devices, layout)  # clear error if the sequence does not split evenly
+    index = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    if layout == "zigzag":
+      index = to_zigzag(index, mesh)
+    return RingContext(devices, layout, aligned, index)
 
   # --- KV-cache inference -----------------------------------------------------------------------
   def init_cache(self, batch: int, max_length: int, dtype=None):
@@ -143,7 +166,8 @@ class Llama4(nnx.Module):
 
   # --- shared pieces ------------------------------------------------------------------------------
   def _embed(self, ids):
-    h = jnp.take(self.embed[...], ids, axis=0).astype(dtype_of(self.config.dtype))
+    table = constrain(self.embed[...], self.mesh, ("vocab", None))  # gather the table, not the tokens
+    h = jnp.take(table, ids, axis=0).astype(dtype_of(self.config.dtype))
     return constrain(h, self.mesh, ("batch", "seq", "act_embed"))
 
   def _logits(self, h):
@@ -152,7 +176,7 @@ class Llama4(nnx.Module):
                         preferred_element_type=jnp.float32)
     return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
 
-  def _layers(self, h, positions, segment_ids, cache=None, mode=None):
+  def _layers(self, h, positions, segment_ids, cache=None, mode=None, ring=None):
     """All decoder layers: the scanned superblocks, then the unscanned tail. Returns (h, aux, cache)."""
     cfg, mesh = self.config, self.mesh
     rope_cos_sin = rope_angles(positions, cfg.rope_inv_freq())
@@ -166,7 +190,7 @@ class Llama4(nnx.Module):
         total, caches = jnp.zeros((), jnp.float32), []
         for j, layer in enumerate(nnx.merge(graphdef, layer_state)):
           h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
-                          None if layer_caches is None else layer_caches[j], mode)
+                          None if layer_caches is None else layer_caches[j], mode, ring)
           total, caches = total + a, caches + [c]
         return h, (total, None if layer_caches is None else caches)
 
@@ -179,7 +203,7 @@ class Llama4(nnx.Module):
         new_cache["blocks"] = block_caches
     for j, layer in enumerate(self.tail):
       h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
-                      None if cache is None else cache["tail"][j], mode)
+                      None if cache is None else cache["tail"][j], mode, ring)
       aux = aux + a
       if cache is not None:
         new_cache["tail"].append(c)

@@ -113,8 +113,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
                       f"{batch_shards}")
   if c.batch_size % num_processes:
     bad("batch_size", f"{c.batch_size} is not divisible by the {num_processes} processes")
-  if sizes["context"] != 1:
-    bad("mesh.context", "context parallelism (ring attention) is not implemented yet; use 1")
+  cfg = model_config(c)  # raises ValueError naming the model field
+  if sizes["context"] > 1:
+    if cfg.attention_impl == "dense":
+      bad("model.attention_impl", f"'dense' cannot split the sequence over mesh.context="
+                                  f"{sizes['context']}; use 'ring' or 'auto'")
+    parts = sizes["context"] * (2 if cfg.ring_layout == "zigzag" else 1)
+    if c.seq_len % parts:
+      bad("seq_len", f"{c.seq_len} must be divisible by {parts} (mesh.context={sizes['context']}, "
+                     f"ring_layout={cfg.ring_layout!r})")
   if c.data.source != "builtin" and not c.data.path:
     bad("data.path", f"data.source={c.data.source!r} needs a path (directory, file or glob)")
   if c.data.source != "builtin" and not (os.path.exists(c.data.path) or glob.glob(c.data.path,
@@ -123,5 +130,4 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   for field, value in (("data.tokenizer", c.data.tokenizer), ("init_from", c.init_from)):
     if value and not os.path.exists(value):
       raise FileNotFoundError(f"config.{field}: {value!r} does not exist")
-  model_config(c)  # raises ValueError naming the model field
 

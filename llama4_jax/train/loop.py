@@ -38,7 +38,8 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf."""
 
 
-_IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "remat_policy", "scan_layers")
+_IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "moe_impl", "remat_policy",
+                "scan_layers")
 
 
 def _sync(name: str) -> None:
