@@ -82,7 +82,7 @@ def run_length(seq_len: int, devices: int, layout: str) -> int:
 
 
 def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = "zigzag",
-              aligned: bool = False, block: int = 512) -> RingPlan:
+              aligned: bool = False, block: int = 128) -> RingPlan:
   """The ring plan of a layer over a global sequence of `seq_len` tokens.
 
   `aligned` says that position == token index (no packing), so chunk edges are known statically:
