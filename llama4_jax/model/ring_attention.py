@@ -106,11 +106,10 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
 
 
 def _block_size(run: int, target: int) -> int:
-  """Kernel block length: the largest divisor of `run` not above `target` (blocks never straddle runs)."""
-  for b in range(min(run, target), 0, -1):
-    if run % b == 0:
-      return b
-  return run
+  """Kernel block length: the largest divisor of `run` not above `target`, so blocks never straddle runs;
+  a whole run when only tiny divisors exist (a prime length), trading memory for speed."""
+  best = max(b for b in range(1, min(run, target) + 1) if run % b == 0)
+  return best if best >= min(run, 16) else run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +288,10 @@ def _grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan: RingPlan):
 # The ring (runs inside shard_map on local shards).
 
 def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
+  # Tie the integer metadata to q, k, v: when autodiff partially evaluates this function (under
+  # jax.checkpoint or a differentiated scan), metadata-only values (every block's mask) would otherwise
+  # count as "known", be computed up front and be kept for the backward pass: memory quadratic in length.
+  q, k, v, qmeta, kmeta = jax.lax.optimization_barrier((q, k, v, qmeta, kmeta))
   b, t, n, h = q.shape
   kvh = k.shape[2]
   qf = _fold(q, kvh, plan.block)
@@ -341,25 +344,6 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   return _unfold(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ring(q, k, v, qmeta, kmeta, plan):
-  return _ring_forward(q, k, v, qmeta, kmeta, plan)[0]
-
-
-def _ring_fwd(q, k, v, qmeta, kmeta, plan):
-  out, lse = _ring_forward(q, k, v, qmeta, kmeta, plan)
-  return out, (q, k, v, qmeta, kmeta, out, lse)
-
-
-def _ring_bwd(plan, res, dout):
-  q, k, v, qmeta, kmeta, out, lse = res
-  dq, dk, dv = _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan)
-  return dq, dk, dv, None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
-
-
 def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_BT, mesh: Mesh | None,
                    plan: RingPlan, kv_segment_ids_BT=None, custom_vjp: bool = True):
   """Causal GQA attention of tokens laid out over the mesh's context axis -> [B, T, N, H].
@@ -367,29 +351,60 @@ def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_B
   index, positions and segment ids [B, T] describe each token (index: its place in the original
   sequence). `kv_segment_ids` (default: the same) lets keys carry their own segment ids. Rows with no
   visible key give zeros. `custom_vjp=False` differentiates through the ring instead (for comparison).
+
+  The custom VJP wraps the two `shard_map`s (forward ring, backward ring) from outside, so autodiff
+  never looks inside them: saving anything of the forward ring but its declared residuals would cost
+  memory that grows with every block pair.
   """
-  n, kvh = q_BTNH.shape[2], k_BTKH.shape[2]
+  b, t, n, _ = q_BTNH.shape
+  kvh = k_BTKH.shape[2]
   if n % kvh:
     raise ValueError(f"query heads {n} must be a multiple of kv heads {kvh}")
   kv_seg = segment_ids_BT if kv_segment_ids_BT is None else kv_segment_ids_BT
   qmeta = jnp.stack([index_BT, positions_BT, segment_ids_BT], axis=1).astype(jnp.int32)  # [B, 3, T]
   kmeta = jnp.stack([index_BT, positions_BT, kv_seg], axis=1).astype(jnp.int32)
-  fn = _ring if custom_vjp else (lambda *a: _ring_forward(*a)[0])
-  if mesh is None or mesh.shape.get(AXIS, 1) == 1:
-    if plan.steps != 1:
-      raise ValueError(f"plan for {plan.devices} devices used without a context axis")
-    return _local(fn, plan)(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)
-  if mesh.shape[AXIS] != plan.devices:
-    raise ValueError(f"plan for {plan.devices} devices, mesh has context={mesh.shape[AXIS]}")
-  qs = logical_to_spec(("batch", "seq", "heads", None), mesh, q_BTNH.shape, strict=False)
-  ks = logical_to_spec(("batch", "seq", "kv_heads", None), mesh, k_BTKH.shape, strict=False)
-  ms = logical_to_spec(("batch", None, "seq"), mesh, qmeta.shape, strict=False)
-  return jax.shard_map(_local(fn, plan), mesh=mesh, in_specs=(qs, ks, ks, ms, ms), out_specs=qs,
-                       check_vma=False)(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)
+  devices = 1 if mesh is None else mesh.shape.get(AXIS, 1)
+  if devices != plan.devices:
+    raise ValueError(f"a ring plan for {plan.devices} devices used on a context axis of {devices}")
+  lse_shape = (b, t // plan.block, kvh, plan.block * (n // kvh))  # [B, blocks, K, M], see _fold
+  specs = None
+  if devices > 1:
+    tensor = mesh.shape.get("tensor", 1)
+    if n % tensor or kvh % tensor:
+      raise ValueError(f"query heads {n} and kv heads {kvh} must both be divisible by the mesh's "
+                       f"tensor={tensor} for ring attention")
+    spec = lambda axes, shape: logical_to_spec(axes, mesh, shape, strict=False)  # noqa: E731
+    specs = {"q": spec(("batch", "seq", "heads", None), q_BTNH.shape),
+             "kv": spec(("batch", "seq", "kv_heads", None), k_BTKH.shape),
+             "meta": spec(("batch", None, "seq"), qmeta.shape),
+             "lse": spec(("batch", "seq", "kv_heads", None), lse_shape)}
 
+  def sharded(fn, ins, outs):
+    if specs is None:
+      return fn
+    pick = lambda names: tuple(specs[x] for x in names)  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=pick(ins), out_specs=pick(outs), check_vma=False)
 
-def _local(fn, plan):
-  return lambda q, k, v, qm, km: fn(q, k, v, qm, km, plan)
+  forward = sharded(functools.partial(_ring_forward, plan=plan), ("q", "kv", "kv", "meta", "meta"),
+                    ("q", "lse"))
+  if not custom_vjp:
+    return forward(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)[0]
+  backward = sharded(functools.partial(_ring_backward, plan=plan),
+                     ("q", "kv", "kv", "meta", "meta", "q", "lse", "q"), ("q", "kv", "kv"))
+
+  @jax.custom_vjp
+  def attend(q, k, v, qm, km):
+    return forward(q, k, v, qm, km)[0]
+
+  def attend_fwd(q, k, v, qm, km):
+    out, lse = forward(q, k, v, qm, km)
+    return out, (q, k, v, qm, km, out, lse)
+
+  def attend_bwd(res, dout):
+    return (*backward(*res, dout), None, None)
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return attend(q_BTNH, k_BTKH, v_BTKH, qmeta, kmeta)
 
 
 # ------------------------------------------------------------------------------------------------
