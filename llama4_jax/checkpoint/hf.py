@@ -10,6 +10,7 @@ config.json that `transformers.Llama4ForCausalLM.from_pretrained` loads; the dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -237,60 +238,86 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
   config.json and generation_config.json. Written into a temporary sibling and renamed at the end, so a
   crash never leaves a partial directory. Multi-host: every process must call it; process 0 writes.
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-  limit = _parse_size(max_shard_size)
   specs, produce = hf_tensor_producer(model, dtype)
+  writer = jax.process_index() == 0
+  with atomic_directory(out_dir, overwrite, enabled=writer) as tmp:
+    write_sharded(tmp, specs, produce, max_shard_size, writer=writer)
+    if writer:
+      cfg = model.config
+      hf_cfg = to_hf_config(cfg)
+      if dtype is not None:
+        hf_cfg["dtype"] = jnp.dtype(dtype).name
+      write_json(os.path.join(tmp, "config.json"), hf_cfg)
+      write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
+  return os.path.abspath(os.fspath(out_dir))
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, enabled: bool = True):
+  """Yields a temporary sibling of `out_dir` to fill; on success it replaces `out_dir` (kept until the new
+  one is in place), on any error it is removed, so a crash never leaves a partial or missing output."""
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to "
+                          "replace it")
+  if not enabled:
+    yield None
+    return
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    old = None
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.replace(out_dir, os.path.join(old, "previous"))
+    os.replace(tmp, out_dir)
+    tmp = None
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_sharded(directory: str, specs: dict, produce, max_shard_size: int | str = "5GB",
+                  writer: bool = True, on_tensor=None) -> int:
+  """Writes tensors `specs` (key -> (shape, dtype), in order) as `model.safetensors` or as shards of at
+  most `max_shard_size` with an index. `produce(key)` supplies each tensor when its turn comes (all
+  processes call it; only the writer writes). `on_tensor(key, nbytes)` reports progress. Returns bytes."""
+  limit = _parse_size(max_shard_size)
   shards: list[dict] = [{}]
   size = 0
   for key, (shape, dt) in specs.items():
-    nbytes = int(np.prod(shape)) * dt.itemsize
+    nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
     if shards[-1] and size + nbytes > limit:
       shards.append({})
       size = 0
     shards[-1][key] = (shape, dt)
     size += nbytes
-  writer = jax.process_index() == 0
-  tmp = None
-  if writer:
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = 0
-    for name, shard in zip(names, shards):
-      arrays = ((k, produce(k)) for k in shard)  # all processes gather; process 0 writes
-      if writer:
-        total += write_safetensors(os.path.join(tmp, name), shard, arrays, {"format": "pt"})
-      else:
-        for _ in arrays:
-          pass
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+  def arrays(shard):
+    for k in shard:
+      x = produce(k)
+      if on_tensor is not None:
+        on_tensor(k, x.nbytes)
+      yield k, x
+
+  total = 0
+  for name, shard in zip(names, shards):
     if writer:
-      if len(shards) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _write_json(os.path.join(tmp, INDEX_FILE), index)
-      cfg = model.config
-      hf_cfg = to_hf_config(cfg)
-      if dtype is not None:
-        hf_cfg["dtype"] = jnp.dtype(dtype).name
-      _write_json(os.path.join(tmp, "config.json"), hf_cfg)
-      _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
-      old = None
-      if os.path.exists(out_dir):  # keep the old directory until the new one is in place
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.replace(out_dir, os.path.join(old, "previous"))
-      os.replace(tmp, out_dir)
-      tmp = None
-      if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir
+      total += write_safetensors(os.path.join(directory, name), shard, arrays(shard), {"format": "pt"})
+    else:
+      for _ in arrays(shard):
+        pass
+  if writer and len(shards) > 1:
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+    write_json(os.path.join(directory, INDEX_FILE), index)
+  return total
 
 
 def generation_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -298,7 +325,7 @@ def generation_config(cfg: ModelConfig) -> dict[str, Any]:
           "pad_token_id": cfg.pad_token_id, "do_sample": False}
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")

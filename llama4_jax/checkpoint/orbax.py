@@ -45,15 +45,55 @@ def read_model_config(directory: str) -> tuple[ModelConfig, int]:
 
 
 def restore_params(directory: str, abstract_params: Any) -> Any:
-  """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings."""
+  """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings.
+
+  Reads training checkpoints (the `state` item) and converted ones (`tensors/`, one item per slice)."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
+  tensor_dir = os.path.join(ckpt_dir, str(step), "tensors")
+  if os.path.isdir(tensor_dir):
+    return _restore_converted(tensor_dir, abstract_params)
   with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": abstract_params},
                                      restore_args=jax.tree.map(_restore_arg, {"params": abstract_params}),
                                      partial_restore=True)))
   return restored["state"]["params"]
+
+
+def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
+  """Each parameter from its slices (one Orbax item per layer of a stacked weight), restored straight
+  onto the devices that hold it and stacked there."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from llama4_jax.checkpoint.keys import state_path
+  from llama4_jax.checkpoint.safetensors_io import CheckpointError
+  with open(os.path.join(tensor_dir, "manifest.json")) as f:
+    manifest = json.load(f)["params"]
+  checkpointer = ocp.PyTreeCheckpointer()
+
+  def one(path, x):
+    name = ".".join(str(k) for k in state_path(path))
+    entry = manifest.get(name)
+    if entry is None or tuple(entry["shape"]) != tuple(x.shape):
+      raise CheckpointError(f"{tensor_dir}: parameter {name} is missing or has shape "
+                            f"{entry and tuple(entry['shape'])}, the model needs {tuple(x.shape)}")
+
+    def restore(item, shape, sharding):
+      args = {"value": ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=x.dtype)}
+      return checkpointer.restore(os.path.join(tensor_dir, item),
+                                  args=ocp.args.PyTreeRestore(restore_args=args))["value"]
+
+    if not entry["stacked"]:
+      return restore(name, x.shape, x.sharding)
+    unit = x.sharding
+    if isinstance(unit, NamedSharding):
+      unit = NamedSharding(unit.mesh, PartitionSpec(*tuple(unit.spec)[1:]))
+    parts = [restore(f"{name}.{i}", x.shape[1:], unit) for i in range(x.shape[0])]
+    return jax.jit(lambda *p: jnp.stack(p), out_shardings=x.sharding)(*parts)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
 def _restore_arg(x):

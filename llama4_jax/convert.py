@@ -1,0 +1,53 @@
+"""Checkpoint conversion command line (also installed as `llama4-convert`).
+
+    python -m llama4_jax.convert hf-to-orbax SRC DST [--dtype=bfloat16] [--overwrite]
+    python -m llama4_jax.convert orbax-to-hf SRC DST [--max-shard-size=5GB] [--dtype=...] [--overwrite]
+
+SRC/DST are directories. hf-to-orbax reads a Hugging Face Llama 4 checkpoint (Llama4ForCausalLM or the
+released Llama4ForConditionalGeneration); orbax-to-hf reads a converted checkpoint or a training workdir.
+Both stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m llama4_jax.convert", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_text in (("hf-to-orbax", "Hugging Face safetensors directory -> Orbax checkpoint"),
+                          ("orbax-to-hf", "Orbax checkpoint or training workdir -> Hugging Face directory")):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    if name == "orbax-to-hf":
+      p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  from llama4_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
+  from llama4_jax.checkpoint.safetensors_io import CheckpointError
+  try:
+    if args.command == "hf-to-orbax":
+      summary = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    else:
+      summary = orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                            overwrite=args.overwrite, progress=not args.quiet)
+  except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
