@@ -105,7 +105,6 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   projector of a `Llama4ForConditionalGeneration` checkpoint are carried through unchanged. Returns a
   summary dict (tensors, bytes, seconds, bytes/s).
   """
-  import orbax.checkpoint as ocp
   src = os.fspath(src)
   hf = read_hf_config(src)
   _check_architecture(hf, src)
@@ -122,7 +121,7 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   total = sum(int(np.prod(p.unit_shape)) * len(p.hf_keys) * out_dtype.itemsize for p in plans)
   total += sum(int(np.prod(tensors.shape(k))) * tensors[k].dtype.itemsize for k in carried)
   report = Progress("hf-to-orbax", total, units + len(carried), progress)
-  checkpointer = ocp.PyTreeCheckpointer()
+  writers = _WriterPool()
   with atomic_directory(dst, overwrite) as tmp:
     step_dir = os.path.join(tmp, "checkpoints", "0")
     tensor_dir = os.path.join(step_dir, TENSORS)
@@ -136,12 +135,12 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
           raise CheckpointError(f"tensor {prefix + key!r} in {tensors.file_of(prefix + key)} is "
                                 f"{source.dtype}, the rest {source_dtype}; pass --dtype to convert all")
         x = np.asarray(p.layout.read(lambda idx: source[idx], p.unit_shape, full)).astype(out_dtype)
-        checkpointer.save(os.path.join(tensor_dir, _slice_name(p, i if p.stacked else None)),
-                          {"value": x})
+        writers.save(os.path.join(tensor_dir, _slice_name(p, i if p.stacked else None)), x)
         report.update(x.nbytes)
 
       manifest["params"][".".join(str(k) for k in p.path)] = {
           "shape": list(p.shape), "dtype": out_dtype.name, "stacked": p.stacked}
+    writers.close()
     write_json(os.path.join(tensor_dir, MANIFEST), manifest)
     os.makedirs(os.path.join(step_dir, "config"))
     write_json(os.path.join(step_dir, "config", "metadata"), {"model": _config_fields(cfg)})
@@ -159,6 +158,54 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
     copied = _copy_side_files(src, tmp)
   return report.summary(src=src, dst=os.path.abspath(dst), dtype=out_dtype.name,
                         carried_tensors=len(carried), copied_files=copied)
+
+
+class _Prefetch:
+  """`produce(key)` for keys asked in `order`, computed `depth` keys ahead on a thread (restoring overlaps
+  writing); at most depth + 1 tensors are in memory."""
+
+  def __init__(self, produce, order: list[str], depth: int = 2):
+    from concurrent.futures import ThreadPoolExecutor
+    self._produce, self._order, self._depth = produce, order, depth
+    self._pool = ThreadPoolExecutor(max_workers=1)
+    self._futures: dict = {}
+    self._next = 0
+
+  def __call__(self, key: str):
+    while self._next < len(self._order) and len(self._futures) <= self._depth:
+      k = self._order[self._next]
+      self._futures[k] = self._pool.submit(self._produce, k)
+      self._next += 1
+    future = self._futures.pop(key, None)
+    return future.result() if future is not None else self._produce(key)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _WriterPool:
+  """Orbax saves of single arrays, `width` in flight at once (each save is mostly waiting on I/O), so
+  at most `width` tensors are held in memory."""
+
+  def __init__(self, width: int = 4):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self._writers = [ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler()) for _ in range(width)]
+    self._next = 0
+
+  def save(self, path: str, array: np.ndarray) -> None:
+    writer = self._writers[self._next]
+    self._next = (self._next + 1) % len(self._writers)
+    writer.wait_until_finished()  # frees the array that writer held
+    writer.save(path, args=self._ocp.args.PyTreeSave({"value": array}))
+
+  def close(self) -> None:
+    for writer in self._writers:
+      writer.wait_until_finished()
+      writer.close()
 
 
 def _config_fields(cfg: ModelConfig) -> dict:
@@ -271,8 +318,8 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
 
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
   report = Progress("orbax-to-hf", total, len(specs), progress)
-  with atomic_directory(dst, overwrite) as tmp:
-    write_sharded(tmp, specs, produce, max_shard_size, on_tensor=lambda k, n: report.update(n))
+  with atomic_directory(dst, overwrite) as tmp, _Prefetch(produce, list(specs)) as ahead:
+    write_sharded(tmp, specs, ahead, max_shard_size, on_tensor=lambda k, n: report.update(n))
     hf_cfg = dict(hf_cfg)
     if "text_config" in hf_cfg:
       hf_cfg["text_config"] = dict(hf_cfg["text_config"], dtype=out_dtype.name)

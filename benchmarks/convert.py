@@ -1,0 +1,101 @@
+"""Conversion throughput and peak memory for 0.5, 1 and 2 GB Hugging Face checkpoints, both ways.
+
+    python benchmarks/convert.py [--sizes=0.5,1,2] [--dir=/tmp/l4_convert_bench]
+
+Each checkpoint has random weights in the real key layout (a Llama 4 MoE of 8 experts, hidden 1024, bf16,
+sharded at 1 GB), written streaming. Each conversion runs in a fresh process (`python -m
+llama4_jax.convert`), whose peak RSS is read from the kernel (ru_maxrss of the child) and compared with
+the same interpreter importing the library and exiting (the baseline). Reading the files with
+`cat > /dev/null` (page cache warm, as for the conversions) gives the read-speed reference. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_checkpoint(directory: str, gigabytes: float) -> int:
+  """A random-weight HF checkpoint of about `gigabytes` GB; returns its tensor bytes."""
+  import ml_dtypes
+
+  import llama4_jax as l4
+  from llama4_jax.checkpoint.hf import write_json, write_sharded
+  from llama4_jax.checkpoint.keys import hf_tensor_specs, plan
+
+  base = dict(vocab_size=32000, hidden_size=1024, intermediate_size=1024, intermediate_size_mlp=2048,
+              num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=8,
+              bos_token_id=1, eos_token_id=(2,), pad_token_id=0, param_dtype="bfloat16", dtype="bfloat16")
+  per_layer = (l4.get_config("scout", num_hidden_layers=2, **base).num_params()
+               - l4.get_config("scout", num_hidden_layers=1, **base).num_params())
+  fixed = l4.get_config("scout", num_hidden_layers=1, **base).num_params() - per_layer
+  layers = max(1, round((gigabytes * 1e9 / 2 - fixed) / per_layer))
+  cfg = l4.get_config("scout", num_hidden_layers=layers, **base)
+  specs = {k: (s, np.dtype(ml_dtypes.bfloat16)) for k, s in
+           hf_tensor_specs(plan(l4.abstract_model(cfg))).items()}
+  rng = np.random.default_rng(0)
+
+  def produce(key):
+    shape = specs[key][0]
+    return (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+  os.makedirs(directory, exist_ok=True)
+  total = write_sharded(directory, specs, produce, "1GB")
+  write_json(os.path.join(directory, "config.json"), l4.to_hf_config(cfg))
+  return total
+
+
+def child_peak(cmd: list[str]) -> tuple[float, int]:
+  """Peak RSS of one child alone: run it under a fresh Python that reports its child's ru_maxrss."""
+  wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();"
+             "p=subprocess.run(sys.argv[1:]);"
+             "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+             "sys.exit(p.returncode)")
+  proc = subprocess.run([sys.executable, "-c", wrapper] + cmd, cwd=REPO, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(proc.stderr[-3000:])
+  seconds, kb = proc.stdout.strip().splitlines()[-1].split()
+  return float(seconds), int(kb) * 1024
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--sizes", default="0.5,1,2")
+  ap.add_argument("--dir", default="/tmp/l4_convert_bench")
+  args = ap.parse_args()
+  baseline = child_peak([sys.executable, "-c", "import llama4_jax.checkpoint.convert, orbax.checkpoint"])[1]
+  results = []
+  for gb in (float(x) for x in args.sizes.split(",")):
+    root = os.path.join(args.dir, f"{gb}gb")
+    shutil.rmtree(root, ignore_errors=True)
+    nbytes = make_checkpoint(os.path.join(root, "hf"), gb)
+    files = [os.path.join(root, "hf", f) for f in sorted(os.listdir(os.path.join(root, "hf")))]
+    cat_s, _ = child_peak(["sh", "-c", "cat " + " ".join(files) + " > /dev/null"])
+    conv = [sys.executable, "-m", "llama4_jax.convert"]
+    to_s, to_rss = child_peak(conv + ["hf-to-orbax", os.path.join(root, "hf"), os.path.join(root, "orbax"),
+                                      "--quiet"])
+    back_s, back_rss = child_peak(conv + ["orbax-to-hf", os.path.join(root, "orbax"),
+                                          os.path.join(root, "hf2"), "--quiet", "--max-shard-size=1GB"])
+    results.append({
+        "checkpoint_gb": round(nbytes / 1e9, 3),
+        "read_gb_per_s_cat": round(nbytes / 1e9 / cat_s, 2),
+        "hf_to_orbax": {"seconds": round(to_s, 1), "gb_per_s": round(nbytes / 1e9 / to_s, 3),
+                        "peak_rss_above_baseline_mb": round((to_rss - baseline) / 1e6)},
+        "orbax_to_hf": {"seconds": round(back_s, 1), "gb_per_s": round(nbytes / 1e9 / back_s, 3),
+                        "peak_rss_above_baseline_mb": round((back_rss - baseline) / 1e6)},
+    })
+    shutil.rmtree(root, ignore_errors=True)
+  from common import emit, machine
+  emit({"benchmark": "convert", "baseline_rss_mb": round(baseline / 1e6), "results": results,
+        "machine": machine()})
+
+
+if __name__ == "__main__":
+  main()
