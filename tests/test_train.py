@@ -166,6 +166,11 @@ def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
   model = l4.load_model(str(tmp_path / "a"))
   assert model.config.hidden_size == 64
   l4.save_pretrained(model, tmp_path / "hf")
+  # the converter's export of the same workdir (one leaf at a time) gives the very same tensors
+  from llama4_jax.checkpoint.convert import orbax_to_hf
+  from test_convert import assert_same_tensors
+  orbax_to_hf(tmp_path / "a", tmp_path / "exported", progress=False)
+  assert_same_tensors(tmp_path / "hf", tmp_path / "exported")
   losses = {}
   for name, src in (("orbax", tmp_path / "a"), ("hf", tmp_path / "hf")):
     c = micro_config(corpus, steps=1, checkpoint_every=1, init_from=str(src), mesh=base,
