@@ -31,8 +31,19 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _return_freed_memory() -> None:
+  """glibc raises its mmap threshold after large frees, after which freed tensors stay in the heap and
+  the process grows with the checkpoint; a fixed threshold returns every large tensor to the OS."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+  except (OSError, AttributeError):
+    pass
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  _return_freed_memory()
   from llama4_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
   try:
