@@ -1,19 +1,22 @@
-"""Llama 4 Scout long-context training at 256K tokens per row on a TPU v5p-256 slice (128 chips).
+"""Llama 4 Scout long-context training at 64K tokens per row on a TPU v5p-256 slice (128 chips, 32 hosts).
 
     # on every worker of the slice (launch/ does this for you):
-    python -m llama4_jax.train --config=configs/scout_long_context_v5p256.py --workdir=gs://BUCKET/scout-256k \
-        --config.init_from=gs://BUCKET/scout --config.data.source=array_record \
+    python -m llama4_jax.train --config=configs/scout_long_context_v5p256.py --workdir=gs://BUCKET/scout-64k \
+        --config.init_from=gs://BUCKET/scout-orbax --config.data.source=array_record \
         --config.data.path='/data/long/*.array_record' \
         --config.data.tokenizer=/path/to/Llama-4-Scout/tokenizer.model
 
-Mesh: context=16 splits each 262,144-token row into 16 shards of 16,384 tokens (zigzag: two runs of
-8,192 = C per chip). The NoPE layers (1 in 4) run the full 16-chip ring; K/V travel as the 8 kv heads
-only (5x less than all 40 heads). The chunked layers: with packed rows (the default data path) they use
-the ring with the kernel skipping blocks outside each window; unpacked rows whose positions equal their
-indices need no communication at all, since every run holds exactly one chunk. fsdp=8: parameters and Adam
-moments are sharded over fsdp x context = 128 chips (12 bytes x 108B / 128 = about 10 GB per chip);
-batch rows over data*fsdp*expert = 8, so one row per fsdp group per step. bf16 compute, full remat.
-Not yet run on hardware; the memory planner and this config's validation are the checks so far.
+Mesh: context=4 splits each 65,536-token row over the 4 chips of one host (16,384 tokens per chip; zigzag:
+two runs of 8,192 = C). The NoPE layers (1 in 4) run the 4-chip ring; K/V travel as the 8 kv heads only
+(5x less than all 40 heads). Chunked layers: packed rows (the default data path) use the ring with the
+kernel skipping blocks outside each window; unpacked rows whose positions equal their indices need no
+communication, as every run holds exactly one chunk. fsdp=32: parameters and Adam moments sharded over
+fsdp x context = 128 chips (12 bytes x 108B / 128 = about 10 GB per chip); batch rows over fsdp, one
+row per host per step. The context axis stays within a host because the data pipeline hands each host
+whole rows (validation says so otherwise). bf16 compute, full remat.
+
+Not yet run on hardware. Known limit: the loss materialises fp32 logits over the 202K vocabulary, about
+13 GB per chip at 16K tokens; a chunked cross-entropy is needed before longer rows fit.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields
@@ -22,8 +25,8 @@ from llama4_jax.train.config import default_run_config, model_fields
 def get_config():
   c = default_run_config()
   c.steps = 2_000
-  c.batch_size = 8
-  c.seq_len = 262_144
+  c.batch_size = 32
+  c.seq_len = 65_536
   c.learning_rate = 1e-5
   c.warmup_steps = 100
   c.log_every = 1
@@ -31,7 +34,7 @@ def get_config():
   c.eval_batches = 4
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
-  c.mesh.update(data=1, fsdp=8, tensor=1, expert=1, context=16)
+  c.mesh.update(data=1, fsdp=32, tensor=1, expert=1, context=4)
   c.model = model_fields("scout", dtype="bfloat16", param_dtype="float32", remat_policy="full",
                          attention_impl="ring", ring_layout="zigzag")
   c.data.source = "array_record"

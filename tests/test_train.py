@@ -138,6 +138,9 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path):
     train(micro_config(corpus, seq_len=40, mesh=context), str(tmp_path))
   with pytest.raises(ValueError, match="config.model.attention_impl: 'dense' cannot split"):
     train(micro_config(corpus, mesh=context, **{"model.attention_impl": "dense"}), str(tmp_path))
+  from llama4_jax.train.config import validate
+  with pytest.raises(ValueError, match="config.mesh.context: 8 spans processes"):
+    validate(micro_config(corpus, mesh=context), num_devices=8, num_processes=2)
   with pytest.raises(FileNotFoundError, match="matches no files"):
     train(micro_config(corpus, **{"data.path": str(tmp_path / "missing")}), str(tmp_path))
   cmd, env = train_command(tmp_path, micro_config(corpus))
@@ -181,7 +184,8 @@ def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
   assert losses["orbax"] < random_init - 1.0 and losses["orbax"] < trained["loss"] + 0.5
 
 
-@pytest.mark.parametrize("name,chips", [("scout_v5p256", 128), ("maverick_v6e256", 256)])
+@pytest.mark.parametrize("name,chips", [("scout_v5p256", 128), ("maverick_v6e256", 256),
+                                        ("scout_long_context_v5p256", 128)])
 def test_tpu_configs_validate_for_their_slices(name, chips, tmp_path):
   import importlib.util
   from llama4_jax.train.config import model_config, validate

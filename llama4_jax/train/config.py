@@ -118,6 +118,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if cfg.attention_impl == "dense":
       bad("model.attention_impl", f"'dense' cannot split the sequence over mesh.context="
                                   f"{sizes['context']}; use 'ring' or 'auto'")
+    per_process = num_devices // num_processes
+    if per_process % sizes["context"]:
+      bad("mesh.context", f"{sizes['context']} spans processes ({per_process} devices each): the data "
+                          "pipeline gives each process whole rows, so the context axis must stay within "
+                          f"a process; use a context size that divides {per_process}")
     parts = sizes["context"] * (2 if cfg.ring_layout == "zigzag" else 1)
     if c.seq_len % parts:
       bad("seq_len", f"{c.seq_len} must be divisible by {parts} (mesh.context={sizes['context']}, "
