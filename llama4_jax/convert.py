@@ -2,10 +2,13 @@
 
     python -m llama4_jax.convert hf-to-orbax SRC DST [--dtype=bfloat16] [--overwrite]
     python -m llama4_jax.convert orbax-to-hf SRC DST [--max-shard-size=5GB] [--dtype=...] [--overwrite]
+    python -m llama4_jax.convert meta-to-orbax SRC DST [--dtype=...] [--overwrite]
 
 SRC/DST are directories. hf-to-orbax reads a Hugging Face Llama 4 checkpoint (Llama4ForCausalLM or the
-released Llama4ForConditionalGeneration); orbax-to-hf reads a converted checkpoint or a training workdir.
-Both stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.
+released Llama4ForConditionalGeneration); orbax-to-hf reads a converted checkpoint or a training
+workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards (torch needed; weights-only
+loading).
+All stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m llama4_jax.convert", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (("hf-to-orbax", "Hugging Face safetensors directory -> Orbax checkpoint"),
-                          ("orbax-to-hf", "Orbax checkpoint or training workdir -> Hugging Face directory")):
+                          ("orbax-to-hf", "Orbax checkpoint or training workdir -> Hugging Face directory"),
+                          ("meta-to-orbax", "Meta params.json + consolidated.*.pth -> Orbax checkpoint")):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("src")
     p.add_argument("dst")
@@ -44,12 +48,13 @@ def _return_freed_memory() -> None:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   _return_freed_memory()
-  from llama4_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
+  from llama4_jax.checkpoint.convert import hf_to_orbax, meta_to_orbax, orbax_to_hf
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
   try:
-    if args.command == "hf-to-orbax":
-      summary = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                            progress=not args.quiet)
+    if args.command in ("hf-to-orbax", "meta-to-orbax"):
+      convert = hf_to_orbax if args.command == "hf-to-orbax" else meta_to_orbax
+      summary = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                        progress=not args.quiet)
     else:
       summary = orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             overwrite=args.overwrite, progress=not args.quiet)

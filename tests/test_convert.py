@@ -137,3 +137,92 @@ def test_existing_destination_is_kept(scout_ckpt, tmp_path):
   hf_to_orbax(scout_ckpt[0], tmp_path / "out", overwrite=True, progress=False)
   assert "checkpoints" in os.listdir(tmp_path / "out") and "keep.txt" not in os.listdir(tmp_path / "out")
   assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta's original format, written here from a transformers model (heads divisible by 4 shards)
+
+META_LIKE = MAVERICK_LIKE.replace(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+
+
+def write_meta_checkpoint(hf_model, cfg, directory, shards):
+  """params.json + consolidated.NN.pth in Meta's model-parallel layout (LLAMA4.md), from HF weights."""
+  import torch
+  sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+  split = lambda t, dim: torch.chunk(t, shards, dim=dim)  # noqa: E731
+  parts = [{} for _ in range(shards)]
+
+  def put(name, pieces):
+    for part, piece in zip(parts, pieces):
+      part[name] = piece.clone().contiguous()
+
+  put("tok_embeddings.weight", split(sd["model.embed_tokens.weight"], 0))
+  put("output.weight", split(sd["lm_head.weight"], 0))
+  put("norm.weight", [sd["model.norm.weight"]] * shards)
+  put("rope.freqs", [torch.zeros(cfg.head_dim // 2)] * shards)  # not a weight: skipped
+  f = cfg.intermediate_size
+  for i in range(cfg.num_hidden_layers):
+    hf, meta = f"model.layers.{i}.", f"layers.{i}."
+    q, k, v = (split(sd[hf + f"self_attn.{n}_proj.weight"], 0) for n in "qkv")
+    put(meta + "attention.wqkv.weight", [torch.cat(t) for t in zip(q, k, v)])
+    put(meta + "attention.wo.weight", split(sd[hf + "self_attn.o_proj.weight"], 1))
+    put(meta + "attention_norm.weight", [sd[hf + "input_layernorm.weight"]] * shards)
+    put(meta + "ffn_norm.weight", [sd[hf + "post_attention_layernorm.weight"]] * shards)
+    ff, mf = hf + "feed_forward.", meta + "feed_forward."
+    if cfg.is_moe_layer(i):
+      e, d = cfg.num_local_experts, cfg.hidden_size
+      gate_up, down = sd[ff + "experts.gate_up_proj"], sd[ff + "experts.down_proj"]
+      put(mf + "router_DE", [sd[ff + "router.weight"].T] * shards)
+      put(mf + "experts.moe_w_in_eD_F", [t.reshape(e * d, -1) for t in split(gate_up[..., :f], 2)])
+      put(mf + "experts.moe_w_swiglu_eD_F", [t.reshape(e * d, -1) for t in split(gate_up[..., f:], 2)])
+      put(mf + "experts.moe_w_out_eF_D", [t.reshape(-1, d) for t in split(down, 1)])
+      put(mf + "w_in_shared_FD.weight", split(sd[ff + "shared_expert.gate_proj.weight"], 0))
+      put(mf + "w_swiglu_FD.weight", split(sd[ff + "shared_expert.up_proj.weight"], 0))
+      put(mf + "w_out_shared_DF.weight", split(sd[ff + "shared_expert.down_proj.weight"], 1))
+    else:
+      put(mf + "w1.weight", split(sd[ff + "gate_proj.weight"], 0))
+      put(mf + "w3.weight", split(sd[ff + "up_proj.weight"], 0))
+      put(mf + "w2.weight", split(sd[ff + "down_proj.weight"], 1))
+  os.makedirs(directory, exist_ok=True)
+  for s, part in enumerate(parts):
+    torch.save(part, os.path.join(directory, f"consolidated.{s:02d}.pth"))
+  params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
+            "n_kv_heads": cfg.num_key_value_heads, "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "use_scaled_rope": False, "nope_layer_interval": cfg.no_rope_layer_interval,
+            "attention_chunk_size": cfg.attention_chunk_size, "use_qk_norm": cfg.use_qk_norm,
+            "floor_scale": cfg.floor_scale, "attn_scale": cfg.attn_scale,
+            "moe_args": {"num_experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok,
+                         "interleave_moe_layer_step": cfg.interleave_moe_layer_step}}
+  with open(os.path.join(directory, "params.json"), "w") as fh:
+    json.dump(params, fh)
+
+
+@pytest.fixture(scope="module")
+def meta_reference(tmp_path_factory):
+  d = tmp_path_factory.mktemp("meta_hf")
+  return make_hf_checkpoint(META_LIKE, d, seed=6)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_meta_to_orbax_gives_transformers_logits(shards, meta_reference, tmp_path):
+  write_meta_checkpoint(meta_reference, META_LIKE, tmp_path / "meta", shards)
+  from llama4_jax.checkpoint.convert import meta_to_orbax
+  summary = meta_to_orbax(tmp_path / "meta", tmp_path / "orbax", progress=False)
+  assert summary["what"] == "meta-to-orbax"
+  model = l4.load_model(tmp_path / "orbax")
+  assert model.config.intermediate_size == META_LIKE.intermediate_size
+  assert model.config.intermediate_size_mlp == META_LIKE.intermediate_size_mlp
+  ids = random_ids(META_LIKE)
+  np.testing.assert_allclose(np.asarray(model(ids)), hf_logits(meta_reference, ids), atol=2e-5)
+
+
+def test_meta_bad_input(meta_reference, tmp_path):
+  from llama4_jax.checkpoint.convert import meta_to_orbax
+  write_meta_checkpoint(meta_reference, META_LIKE, tmp_path / "meta", 2)
+  (tmp_path / "meta" / "consolidated.01.pth").write_bytes(b"not a checkpoint")
+  with pytest.raises(CheckpointError, match="consolidated.01.pth cannot be read"):
+    meta_to_orbax(tmp_path / "meta", tmp_path / "out", progress=False)
+  os.remove(tmp_path / "meta" / "params.json")
+  with pytest.raises(CheckpointError, match="no params.json"):
+    meta_to_orbax(tmp_path / "meta", tmp_path / "out", progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["meta"]

@@ -110,17 +110,36 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   _check_architecture(hf, src)
   tensors = HFTensors(src)
   prefix = text_prefix(tensors.keys())
-  embed = tensors[prefix + "model.embed_tokens.weight"]
-  source_dtype = embed.dtype
+  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype
   out_dtype = _dtype(dtype) if dtype is not None else source_dtype
   cfg = from_hf_config(hf, param_dtype=out_dtype.name, dtype=out_dtype.name)
+  return _write_orbax("hf-to-orbax", tensors, prefix, cfg, hf, src, dst, dtype, overwrite, progress)
+
+
+def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True) -> dict:
+  """Converts Meta's original checkpoint (params.json + consolidated.NN.pth model-parallel shards, read
+  with `torch.load(weights_only=True, mmap=True)`) into this project's Orbax format at `dst`."""
+  from llama4_jax.checkpoint.meta import MetaTensors
+  src = os.fspath(src)
+  tensors = MetaTensors(src)
+  source_dtype = tensors["model.embed_tokens.weight"].dtype
+  out_dtype = _dtype(dtype) if dtype is not None else source_dtype
+  cfg = tensors.config(param_dtype=out_dtype.name, dtype=out_dtype.name)
+  return _write_orbax("meta-to-orbax", tensors, "", cfg, to_hf_config(cfg), src, dst, dtype, overwrite,
+                      progress)
+
+
+def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, dtype, overwrite, progress) -> dict:
+  """The Orbax side of both importers: `tensors` answers HF keys (keys, shape, [key], file_of)."""
+  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype
+  out_dtype = _dtype(dtype) if dtype is not None else source_dtype
   plans = plan(abstract_model(cfg))
   _check_tensors(tensors, prefix, plans)  # missing, unexpected and mis-shaped tensors, before writing
   carried = [k for k in tensors.keys() if k.startswith(_CARRIED_PREFIXES)]
   units = sum(len(p.hf_keys) for p in plans)
   total = sum(int(np.prod(p.unit_shape)) * len(p.hf_keys) * out_dtype.itemsize for p in plans)
   total += sum(int(np.prod(tensors.shape(k))) * tensors[k].dtype.itemsize for k in carried)
-  report = Progress("hf-to-orbax", total, units + len(carried), progress)
+  report = Progress(what, total, units + len(carried), progress)
   writers = _WriterPool()
   with atomic_directory(dst, overwrite) as tmp:
     step_dir = os.path.join(tmp, "checkpoints", "0")
