@@ -17,6 +17,7 @@ written into a temporary sibling and renamed at the end: a failure leaves no par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,15 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_tensors, atomic_directory,
-                                      generation_config, text_prefix, write_json, write_sharded,
-                                      _layer_order)
+                                      generation_config, hf_tensor_producer, text_prefix, write_json,
+                                      write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
+from llama4_jax.checkpoint.orbax import MANIFEST, TENSORS, param_name, restore_slice, slice_item
 from llama4_jax.checkpoint.safetensors_io import CheckpointError, write_safetensors
-from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
+from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
 
-TENSORS = "tensors"
-MANIFEST = "manifest.json"
 EXTRA_FILE = os.path.join("extra", "model-extra.safetensors")
 HF_CONFIG = "hf_config.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -77,9 +77,8 @@ def _gb(n: int) -> str:
   return f"{n / 1e9:.2f}"
 
 
-def _slice_name(p: ParamPlan, i: int | None) -> str:
-  name = ".".join(str(k) for k in p.path)
-  return name if i is None else f"{name}.{i}"
+def _slice_name(p: ParamPlan, i: int) -> str:
+  return slice_item(param_name(p.path), i if p.stacked else None)
 
 
 def _dtype(name) -> np.dtype:
@@ -110,10 +109,11 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   _check_architecture(hf, src)
   tensors = HFTensors(src)
   prefix = text_prefix(tensors.keys())
-  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype
+  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype  # a memory map: nothing is read
   out_dtype = _dtype(dtype) if dtype is not None else source_dtype
   cfg = from_hf_config(hf, param_dtype=out_dtype.name, dtype=out_dtype.name)
-  return _write_orbax("hf-to-orbax", tensors, prefix, cfg, hf, src, dst, dtype, overwrite, progress)
+  return _write_orbax("hf-to-orbax", tensors, prefix, cfg, hf, src, dst, source_dtype, dtype is not None,
+                      overwrite, progress)
 
 
 def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True) -> dict:
@@ -122,17 +122,17 @@ def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progr
   from llama4_jax.checkpoint.meta import MetaTensors
   src = os.fspath(src)
   tensors = MetaTensors(src)
-  source_dtype = tensors["model.embed_tokens.weight"].dtype
-  out_dtype = _dtype(dtype) if dtype is not None else source_dtype
+  out_dtype = _dtype(dtype) if dtype is not None else tensors.dtype
   cfg = tensors.config(param_dtype=out_dtype.name, dtype=out_dtype.name)
-  return _write_orbax("meta-to-orbax", tensors, "", cfg, to_hf_config(cfg), src, dst, dtype, overwrite,
-                      progress)
+  return _write_orbax("meta-to-orbax", tensors, "", cfg, to_hf_config(cfg), src, dst, tensors.dtype,
+                      dtype is not None, overwrite, progress)
 
 
-def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, dtype, overwrite, progress) -> dict:
-  """The Orbax side of both importers: `tensors` answers HF keys (keys, shape, [key], file_of)."""
-  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype
-  out_dtype = _dtype(dtype) if dtype is not None else source_dtype
+def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, overwrite, progress) -> dict:
+  """The Orbax side of both importers: `tensors` answers HF keys (keys, shape, [key], file_of); every
+  parameter is stored in `cfg.param_dtype`, and tensors of another dtype than `source_dtype` are an error
+  unless the user asked to `cast`."""
+  out_dtype = _dtype(cfg.param_dtype)
   plans = plan(abstract_model(cfg))
   _check_tensors(tensors, prefix, plans)  # missing, unexpected and mis-shaped tensors, before writing
   carried = [k for k in tensors.keys() if k.startswith(_CARRIED_PREFIXES)]
@@ -150,19 +150,19 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, dtype, overwrite, pro
       full = tuple(slice(0, n) for n in p.unit_shape)
       for i, key in enumerate(p.hf_keys):
         source = tensors[prefix + key]
-        if source.dtype != source_dtype and dtype is None:
+        if source.dtype != source_dtype and not cast:
           raise CheckpointError(f"tensor {prefix + key!r} in {tensors.file_of(prefix + key)} is "
                                 f"{source.dtype}, the rest {source_dtype}; pass --dtype to convert all")
         x = np.asarray(p.layout.read(lambda idx: source[idx], p.unit_shape, full)).astype(out_dtype)
-        writers.save(os.path.join(tensor_dir, _slice_name(p, i if p.stacked else None)), x)
+        writers.save(os.path.join(tensor_dir, _slice_name(p, i)), x)
         report.update(x.nbytes)
 
-      manifest["params"][".".join(str(k) for k in p.path)] = {
+      manifest["params"][param_name(p.path)] = {
           "shape": list(p.shape), "dtype": out_dtype.name, "stacked": p.stacked}
     writers.close()
     write_json(os.path.join(tensor_dir, MANIFEST), manifest)
     os.makedirs(os.path.join(step_dir, "config"))
-    write_json(os.path.join(step_dir, "config", "metadata"), {"model": _config_fields(cfg)})
+    write_json(os.path.join(step_dir, "config", "metadata"), {"model": dataclasses.asdict(cfg)})
     if carried:
       os.makedirs(os.path.join(tmp, "extra"))
       specs = {k: (tensors.shape(k), tensors[k].dtype) for k in carried}
@@ -227,11 +227,6 @@ class _WriterPool:
       writer.close()
 
 
-def _config_fields(cfg: ModelConfig) -> dict:
-  import dataclasses
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # Reading the Orbax format (converted or training checkpoints), one slice at a time
 
@@ -259,12 +254,7 @@ class OrbaxSlices:
   def get(self, p: ParamPlan, i: int) -> np.ndarray:
     import orbax.checkpoint as ocp
     if self.converted:
-      path = os.path.join(self.tensor_dir, _slice_name(p, i if p.stacked else None))
-      if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
-      restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-          restore_args={"value": ocp.RestoreArgs(restore_type=np.ndarray)}))
-      return restored["value"]
+      return restore_slice(self.tensor_dir, _slice_name(p, i), ocp.RestoreArgs(restore_type=np.ndarray))
     if self._leaf is None or self._leaf[0] != p.path:
       self._leaf = (p.path, self._restore_leaf(p))
     leaf = self._leaf[1]
@@ -307,15 +297,15 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
   hf_cfg_path = os.path.join(src, HF_CONFIG)
   hf_cfg = read_hf_config(hf_cfg_path) if os.path.isfile(hf_cfg_path) else to_hf_config(cfg)
   out_dtype = _dtype(dtype if dtype is not None else cfg.param_dtype)
-  sources: dict[str, list] = {}
-  for p in plans:
-    for i, key in enumerate(p.hf_keys):
-      sources.setdefault(key, []).append((p, i))
-  specs: dict[str, tuple] = {}
-  for p in sorted(plans, key=lambda p: _layer_order(p.hf_keys[0])):
-    for key in p.hf_keys:
-      specs[prefix + key] = (p.hf_shape, out_dtype)
-  specs = dict(sorted(specs.items(), key=lambda kv: _layer_order(kv[0][len(prefix):])))
+
+  def get_slice(p: ParamPlan, i: int) -> np.ndarray:
+    x = slices.get(p, i)
+    if tuple(x.shape) != tuple(p.unit_shape):
+      raise CheckpointError(f"{src}: parameter {_slice_name(p, i)} has shape {tuple(x.shape)}, the "
+                            f"config implies {tuple(p.unit_shape)}")
+    return x
+
+  specs, produce_text = hf_tensor_producer(plans, get_slice, out_dtype, prefix)
   extra = None
   if os.path.isfile(os.path.join(src, EXTRA_FILE)):
     from llama4_jax.checkpoint.safetensors_io import SafetensorsFile
@@ -326,14 +316,7 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
   def produce(key: str) -> np.ndarray:
     if extra is not None and key in extra:
       return np.asarray(extra[key])
-    parts = []
-    for p, i in sorted(sources[key[len(prefix):]], key=lambda s: s[0].layout.fused_part or 0):
-      x = slices.get(p, i)
-      if tuple(x.shape) != tuple(p.unit_shape):
-        raise CheckpointError(f"{src}: parameter {_slice_name(p, i)} has shape {tuple(x.shape)}, the "
-                              f"config implies {tuple(p.unit_shape)}")
-      parts.append(p.layout.to_hf(x.astype(out_dtype)))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    return produce_text(key)
 
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
   report = Progress("orbax-to-hf", total, len(specs), progress)

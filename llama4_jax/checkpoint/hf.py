@@ -204,27 +204,21 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def hf_tensor_producer(model: Llama4, dtype=None):
-  """(specs, produce): HF key -> (shape, dtype) in checkpoint order, and produce(key) -> np.ndarray.
-
-  Each call gathers only the parameter slices that one HF tensor needs (one layer of a stacked weight).
-  """
-  plans = plan(model)
-  leaves = state_leaves(model)
-  out_dtype = np.dtype(jnp.dtype(dtype or model.config.param_dtype))
+def hf_tensor_producer(plans: list[ParamPlan], get_slice, out_dtype, prefix: str = ""):
+  """(specs, produce): `prefix` + HF key -> (shape, dtype) in checkpoint order, and produce(key) -> that
+  HF tensor, assembled through the key table from `get_slice(plan, i)` (our layout; stack index i, which
+  is 0 for an unstacked parameter). Each call touches only the slices one HF tensor needs."""
+  out_dtype = np.dtype(out_dtype)
   sources: dict[str, list] = {}
   for p in plans:
     for i, key in enumerate(p.hf_keys):
       sources.setdefault(key, []).append((p, i))
-  specs = {k: (plans_shape, out_dtype) for k, plans_shape in sorted(
+  specs = {prefix + k: (shape, out_dtype) for k, shape in sorted(
       hf_tensor_specs(plans).items(), key=lambda kv: _layer_order(kv[0]))}
 
   def produce(key: str) -> np.ndarray:
-    parts = []
-    for p, i in sorted(sources[key], key=lambda s: s[0].layout.fused_part or 0):
-      x = leaves[p.path]
-      x = _gather(x[i] if p.stacked else x).astype(out_dtype)
-      parts.append(p.layout.to_hf(x))
+    parts = [p.layout.to_hf(np.asarray(get_slice(p, i)).astype(out_dtype))
+             for p, i in sorted(sources[key[len(prefix):]], key=lambda s: s[0].layout.fused_part or 0)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
   return specs, produce
@@ -238,7 +232,10 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
   config.json and generation_config.json. Written into a temporary sibling and renamed at the end, so a
   crash never leaves a partial directory. Multi-host: every process must call it; process 0 writes.
   """
-  specs, produce = hf_tensor_producer(model, dtype)
+  leaves = state_leaves(model)
+  specs, produce = hf_tensor_producer(
+      plan(model), lambda p, i: _gather(leaves[p.path][i] if p.stacked else leaves[p.path]),
+      jnp.dtype(dtype or model.config.param_dtype))
   writer = jax.process_index() == 0
   with atomic_directory(out_dir, overwrite, enabled=writer) as tmp:
     write_sharded(tmp, specs, produce, max_shard_size, writer=writer)

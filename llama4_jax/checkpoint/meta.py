@@ -72,6 +72,7 @@ class MetaTensors:
         missing = sorted(names ^ set(part))[:3]
         raise CheckpointError(f"{f} does not hold the same tensors as {files[0]} (e.g. {missing})")
     self._build()
+    self.dtype = _numpy(self.parts[0]["tok_embeddings.weight"]).dtype  # a view: nothing is read
 
   # --- the HF view ----------------------------------------------------------------------------
   def _find(self, *candidates: str) -> str:
@@ -83,23 +84,33 @@ class MetaTensors:
   def _has(self, name: str) -> bool:
     return name in self.parts[0]
 
-  def _add(self, key: str, read, *sources: str) -> None:
+  def _shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.parts[0][self._find(name)].shape)  # shard 0's part; known without reading it
+
+  def _add(self, key: str, read, shape, *sources: str) -> None:
     self._readers[key] = read
+    self._shapes[key] = tuple(int(n) for n in shape)
     self.where[key] = os.path.basename(self.files[0]) + (f" (+{self.n - 1} shards)" if self.n > 1 else "")
     self._used.update(sources)
 
   def _build(self) -> None:
-    self._readers, self.where, self._used = {}, {}, set()
+    self._readers, self._shapes, self.where, self._used = {}, {}, {}, set()
     p = self.params
     heads, kv_heads = p["n_heads"], p.get("n_kv_heads", p["n_heads"])
     if heads % self.n or kv_heads % self.n:
       raise CheckpointError(f"{self.n} shards do not divide n_heads={heads} and n_kv_heads={kv_heads}")
     head_dim = p["dim"] // heads
-    cat = lambda name, axis: lambda: np.concatenate([_numpy(t[name]) for t in self.parts], axis)  # noqa
-    one = lambda name: lambda: _numpy(self.parts[0][name])  # noqa: E731
-    self._add("model.embed_tokens.weight", cat("tok_embeddings.weight", 0), "tok_embeddings.weight")
-    self._add("lm_head.weight", cat("output.weight", 0), "output.weight")
-    self._add("model.norm.weight", one("norm.weight"), "norm.weight")
+    def cat(key, name, axis):  # parts joined on `axis`
+      shape = list(self._shape(name))
+      shape[axis] *= self.n
+      self._add(key, lambda: np.concatenate([_numpy(t[name]) for t in self.parts], axis), shape, name)
+
+    def one(key, name):  # replicated on every shard
+      self._add(key, lambda: _numpy(self.parts[0][name]), self._shape(name), name)
+
+    cat("model.embed_tokens.weight", "tok_embeddings.weight", 0)
+    cat("lm_head.weight", "output.weight", 0)
+    one("model.norm.weight", "norm.weight")
     for i in range(p["n_layers"]):
       L, hf = f"layers.{i}.", f"model.layers.{i}."
       wqkv = L + "attention.wqkv.weight"
@@ -107,53 +118,47 @@ class MetaTensors:
       for name, lo, hi in (("q", 0, hs), ("k", hs, hs + ks), ("v", hs + ks, hs + 2 * ks)):
         self._add(hf + f"self_attn.{name}_proj.weight",
                   lambda w=wqkv, lo=lo, hi=hi: np.concatenate([_numpy(t[w])[lo:hi] for t in self.parts]),
-                  wqkv)
-      self._add(hf + "self_attn.o_proj.weight", cat(L + "attention.wo.weight", 1), L + "attention.wo.weight")
-      norm = self._find(L + "attention.wqkv.layer_norm_weight", L + "attention_norm.weight")
-      self._add(hf + "input_layernorm.weight", one(norm), norm)
-      ffn_norm = self._find(L + "feed_forward.norm.weight", L + "ffn_norm.weight",
-                            L + "feed_forward.mlp.layer_norm_weight")
-      self._add(hf + "post_attention_layernorm.weight", one(ffn_norm), ffn_norm)
+                  ((hi - lo) * self.n, self._shape(wqkv)[1]), wqkv)
+      cat(hf + "self_attn.o_proj.weight", L + "attention.wo.weight", 1)
+      one(hf + "input_layernorm.weight",
+          self._find(L + "attention.wqkv.layer_norm_weight", L + "attention_norm.weight"))
+      one(hf + "post_attention_layernorm.weight",
+          self._find(L + "feed_forward.norm.weight", L + "ffn_norm.weight",
+                     L + "feed_forward.mlp.layer_norm_weight"))
       ff = L + "feed_forward."
       if self._has(ff + "router_DE"):
-        self._add_moe(hf + "feed_forward.", ff)
+        self._add_moe(hf + "feed_forward.", ff, cat)
       else:
-        w1 = self._find(ff + "w1.weight", ff + "w1")
-        w3 = self._find(ff + "w3.weight", ff + "w3")
-        w2 = self._find(ff + "w2.weight", ff + "w2")
-        self._add(hf + "feed_forward.gate_proj.weight", cat(w1, 0), w1)
-        self._add(hf + "feed_forward.up_proj.weight", cat(w3, 0), w3)
-        self._add(hf + "feed_forward.down_proj.weight", cat(w2, 1), w2)
+        cat(hf + "feed_forward.gate_proj.weight", self._find(ff + "w1.weight", ff + "w1"), 0)
+        cat(hf + "feed_forward.up_proj.weight", self._find(ff + "w3.weight", ff + "w3"), 0)
+        cat(hf + "feed_forward.down_proj.weight", self._find(ff + "w2.weight", ff + "w2"), 1)
     unused = [k for k in self.parts[0] if k not in self._used and not any(s in k for s in _SKIPPED)]
     text_unused = [k for k in unused if not k.startswith(("vision_", "speech_"))]
     if text_unused:
       raise CheckpointError(f"unexpected tensor {text_unused[0]!r} in {self.files[0]}: params.json does "
                             f"not describe it ({len(text_unused)} such tensors)")
 
-  def _add_moe(self, hf: str, ff: str) -> None:
-    experts = self.params.get("moe_args", {}).get("num_experts")
+  def _add_moe(self, hf: str, ff: str, cat) -> None:
     router = ff + "router_DE"
-    e = experts or _numpy(self.parts[0][router]).shape[1]
-    d = self.params["dim"]
+    d, e = self._shape(router)
 
     def expert_in(name):
       return np.concatenate([_numpy(t[name]).reshape(e, d, -1) for t in self.parts], axis=2)
 
     w_in, w_up = ff + "experts.moe_w_in_eD_F", ff + "experts.moe_w_swiglu_eD_F"
     w_out = ff + "experts.moe_w_out_eF_D"
-    self._add(hf + "router.weight", lambda: _numpy(self.parts[0][router]).T, router)
+    f = self._shape(w_in)[1] * self.n
+    self._add(hf + "router.weight", lambda: _numpy(self.parts[0][router]).T, (e, d), router)
     self._add(hf + "experts.gate_up_proj",
-              lambda: np.concatenate([expert_in(w_in), expert_in(w_up)], axis=2), w_in, w_up)
+              lambda: np.concatenate([expert_in(w_in), expert_in(w_up)], axis=2), (e, d, 2 * f),
+              w_in, w_up)
     self._add(hf + "experts.down_proj",
               lambda: np.concatenate([_numpy(t[w_out]).reshape(e, -1, d) for t in self.parts], axis=1),
-              w_out)
+              (e, f, d), w_out)
     for ours, names, axis in (("gate_proj", ("w_in_shared_FD.weight", "w_in_shared_FD"), 0),
                               ("up_proj", ("w_swiglu_FD.weight", "w_swiglu_FD"), 0),
                               ("down_proj", ("w_out_shared_DF.weight", "w_out_shared_DF"), 1)):
-      name = self._find(*(ff + n for n in names))
-      self._add(hf + f"shared_expert.{ours}.weight",
-                lambda name=name, axis=axis: np.concatenate([_numpy(t[name]) for t in self.parts], axis),
-                name)
+      cat(hf + f"shared_expert.{ours}.weight", self._find(*(ff + n for n in names)), axis)
 
   # --- the interface the converter uses (as HFTensors) -----------------------------------------
   def keys(self):
@@ -163,7 +168,7 @@ class MetaTensors:
     return self._readers[key]()
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self[key].shape)
+    return self._shapes[key]
 
   def file_of(self, key: str) -> str:
     return os.path.join(self.directory, self.where[key])
@@ -172,12 +177,11 @@ class MetaTensors:
     """The ModelConfig: sizes from params.json, expert / MLP widths from the tensor shapes."""
     p = self.params
     moe = p.get("moe_args") or {}
-    part = self.parts[0]
     fields = dict(
         hidden_size=p["dim"], num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"],
         num_key_value_heads=p.get("n_kv_heads", p["n_heads"]), head_dim=p["dim"] // p["n_heads"],
         rms_norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 500000.0)),
-        vocab_size=part["tok_embeddings.weight"].shape[0] * self.n,
+        vocab_size=self._shapes["model.embed_tokens.weight"][0],
         no_rope_layer_interval=p.get("nope_layer_interval") or 10**9,
         attention_chunk_size=p.get("attention_chunk_size"), use_qk_norm=bool(p.get("use_qk_norm", False)),
         num_local_experts=moe.get("num_experts", 1), num_experts_per_tok=moe.get("top_k", 1),
@@ -195,11 +199,11 @@ class MetaTensors:
                                                                     8192)))
     else:
       fields.update(rope_type="default")
-    for name, value in part.items():
-      if name.endswith("experts.moe_w_in_eD_F"):
-        fields["intermediate_size"] = value.shape[1] * self.n
-      elif name.endswith(("feed_forward.w1.weight", "feed_forward.w1")):
-        fields["intermediate_size_mlp"] = value.shape[0] * self.n
+    for key, shape in self._shapes.items():
+      if key.endswith("experts.down_proj"):
+        fields["intermediate_size"] = shape[1]
+      elif key.endswith("feed_forward.gate_proj.weight") and "shared_expert" not in key:
+        fields["intermediate_size_mlp"] = shape[0]
     fields.setdefault("intermediate_size_mlp", fields.get("intermediate_size", 1) * 2)
     fields.update(overrides)
     return ModelConfig().replace(**fields)

@@ -15,6 +15,31 @@ import orbax.checkpoint as ocp
 
 from llama4_jax.config import ModelConfig
 
+# Converted checkpoints (checkpoint/convert.py) keep params as one Orbax item per parameter slice in
+# <step>/tensors/, named by `slice_item`, with a manifest of names, shapes and dtypes.
+TENSORS = "tensors"
+MANIFEST = "manifest.json"
+
+
+def param_name(path: tuple) -> str:
+  """A parameter's name in the manifest: its state path joined by dots, e.g. 'blocks.0.attn.q'."""
+  return ".".join(str(k) for k in path)
+
+
+def slice_item(name: str, index: int | None) -> str:
+  """Item of one slice: 'blocks.0.attn.q.3' (stack index 3), or the name of an unstacked parameter."""
+  return name if index is None else f"{name}.{index}"
+
+
+def restore_slice(tensor_dir: str, item: str, restore_arg) -> Any:
+  """One slice of a converted checkpoint, as `restore_arg` says (numpy, or a sharded jax.Array)."""
+  from llama4_jax.checkpoint.safetensors_io import CheckpointError
+  path = os.path.join(tensor_dir, item)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
+  return ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(restore_args={"value": restore_arg}))["value"]
+
 
 def checkpoint_steps(directory: str) -> list[int]:
   """Completed checkpoint steps in an Orbax directory (in-progress saves carry a temporary suffix)."""
@@ -50,7 +75,7 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
   Reads training checkpoints (the `state` item) and converted ones (`tensors/`, one item per slice)."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
-  tensor_dir = os.path.join(ckpt_dir, str(step), "tensors")
+  tensor_dir = os.path.join(ckpt_dir, str(step), TENSORS)
   if os.path.isdir(tensor_dir):
     return _restore_converted(tensor_dir, abstract_params)
   with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
@@ -69,28 +94,22 @@ def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
 
   from llama4_jax.checkpoint.keys import state_path
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
-  with open(os.path.join(tensor_dir, "manifest.json")) as f:
+  with open(os.path.join(tensor_dir, MANIFEST)) as f:
     manifest = json.load(f)["params"]
-  checkpointer = ocp.PyTreeCheckpointer()
 
   def one(path, x):
-    name = ".".join(str(k) for k in state_path(path))
+    name = param_name(state_path(path))
     entry = manifest.get(name)
     if entry is None or tuple(entry["shape"]) != tuple(x.shape):
       raise CheckpointError(f"{tensor_dir}: parameter {name} is missing or has shape "
                             f"{entry and tuple(entry['shape'])}, the model needs {tuple(x.shape)}")
-
-    def restore(item, shape, sharding):
-      args = {"value": ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=x.dtype)}
-      return checkpointer.restore(os.path.join(tensor_dir, item),
-                                  args=ocp.args.PyTreeRestore(restore_args=args))["value"]
-
     if not entry["stacked"]:
-      return restore(name, x.shape, x.sharding)
+      return restore_slice(tensor_dir, name, _restore_arg(x))
     unit = x.sharding
     if isinstance(unit, NamedSharding):
       unit = NamedSharding(unit.mesh, PartitionSpec(*tuple(unit.spec)[1:]))
-    parts = [restore(f"{name}.{i}", x.shape[1:], unit) for i in range(x.shape[0])]
+    unit_arg = _restore_arg(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=unit))
+    parts = [restore_slice(tensor_dir, slice_item(name, i), unit_arg) for i in range(x.shape[0])]
     return jax.jit(lambda *p: jnp.stack(p), out_shardings=x.sharding)(*parts)
 
   return jax.tree_util.tree_map_with_path(one, abstract_params)
