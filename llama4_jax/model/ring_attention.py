@@ -208,6 +208,13 @@ def _any_visible(qm, km, chunk_size):
   return ok
 
 
+def _scores(q, kk, qm, km, chunk_size):
+  """Scaled float32 scores [b, K, M, blk] of a folded query block q [b, K, M, H] against a key block
+  kk [b, K, blk, H], and the mask of the pairs that may attend."""
+  s = jnp.einsum("BKMH,BKSH->BKMS", q, kk, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  return s, _block_mask(qm, km, q.shape[2] // qm.shape[-1], chunk_size)
+
+
 def _safe(m):
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
@@ -215,8 +222,6 @@ def _safe(m):
 def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
   """One ring step forward: merges the local queries' attention over shard (k, v) into
   acc = (o [b, nq, K, M, H], m [b, nq, K, M], l [b, nq, K, M]), all float32."""
-  g = qf.shape[3] // plan.block
-  scale = qf.shape[-1] ** -0.5
   kb, vb, kmb = _kv_blocks(k, plan.block), _kv_blocks(v, plan.block), _meta_blocks(kmeta, plan.block)
   qmb = _meta_blocks(qmeta, plan.block)
 
@@ -228,8 +233,8 @@ def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
 
       def compute(carry):
         o, m, l = carry
-        s = jnp.einsum("BKMH,BKSH->BKMS", q, kk, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(_block_mask(qm, km, g, plan.chunk_size), s, -jnp.inf)
+        s, mask = _scores(q, kk, qm, km, plan.chunk_size)
+        s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - _safe(m_new))
         p = jnp.exp(s - _safe(m_new)[..., None])
@@ -248,7 +253,6 @@ def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
 
 def _grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan: RingPlan):
   """One ring step backward: returns (dq accumulated into dqf, dk [b, S, K, H], dv) for shard (k, v)."""
-  g = qf.shape[3] // plan.block
   scale = qf.shape[-1] ** -0.5
   kb, vb, kmb = _kv_blocks(k, plan.block), _kv_blocks(v, plan.block), _meta_blocks(kmeta, plan.block)
   mv = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
@@ -262,8 +266,7 @@ def _grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan: RingPlan):
 
       def compute(args):
         (dk, dv), dq = args
-        s = jnp.einsum("BKMH,BKSH->BKMS", q, kk, preferred_element_type=jnp.float32) * scale
-        mask = _block_mask(qm, km, g, plan.chunk_size)
+        s, mask = _scores(q, kk, qm, km, plan.chunk_size)
         p = jnp.where(mask, jnp.exp(s - _safe(ls)[..., None]), 0.0)
         dv = dv + jnp.einsum("BKMS,BKMH->BKSH", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jnp.einsum("BKMH,BKSH->BKMS", do, vv, preferred_element_type=jnp.float32)
