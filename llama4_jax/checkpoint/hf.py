@@ -116,8 +116,9 @@ def _read_param(tensors: HFTensors, prefix: str, p: ParamPlan, idx: tuple[slice,
 
 
 def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, **overrides) -> Llama4:
-  """Loads a Hugging Face Llama 4 checkpoint directory, or a training checkpoint of this project (a
-  workdir or its checkpoints/ folder), into a `Llama4` (sharded on `mesh` if given).
+  """Loads a Hugging Face Llama 4 checkpoint directory, or an Orbax checkpoint of this project (a training
+  workdir, its checkpoints/ folder, or a converted checkpoint), into a `Llama4` (sharded on `mesh` if
+  given).
 
   dtype: parameter and compute dtype (a name like "bfloat16" or a jnp dtype); default: the checkpoint's.
   overrides: ModelConfig fields, e.g. `attention_impl="dense"`, `remat_policy="full"`.
@@ -133,8 +134,8 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, **
     try:
       orbax.find_checkpoints(directory)
     except FileNotFoundError:
-      raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor a "
-                              "training checkpoint of this project (no step directories)") from None
+      raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor an "
+                              "Orbax checkpoint of this project (no step directories)") from None
     return orbax.load_orbax_model(directory, mesh, **overrides)
   hf = read_hf_config(directory)
   _check_architecture(hf, directory)
