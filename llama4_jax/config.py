@@ -21,6 +21,8 @@ ATTENTION_IMPLS = ("auto", "dense", "ring")
 RING_LAYOUTS = ("zigzag", "contiguous")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "shared", "experts")
+BASE_QUANTS = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +77,22 @@ class ModelConfig:
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   remat_policy: str = "none"
   scan_layers: bool = True
+  # --- fine-tuning (model/lora.py): these add weights, so they travel with the model too ---
+  lora_rank: int = 0  # 0: no adapters. > 0: LoRA adapters of this rank on `lora_targets`
+  lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0  # dropout on the adapters' input while training
+  lora_targets: tuple[str, ...] = LORA_TARGETS  # subset of q, k, v, o, mlp, shared, experts
+  base_quant: str = "none"  # "int8": linear weights held as int8 + per-channel scales (weight-only)
 
   def __post_init__(self):
-    for name in ("no_rope_layers", "moe_layers", "eos_token_id"):
+    if isinstance(self.lora_targets, str):  # "q,v" from a command line
+      object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",")
+                                                     if t.strip()))
+    for name in ("no_rope_layers", "moe_layers", "eos_token_id", "lora_targets"):
       value = getattr(self, name)
       if isinstance(value, (list, np.ndarray)) or (name == "eos_token_id" and isinstance(value, int)):
-        value = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+        value = (value,) if isinstance(value, int) else tuple(
+            str(v) if name == "lora_targets" else int(v) for v in value)
         object.__setattr__(self, name, value)
     self.validate()
 
@@ -119,10 +131,19 @@ class ModelConfig:
           f"{self.rope_low_freq_factor}")
     for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
                           ("attention_impl", ATTENTION_IMPLS), ("ring_layout", RING_LAYOUTS),
-                          ("moe_impl", MOE_IMPLS),
+                          ("moe_impl", MOE_IMPLS), ("base_quant", BASE_QUANTS),
                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         bad(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+    if self.lora_rank < 0:
+      bad(f"lora_rank={self.lora_rank} must be >= 0 (0 disables the adapters)")
+    if self.lora_alpha <= 0:
+      bad(f"lora_alpha={self.lora_alpha} must be positive")
+    if not 0 <= self.lora_dropout < 1:
+      bad(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown or (self.lora_rank and not self.lora_targets):
+      bad(f"lora_targets={self.lora_targets}: choose a non-empty subset of {LORA_TARGETS}")
     n = self.num_hidden_layers
     if self.no_rope_layers is not None:
       if len(self.no_rope_layers) < n or any(v not in (0, 1) for v in self.no_rope_layers):

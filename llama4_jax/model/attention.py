@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import ModelConfig
-from llama4_jax.model.layers import apply_rope, param, rms_normalize
+from llama4_jax.model.layers import apply_rope, rms_normalize
+from llama4_jax.model.lora import declare_linear, weight
 from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
 from llama4_jax.sharding import constrain
 
@@ -76,11 +77,11 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rope: bool, rngs: nnx.Rngs, stack=()):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    pd, std = cfg.param_dtype, cfg.initializer_range
-    self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std=std, stack=stack)
-    self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=std, stack=stack)
-    self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=std, stack=stack)
-    self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std=std, stack=stack)
+    std = cfg.initializer_range
+    declare_linear(self, "q", rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"), 1, "q", std, stack)
+    declare_linear(self, "k", rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "k", std, stack)
+    declare_linear(self, "v", rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), 1, "v", std, stack)
+    declare_linear(self, "o", rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"), 2, "o", std, stack)
     self.rope = rope
     self.qk_norm = cfg.use_qk_norm and rope
     self.eps = cfg.rms_norm_eps
@@ -88,12 +89,12 @@ class Attention(nnx.Module):
     self.temperature_tuning = cfg.attn_temperature_tuning and not rope
     self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
 
-  def _project(self, x_BTD, positions_BT, rope_cos_sin, mesh):
+  def _project(self, x_BTD, positions_BT, rope_cos_sin, mesh, key=None):
     """q [B, T, N, H], k, v [B, T, K, H] with RoPE + QK norm (RoPE layers) or temperature (NoPE)."""
     dt = x_BTD.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+    q = weight(self, "q")("BTD,DNH->BTNH", x_BTD, key, "q")
+    k = weight(self, "k")("BTD,DKH->BTKH", x_BTD, key, "k")
+    v = weight(self, "v")("BTD,DKH->BTKH", x_BTD, key, "v")
     q = constrain(q, mesh, ("batch", "seq", "heads", "head_dim"))
     k = constrain(k, mesh, ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, mesh, ("batch", "seq", "kv_heads", "head_dim"))
@@ -107,26 +108,26 @@ class Attention(nnx.Module):
       q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
     return q, k, v
 
-  def _out(self, out_BTNH):
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(out_BTNH.dtype))
+  def _out(self, out_BTNH, key=None):
+    return weight(self, "o")("BTNH,NHD->BTD", out_BTNH, key, "o")
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None, cache=None,
-               mode=None, ring: RingContext | None = None):
+               mode=None, ring: RingContext | None = None, key=None):
     """Attention over the given tokens; with a KV cache (see `init_kv_cache`), `mode` is "prefill"
     (attend within the prompt, then store it) or "decode" (store one token per row, attend over the
-    cache). With `ring` (no cache), ring attention over the mesh's context axis. Returns
-    (out [B, T, D], cache)."""
-    q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh)
+    cache). With `ring` (no cache), ring attention over the mesh's context axis. `key` (or None): LoRA
+    dropout. Returns (out [B, T, D], cache)."""
+    q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh, key)
     if ring is not None:
       plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned)
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
-      return self._out(out), cache
+      return self._out(out, key), cache
     if mode == "decode":
       cache = store_decode(cache, k, v, positions_BT[:, 0])
       mask = cache_mask(cache["pos"], positions_BT[:, 0], self.chunk_size)
       return self._out(masked_attention(q, cache["k"], cache["v"], mask[:, None, :])), cache
     mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
-    out = self._out(dense_attention(q, k, v, mask, mesh))
+    out = self._out(dense_attention(q, k, v, mask, mesh), key)
     if mode == "prefill":
       cache = store_prefill(cache, k, v, jnp.sum(segment_ids_BT > 0, axis=1))
     return out, cache

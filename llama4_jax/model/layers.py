@@ -23,18 +23,20 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
-          init: str = "normal", std: float = 0.02, stack: tuple[int, ...] = ()) -> nnx.Param:
+          init: str = "normal", std: float = 0.02, stack: tuple[int, ...] = (),
+          stream: str = "params") -> nnx.Param:
   """Declares one weight: shape, logical axes, dtype, init. Everything else derives from this.
 
-  `stack` prepends leading dims (the scanned superblocks), named `layers`.
+  `stack` prepends leading dims (the scanned superblocks), named `layers`. `stream`: the `rngs` stream
+  drawn from (adapters use "lora", so adding them does not change the base weights of a seed).
   """
   shape = tuple(stack) + tuple(shape)
   axes = ("layers",) * len(stack) + tuple(axes)
   assert len(axes) == len(shape), (shape, axes)
-  if init == "ones":
-    value = jnp.ones(shape, dtype)
+  if init in ("ones", "zeros"):
+    value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
   else:
-    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    value = (std * jax.random.normal(getattr(rngs, stream)(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, logical_axes=axes)
 
 
@@ -72,16 +74,19 @@ def apply_rope(x_BTNH, cos_BTh, sin_BTh):
 
 
 class SwiGLU(nnx.Module):
-  """down(silu(x @ gate) * (x @ up)): the dense MLP (width M) and the shared expert (width F)."""
+  """down(silu(x @ gate) * (x @ up)): the dense MLP (width M, LoRA target "mlp") and the shared expert
+  (width F, target "shared")."""
 
-  def __init__(self, dim: int, width: int, dtype, rngs: nnx.Rngs, std: float, stack=()):
-    self.gate = param(rngs, (dim, width), ("embed", "mlp"), dtype, std=std, stack=stack)
-    self.up = param(rngs, (dim, width), ("embed", "mlp"), dtype, std=std, stack=stack)
-    self.down = param(rngs, (width, dim), ("mlp", "embed"), dtype, std=std, stack=stack)
+  def __init__(self, cfg, width: int, rngs: nnx.Rngs, target: str, stack=()):
+    from llama4_jax.model.lora import declare_linear
+    d, std = cfg.hidden_size, cfg.initializer_range
+    for name in ("gate", "up"):
+      declare_linear(self, name, rngs, cfg, (d, width), ("embed", "mlp"), 1, target, std, stack)
+    declare_linear(self, "down", rngs, cfg, (width, d), ("mlp", "embed"), 1, target, std, stack)
 
-  def __call__(self, x_BTD, mesh=None):
-    dt = x_BTD.dtype
-    g_BTM = jnp.einsum("BTD,DM->BTM", x_BTD, self.gate[...].astype(dt))
-    u_BTM = jnp.einsum("BTD,DM->BTM", x_BTD, self.up[...].astype(dt))
+  def __call__(self, x_BTD, mesh=None, key=None):
+    from llama4_jax.model.lora import weight
+    g_BTM = weight(self, "gate")("BTD,DM->BTM", x_BTD, key, "gate")
+    u_BTM = weight(self, "up")("BTD,DM->BTM", x_BTD, key, "up")
     h_BTM = constrain(jax.nn.silu(g_BTM) * u_BTM, mesh, ("batch", "seq", "mlp"))
-    return jnp.einsum("BTM,MD->BTD", h_BTM, self.down[...].astype(dt))
+    return weight(self, "down")("BTM,MD->BTD", h_BTM, key, "down")

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import SwiGLU, param
+from llama4_jax.model.lora import declare_linear, weight
 
 
 def _block_size(rows: int, groups: int) -> int:
@@ -74,10 +75,12 @@ class MoE(nnx.Module):
     d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     pd, std = cfg.param_dtype, cfg.initializer_range
     self.router = param(rngs, (d, e), ("embed", None), pd, std=std, stack=stack)
-    self.gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std, stack=stack)
-    self.up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd, std=std, stack=stack)
-    self.down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), pd, std=std, stack=stack)
-    self.shared = SwiGLU(d, f, pd, rngs, std, stack=stack)
+    for name in ("gate", "up"):
+      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "embed", "mlp"), 1, "experts", std,
+                     stack, n_groups=1)
+    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "embed"), 1, "experts", std,
+                   stack, n_groups=1)
+    self.shared = SwiGLU(cfg, f, rngs, "shared", stack=stack)
     self.top_k = cfg.num_experts_per_tok
     self.impl = cfg.moe_impl
 
@@ -93,62 +96,65 @@ class MoE(nnx.Module):
     scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(x_D.dtype)
     return logits, top_idx, scores
 
-  def __call__(self, x_BTD, mesh=None):
-    """Returns y [B, T, D] and the load-balancing auxiliary loss (a float32 scalar)."""
+  def __call__(self, x_BTD, mesh=None, key=None):
+    """Returns y [B, T, D] and the load-balancing auxiliary loss (a float32 scalar). `key`: LoRA dropout."""
     b, t, d = x_BTD.shape
     logits, idx, score = self.route(x_BTD)
     impl = default_moe_impl() if self.impl == "auto" else self.impl
-    weights = (self.gate[...], self.up[...], self.down[...])
+    weights = tuple(weight(self, name, n_groups=1) for name in ("gate", "up", "down"))
     flat = lambda a: a.reshape(b * t, a.shape[-1])  # noqa: E731
     if impl == "dense":
-      routed_BTD = self._dense(flat(x_BTD), flat(idx), flat(score)).reshape(b, t, d)
+      routed_BTD = self._dense(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
     elif _context_split(mesh, t):  # route each device's own tokens (a global sort would gather them all)
-      routed_BTD = _per_context_shard(self._routed, mesh, impl, x_BTD, idx, score, weights)
+      routed_BTD = _per_context_shard(self._routed, mesh, impl, x_BTD, idx, score, weights, key)
     elif 2 * b * t * self.top_k <= self.gate.shape[0]:  # few tokens (decoding)
-      routed_BTD = self._gathered(flat(x_BTD), flat(idx), flat(score)).reshape(b, t, d)
+      routed_BTD = self._gathered(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
     else:
-      routed_BTD = self._routed(flat(x_BTD), flat(idx), flat(score), impl, weights).reshape(b, t, d)
-    y_BTD = self.shared(x_BTD, mesh) + routed_BTD
+      routed_BTD = self._routed(flat(x_BTD), flat(idx), flat(score), impl, weights,
+                                key).reshape(b, t, d)
+    y_BTD = self.shared(x_BTD, mesh, key) + routed_BTD
     return y_BTD, load_balance_loss(logits, idx)
 
   @staticmethod
-  def _routed(x_ND, idx_Nk, score_Nk, impl, weights):
-    """Sorted (token, expert) pairs through grouped matmuls; weights = (gate, up, down)."""
+  def _routed(x_ND, idx_Nk, score_Nk, impl, weights, key=None):
+    """Sorted (token, expert) pairs through grouped matmuls; weights = (gate, up, down) `Weight`s."""
     gate, up, down = weights
     n, k = idx_Nk.shape
-    e = gate.shape[0]
-    dt = x_ND.dtype
+    e = gate.kernel.shape[0]
     expert_A = idx_Nk.reshape(-1)  # A = N*k assignments, token-major
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
     x_AD = x_ND[token_A] * score_Nk.reshape(-1)[order_A][:, None]  # the score scales the expert input
     sizes_E = jnp.bincount(expert_A, length=e)
-    gate_AF = grouped_matmul(x_AD, gate.astype(dt), sizes_E, impl)
-    up_AF = grouped_matmul(x_AD, up.astype(dt), sizes_E, impl)
-    y_AD = grouped_matmul(jax.nn.silu(gate_AF) * up_AF, down.astype(dt), sizes_E, impl)
+    gate_AF = gate.grouped(x_AD, sizes_E, impl, key, "experts.gate")
+    up_AF = up.grouped(x_AD, sizes_E, impl, key, "experts.up")
+    y_AD = down.grouped(jax.nn.silu(gate_AF) * up_AF, sizes_E, impl, key, "experts.down")
     y_AD = y_AD[jnp.argsort(order_A)]  # back to token-major order
     return y_AD.reshape(n, k, -1).sum(axis=1)
 
-  def _gathered(self, x_ND, idx_Nk, score_Nk):
+  @staticmethod
+  def _gathered(x_ND, idx_Nk, score_Nk, weights, key=None):
     """Each (token, expert) pair with that expert's weights gathered: memory traffic of k experts per
     token instead of all E, which is what bounds a decode step."""
-    dt = x_ND.dtype
+    gate, up, down = weights
     x_NkD = x_ND[:, None, :] * score_Nk[:, :, None]
-    g = jnp.einsum("NkD,NkDF->NkF", x_NkD, self.gate[...][idx_Nk].astype(dt))
-    u = jnp.einsum("NkD,NkDF->NkF", x_NkD, self.up[...][idx_Nk].astype(dt))
-    y = jnp.einsum("NkF,NkFD->NkD", jax.nn.silu(g) * u, self.down[...][idx_Nk].astype(dt))
+    g = gate.gathered(x_NkD, idx_Nk, key, "experts.gate")
+    u = up.gathered(x_NkD, idx_Nk, key, "experts.up")
+    y = down.gathered(jax.nn.silu(g) * u, idx_Nk, key, "experts.down")
     return y.sum(axis=1)
 
-  def _dense(self, x_ND, idx_Nk, score_Nk):
+  @staticmethod
+  def _dense(x_ND, idx_Nk, score_Nk, weights, key=None):
     """Every expert on every token, unchosen ones with score 0 (transformers' formulation)."""
+    gate, up, down = weights
     dt = x_ND.dtype
-    e = self.gate.shape[0]
+    e = gate.kernel.shape[0]
     score_NE = jnp.zeros((x_ND.shape[0], e), dt).at[
         jnp.arange(x_ND.shape[0])[:, None], idx_Nk].set(score_Nk)
     x_END = x_ND[None] * score_NE.T[:, :, None]
-    g = jnp.einsum("END,EDF->ENF", x_END, self.gate[...].astype(dt))
-    u = jnp.einsum("END,EDF->ENF", x_END, self.up[...].astype(dt))
-    return jnp.einsum("ENF,EFD->ND", jax.nn.silu(g) * u, self.down[...].astype(dt))
+    g = gate("END,EDF->ENF", x_END, key, "experts.gate")
+    u = up("END,EDF->ENF", x_END, key, "experts.up")
+    return down("ENF,EFD->ND", jax.nn.silu(g) * u, key, "experts.down")
 
 
 def _context_split(mesh, seq_len: int) -> bool:
@@ -156,17 +162,19 @@ def _context_split(mesh, seq_len: int) -> bool:
   return n > 1 and seq_len % n == 0
 
 
-def _per_context_shard(routed, mesh, impl, x_BTD, idx_BTk, score_BTk, weights):
+def _per_context_shard(routed, mesh, impl, x_BTD, idx_BTk, score_BTk, weights, key=None):
   """`routed` on each context shard's tokens alone (manual over the context axis only; batch and
   weight axes stay with the compiler). Routing is per token, so the result does not change."""
-  def local(x, i, s, *w):
+  def local(x, i, s, w, k):
     b, t, d = x.shape
+    if k is not None:  # each shard's tokens draw their own dropout masks
+      k = jax.random.fold_in(k, jax.lax.axis_index("context"))
     return routed(x.reshape(b * t, d), i.reshape(b * t, -1), s.reshape(b * t, -1), impl,
-                  w).reshape(b, t, d)
+                  w, k).reshape(b, t, d)
 
   tokens = P(None, "context")
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (P(),) * 3, out_specs=tokens,
-                       axis_names={"context"}, check_vma=False)(x_BTD, idx_BTk, score_BTk, *weights)
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (P(), P()), out_specs=tokens,
+                       axis_names={"context"}, check_vma=False)(x_BTD, idx_BTk, score_BTk, weights, key)
 
 
 def load_balance_loss(logits, idx):

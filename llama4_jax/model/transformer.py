@@ -18,6 +18,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
+from llama4_jax.model.lora import dropout_key
 from llama4_jax.model.moe import MoE
 from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag
 from llama4_jax.sharding import constrain, state_shardings
@@ -34,20 +35,19 @@ class DecoderLayer(nnx.Module):
     if kind.moe:
       self.ffn = MoE(cfg, rngs, stack=stack)
     else:
-      self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp, pd, rngs, cfg.initializer_range,
-                        stack=stack)
+      self.ffn = SwiGLU(cfg, cfg.intermediate_size_mlp, rngs, "mlp", stack=stack)
     self.kind = kind
 
   def __call__(self, h_BTD, positions, segment_ids, rope_cos_sin, mesh=None, cache=None, mode=None,
-               ring=None):
-    """Returns (h [B, T, D], MoE load-balancing loss, updated KV cache or None)."""
+               ring=None, key=None):
+    """Returns (h [B, T, D], MoE load-balancing loss, updated KV cache or None). `key`: LoRA dropout."""
     a, cache = self.attn(self.attn_norm(h_BTD), positions, segment_ids, rope_cos_sin, mesh, cache, mode,
-                         ring)
+                         ring, dropout_key(key, 0))
     h_BTD = constrain(h_BTD + a, mesh, ("batch", "seq", "act_embed"))
     if self.kind.moe:
-      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh)
+      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh, dropout_key(key, 1))
     else:
-      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh), jnp.zeros((), jnp.float32)
+      y, aux = self.ffn(self.ffn_norm(h_BTD), mesh, dropout_key(key, 1)), jnp.zeros((), jnp.float32)
     h_BTD = constrain(h_BTD + y, mesh, ("batch", "seq", "act_embed"))
     return h_BTD, aux, cache
 
@@ -93,8 +93,10 @@ class Llama4(nnx.Module):
   def __call__(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
     return _forward_jit(self, input_ids, positions, segment_ids, return_aux)
 
-  def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
-    """The traceable forward pass (what `__call__` jit-compiles)."""
+  def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False,
+              dropout_key=None):
+    """The traceable forward pass (what `__call__` jit-compiles). `dropout_key` (training only) turns
+    on LoRA dropout when the config sets `lora_dropout`."""
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -109,7 +111,8 @@ class Llama4(nnx.Module):
     if ring is not None and ring.layout == "zigzag":  # reorder once; every other op is per token
       input_ids, positions, segment_ids = (to_zigzag(x, self.mesh)
                                            for x in (input_ids, positions, segment_ids))
-    h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids, ring=ring)
+    key = dropout_key if cfg.lora_rank and cfg.lora_dropout > 0 else None
+    h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids, ring=ring, key=key)
     if ring is not None and ring.layout == "zigzag":
       h = from_zigzag(h, self.mesh, ("batch", "seq", "act_embed"))
     logits = self._logits(h)
@@ -176,8 +179,9 @@ class Llama4(nnx.Module):
                         preferred_element_type=jnp.float32)
     return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
 
-  def _layers(self, h, positions, segment_ids, cache=None, mode=None, ring=None):
-    """All decoder layers: the scanned superblocks, then the unscanned tail. Returns (h, aux, cache)."""
+  def _layers(self, h, positions, segment_ids, cache=None, mode=None, ring=None, key=None):
+    """All decoder layers: the scanned superblocks, then the unscanned tail. Returns (h, aux, cache).
+    `key` (or None): LoRA dropout, folded with each layer's index."""
     cfg, mesh = self.config, self.mesh
     rope_cos_sin = rope_angles(positions, cfg.rope_inv_freq())
     aux = jnp.zeros((), jnp.float32)
@@ -186,24 +190,27 @@ class Llama4(nnx.Module):
       graphdef, stacked = nnx.split(self.blocks)
 
       def superblock(h, xs):
-        layer_state, layer_caches = xs
+        layer_state, layer_caches, block = xs
         total, caches = jnp.zeros((), jnp.float32), []
         for j, layer in enumerate(nnx.merge(graphdef, layer_state)):
           h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
-                          None if layer_caches is None else layer_caches[j], mode, ring)
+                          None if layer_caches is None else layer_caches[j], mode, ring,
+                          dropout_key(key, block * self.period + j))
           total, caches = total + a, caches + [c]
         return h, (total, None if layer_caches is None else caches)
 
       if cfg.remat_policy != "none" and cache is None:
         superblock = jax.checkpoint(superblock, policy=_REMAT[cfg.remat_policy](), prevent_cse=False)
       h, (block_aux, block_caches) = jax.lax.scan(
-          superblock, h, (stacked, None if cache is None else cache["blocks"]))
+          superblock, h, (stacked, None if cache is None else cache["blocks"],
+                          jnp.arange(self.num_blocks)))
       aux = aux + block_aux.sum()
       if cache is not None:
         new_cache["blocks"] = block_caches
     for j, layer in enumerate(self.tail):
       h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
-                      None if cache is None else cache["tail"][j], mode, ring)
+                      None if cache is None else cache["tail"][j], mode, ring,
+                      dropout_key(key, self.num_blocks * self.period + j))
       aux = aux + a
       if cache is not None:
         new_cache["tail"].append(c)
@@ -250,14 +257,20 @@ def model_shardings(cfg: ModelConfig, mesh: Mesh | None):
   return graphdef, abstract_state, state_shardings(abstract_state, mesh)
 
 
+def _rngs(seed: int) -> nnx.Rngs:
+  """Base weights draw from the default stream, LoRA adapters from their own, so a seed gives the same
+  base weights with or without adapters."""
+  return nnx.Rngs(seed, lora=seed + 1_000_003)
+
+
 def create_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Llama4:
   """A randomly initialised model, its weights created directly in their shards when `mesh` is given."""
   if mesh is None:
-    return Llama4(cfg, rngs=nnx.Rngs(seed))
+    return Llama4(cfg, rngs=_rngs(seed))
   graphdef, _, shardings = model_shardings(cfg, mesh)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init():
-    return nnx.split(Llama4(cfg, rngs=nnx.Rngs(seed), mesh=mesh))[1]
+    return nnx.split(Llama4(cfg, rngs=_rngs(seed), mesh=mesh))[1]
 
   return nnx.merge(graphdef, init())

@@ -1,0 +1,275 @@
+"""Low-rank adapters (LoRA) and weight-only int8 for the model's linear weights.
+
+A linear weight W is declared by `declare_linear`, which also declares what the config asks for:
+- `<name>_scale` when `base_quant == "int8"`: W is stored as int8 with one float32 scale per output
+  channel (absmax / 127 over the input dims); the forward pass dequantizes one layer at a time.
+- `<name>_lora_a` [*groups, *in, r] and `<name>_lora_b` [r, *out] (zeros at init) when the weight's
+  target group is in `lora_targets` and `lora_rank > 0`. The forward pass adds
+  (alpha / r) * (dropout(x) @ A) @ B to x @ W, so at init the adapted model equals the base model.
+  Adapters are float32 whatever the base's dtype: they are the trainable (master) weights.
+
+Targets group the weights: "q", "k", "v", "o" (attention), "mlp" (dense SwiGLU gate/up/down), "shared"
+(the shared expert) and "experts" (the routed experts: stacked per-expert adapters [E, D, r], [E, r, F]).
+The embedding, router, norms and LM head are never adapted or quantized.
+
+`Weight` is the pytree a forward pass uses; every linear call site goes through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import BASE_QUANTS, LORA_TARGETS  # noqa: F401  (re-exported)
+
+ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+SCALE_SUFFIX = "_scale"
+
+
+def is_adapter(path: Sequence) -> bool:
+  """Whether a parameter path (tuple of keys) names a LoRA adapter weight."""
+  return str(path[-1]).endswith(ADAPTER_SUFFIXES)
+
+
+def quantize_int8(w, n_groups: int, n_in: int):
+  """(int8 weight, float32 scale [*groups, *out]) with per-output-channel absmax scaling."""
+  wf = w.astype(jnp.float32)
+  in_axes = tuple(range(n_groups, n_groups + n_in))
+  scale = jnp.max(jnp.abs(wf), axis=in_axes) / 127.0
+  scale = jnp.where(scale == 0, 1.0, scale)
+  q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, in_axes)), -127, 127).astype(jnp.int8)
+  return q, scale
+
+
+def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, shape: Sequence[int],
+                   axes: Sequence[str | None], n_in: int, target: str | None, std: float, stack=(),
+                   n_groups: int = 0) -> None:
+  """Declares linear weight `name` of `module`: shape [*groups, *in, *out] (n_groups leading group dims,
+  then n_in contracted dims), with its int8 scale and LoRA adapter when `cfg` asks for them."""
+  from llama4_jax.model.layers import param
+  w = param(rngs, shape, axes, cfg.param_dtype, std=std, stack=stack)
+  lead = len(stack)
+  g_axes, in_axes = tuple(axes[:n_groups]), tuple(axes[n_groups:n_groups + n_in])
+  out_axes = tuple(axes[n_groups + n_in:])
+  g_shape, in_shape = tuple(shape[:n_groups]), tuple(shape[n_groups:n_groups + n_in])
+  out_shape = tuple(shape[n_groups + n_in:])
+  if cfg.base_quant == "int8" and target is not None:
+    q, scale = quantize_int8(w[...], lead + n_groups, n_in)
+    w = nnx.Param(q, logical_axes=w.get_metadata()["logical_axes"])
+    setattr(module, name + SCALE_SUFFIX, nnx.Param(
+        scale, logical_axes=("layers",) * lead + g_axes + out_axes))
+  setattr(module, name, w)
+  if cfg.lora_rank and target in cfg.lora_targets:
+    r = cfg.lora_rank
+    fan_in = 1
+    for n in in_shape:
+      fan_in *= n
+    setattr(module, name + "_lora_a", param(rngs, g_shape + in_shape + (r,), g_axes + in_axes + (None,),
+                                            "float32", std=fan_in ** -0.5, stack=stack,
+                                            stream="lora"))
+    setattr(module, name + "_lora_b", param(rngs, g_shape + (r,) + out_shape, g_axes + (None,) + out_axes,
+                                            "float32", init="zeros", stack=stack))
+  module.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+  module.lora_dropout = cfg.lora_dropout
+  # (name, leading dims before the input dims incl. the stack, target): what `adapt_model` walks
+  module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups, target),)
+
+
+def weight(module: nnx.Module, name: str, n_groups: int = 0) -> "Weight":
+  """The `Weight` pytree of linear weight `name` of `module` (see `declare_linear`)."""
+  def get(suffix):
+    v = getattr(module, name + suffix, None)
+    return None if v is None else v.get_value()
+  return Weight(get(""), get(SCALE_SUFFIX), get("_lora_a"), get("_lora_b"), n_groups,
+                module.lora_scale, module.lora_dropout)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel", "scale", "lora_a", "lora_b"],
+                   meta_fields=["n_groups", "lora_scale", "dropout"])
+@dataclasses.dataclass(frozen=True)
+class Weight:
+  """A linear weight as the forward pass sees it: base kernel [*groups, *in, *out] (maybe int8, with
+  `scale` [*groups, *out]) and an optional adapter A [*groups, *in, r], B [*groups, r, *out]."""
+  kernel: jax.Array
+  scale: jax.Array | None
+  lora_a: jax.Array | None
+  lora_b: jax.Array | None
+  n_groups: int = 0
+  lora_scale: float = 0.0
+  dropout: float = 0.0
+
+  def value(self, dtype):
+    """The dequantized base kernel in `dtype` (the adapter excluded)."""
+    if self.scale is None:
+      return self.kernel.astype(dtype)
+    n_in = self.kernel.ndim - self.scale.ndim
+    shape = self.scale.shape[:self.n_groups] + (1,) * n_in + self.scale.shape[self.n_groups:]
+    return self.kernel.astype(dtype) * self.scale.reshape(shape).astype(dtype)
+
+  def merged(self, dtype):
+    """Base + (alpha / r) * A @ B as one dense kernel in `dtype` (for export and merged sampling)."""
+    w = self.value(jnp.float32)
+    if self.lora_a is not None:
+      g = self.n_groups
+      a = self.lora_a.reshape(self.lora_a.shape[:g] + (-1, self.lora_a.shape[-1]))
+      b = self.lora_b.reshape(self.lora_b.shape[:g + 1] + (-1,))
+      delta = jnp.einsum("...ir,...ro->...io", a, b) * self.lora_scale
+      w = w + delta.reshape(w.shape)
+    return w.astype(dtype)
+
+  def _drop(self, x, key, tag: str):
+    if key is None or self.dropout <= 0:
+      return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, zlib.crc32(tag.encode()) & 0x7FFFFFFF),
+                                1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+  def __call__(self, eq: str, x, key=None, tag: str = ""):
+    """einsum(eq, x, W) for W = dequantized base, plus the low-rank update when adapted.
+
+    `eq` names x's and the kernel's dims (e.g. "BTD,DNH->BTNH"); `key` (or None) enables LoRA dropout,
+    decorrelated per weight by `tag`."""
+    y = jnp.einsum(eq, x, self.value(x.dtype))
+    if self.lora_a is None:
+      return y
+    (xs, ws), out = [s.split(",") for s in eq.split("->")][0], eq.split("->")[1]
+    assert "r" not in eq, eq
+    g = self.n_groups
+    n_in = self.lora_a.ndim - g - 1
+    groups, ins, outs = ws[:g], ws[g:g + n_in], ws[g + n_in:]
+    mid = "".join(c for c in xs if c not in ins) + "r"
+    a_sub, b_sub = groups + ins + "r", groups + "r" + outs
+    z = jnp.einsum(f"{xs},{a_sub}->{mid}", self._drop(x, key, tag), self.lora_a.astype(x.dtype))
+    return y + self.lora_scale * jnp.einsum(f"{mid},{b_sub}->{out}", z, self.lora_b.astype(x.dtype))
+
+  def grouped(self, x_AD, sizes_E, impl: str, key=None, tag: str = ""):
+    """Grouped matmul over experts (rows of x sorted by expert, `sizes_E` rows each), adapter included."""
+    from llama4_jax.model.moe import grouped_matmul
+    dt = x_AD.dtype
+    y = grouped_matmul(x_AD, self.value(dt), sizes_E, impl)
+    if self.lora_a is None:
+      return y
+    z = grouped_matmul(self._drop(x_AD, key, tag), self.lora_a.astype(dt), sizes_E, impl)
+    return y + self.lora_scale * grouped_matmul(z, self.lora_b.astype(dt), sizes_E, impl)
+
+  def gathered(self, x_NkD, idx_Nk, key=None, tag: str = ""):
+    """Per (token, chosen expert) matmul with only the chosen experts' weights read (decoding)."""
+    dt = x_NkD.dtype
+    w = self.kernel[idx_Nk].astype(dt)
+    if self.scale is not None:
+      w = w * self.scale[idx_Nk][:, :, None, :].astype(dt)
+    y = jnp.einsum("NkD,NkDF->NkF", x_NkD, w)
+    if self.lora_a is None:
+      return y
+    z = jnp.einsum("NkD,NkDr->Nkr", self._drop(x_NkD, key, tag), self.lora_a[idx_Nk].astype(dt))
+    return y + self.lora_scale * jnp.einsum("Nkr,NkrF->NkF", z, self.lora_b[idx_Nk].astype(dt))
+
+
+def dropout_key(key, *tags: int):
+  """`key` folded with integer tags (layer indices), or None when dropout is off."""
+  if key is None:
+    return None
+  for t in tags:
+    key = jax.random.fold_in(key, t)
+  return key
+
+
+# ------------------------------------------------------------------------------------------------
+# Changing a model's adapters and quantization: add adapters, quantize, merge.
+
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_quant")
+
+
+def adapt_model(model, seed: int = 0, release: bool = False, **changes):
+  """`model` with its adapter/quantization fields (`ADAPTER_FIELDS`) changed, weight by weight:
+
+  - adding adapters keeps every base weight and initialises A (normal, std fan_in^-1/2; from `seed`)
+    and B = 0, so the new model computes exactly what the old one did;
+  - `base_quant="int8"` quantizes each targeted base weight (per output channel);
+  - removing adapters (`lora_rank=0`) merges them: W + (alpha / r) A @ B, dequantized (see
+    `merge_lora`).
+  Each weight is converted by its own jit call onto its shards, so the peak is the old model plus one
+  weight; `release=True` also deletes each old weight once converted (when the caller drops the model).
+  """
+  from llama4_jax.checkpoint.keys import sharding_table, state_leaves, state_path
+  from llama4_jax.model.transformer import model_shardings
+  unknown = set(changes) - set(ADAPTER_FIELDS)
+  if unknown:
+    raise ValueError(f"adapt_model changes only {ADAPTER_FIELDS}, not {sorted(unknown)}")
+  old_cfg = model.config
+  cfg = old_cfg.replace(**changes)
+  graphdef, abstract_state, shardings = model_shardings(cfg, model.mesh)
+  table = sharding_table(shardings)
+  new_abstract = nnx.merge(graphdef, abstract_state)
+  old_modules = dict(nnx.iter_graph(model))
+  old_leaves = state_leaves(model)
+  values: dict[tuple, jax.Array] = {}
+  root = jax.random.PRNGKey(seed)
+  for path, module in nnx.iter_graph(new_abstract):
+    if not isinstance(module, nnx.Module) or not getattr(module, "linears", None):
+      continue
+    path = tuple(path)
+    old = old_modules[path]
+    for name, lead, _ in module.linears:
+      new_w = weight(module, name, lead)
+      outs = {"": new_w.kernel, SCALE_SUFFIX: new_w.scale, "_lora_a": new_w.lora_a,
+              "_lora_b": new_w.lora_b}
+      outs = {k: v for k, v in outs.items() if v is not None}
+      key = jax.random.fold_in(root, zlib.crc32(".".join(map(str, path + (name,))).encode()))
+      convert = jax.jit(functools.partial(_convert_weight, lead=lead, param_dtype=cfg.param_dtype,
+                                          new_shapes={k: v.shape for k, v in outs.items()}),
+                        out_shardings={k: table[path + (name + k,)] for k in outs})
+      old_w = weight(old, name, lead)
+      for k, v in convert(old_w, key).items():
+        values[path + (name + k,)] = v
+      if release:
+        for suffix in ("", SCALE_SUFFIX, "_lora_a", "_lora_b"):
+          var = getattr(old, name + suffix, None)
+          if var is not None and not isinstance(var[...], jax.ShapeDtypeStruct):
+            var[...].delete()
+
+  def fill(p, var):
+    p = state_path(p)
+    if p in values:
+      return var.replace(values[p])
+    src = old_leaves[p]
+    return var.replace(jax.device_put(src, table[p]) if src.sharding != table[p] else src)
+
+  state = jax.tree_util.tree_map_with_path(fill, abstract_state,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+def _convert_weight(old: Weight, key, lead: int, param_dtype: str, new_shapes: dict) -> dict:
+  """New kernel (+ scale, adapter) for one linear weight; see `adapt_model`."""
+  adapted = "_lora_a" in new_shapes
+  keep_adapter = adapted and old.lora_a is not None and old.lora_a.shape == new_shapes["_lora_a"]
+  base = old.value(jnp.float32) if keep_adapter else old.merged(jnp.float32)
+  out = {}
+  if SCALE_SUFFIX in new_shapes:
+    n_in = base.ndim - len(new_shapes[SCALE_SUFFIX])
+    out[""], out[SCALE_SUFFIX] = quantize_int8(base, lead, n_in)
+  else:
+    out[""] = base.astype(param_dtype)
+  if keep_adapter:
+    out["_lora_a"], out["_lora_b"] = old.lora_a, old.lora_b
+  elif adapted:
+    a_shape = new_shapes["_lora_a"]
+    fan_in = 1
+    for n in a_shape[lead:-1]:
+      fan_in *= n
+    out["_lora_a"] = jax.random.normal(key, a_shape, jnp.float32) * fan_in ** -0.5
+    out["_lora_b"] = jnp.zeros(new_shapes["_lora_b"], jnp.float32)
+  return out
+
+
+def merge_lora(model, release: bool = False):
+  """A plain model (no adapters, no int8) computing what `model` computes, with each adapter folded in:
+  W + (alpha / r) A @ B in the model's param_dtype. Sample with it, or export it (`save_pretrained`)."""
+  return adapt_model(model, release=release, lora_rank=0, base_quant="none")
