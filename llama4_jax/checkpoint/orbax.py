@@ -58,14 +58,19 @@ def find_checkpoints(directory: str) -> str:
                           "directories in it or in its checkpoints/ folder)")
 
 
-def read_model_config(directory: str) -> tuple[ModelConfig, int]:
-  """The ModelConfig and step of the latest checkpoint under `directory` (a workdir or checkpoints dir)."""
+def read_metadata(directory: str) -> tuple[dict, int]:
+  """The config metadata ({"run", "model", maybe "frozen_base"}) and step of the latest checkpoint."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
   path = os.path.join(ckpt_dir, str(step), "config", "metadata")
   with open(path) as f:
-    fields = json.load(f)["model"]
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return json.load(f), step
+
+
+def read_model_config(directory: str) -> tuple[ModelConfig, int]:
+  """The ModelConfig and step of the latest checkpoint under `directory` (a workdir or checkpoints dir)."""
+  meta, step = read_metadata(directory)
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
   return ModelConfig(**fields), step
 
 
@@ -128,6 +133,26 @@ def load_orbax_model(path: str, mesh=None, **overrides):
   from llama4_jax.checkpoint.keys import sharding_table, state_path
   from llama4_jax.model.transformer import model_shardings
   cfg, _ = read_model_config(path)
+  base = read_metadata(path)[0].get("frozen_base")
+  if base:  # adapters only: load the frozen base with the adapter structure, then restore the adapters
+    from flax import traverse_util
+
+    from llama4_jax.checkpoint.hf import load_model
+    from llama4_jax.checkpoint.safetensors_io import CheckpointError
+    from llama4_jax.model.lora import ADAPTER_FIELDS, is_adapter
+    if not os.path.isdir(base):
+      raise CheckpointError(f"{path} holds LoRA adapters only; their frozen base {base!r} (the run's "
+                            "init_from) is missing. Restore that directory, or export a merged model "
+                            "while it exists (llama4-convert orbax-to-hf --merge-lora)")
+    fields = {k: getattr(cfg, k) for k in ADAPTER_FIELDS + ("param_dtype", "dtype")}
+    model = load_model(base, mesh=mesh, **{**fields, **overrides})
+    graphdef, state = nnx.split(model)
+    pure = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+              for k, v in pure.items() if is_adapter(k)}
+    pure.update(traverse_util.flatten_dict(restore_params(path, traverse_util.unflatten_dict(target))))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
+    return nnx.merge(graphdef, state)
   graphdef, abstract_state, shardings = model_shardings(cfg.replace(**overrides), mesh)
   table = sharding_table(shardings)
   target = jax.tree_util.tree_map_with_path(

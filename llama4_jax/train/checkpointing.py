@@ -29,10 +29,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, data_state: bytes | None, run_config: dict,
-           model_config: ModelConfig, force: bool = False) -> bool:
+           model_config: ModelConfig, force: bool = False, extra: dict | None = None) -> bool:
+    """`extra`: more config metadata, e.g. {"frozen_base": path} when `state` holds adapters only."""
     items = {
         "state": ocp.args.StandardSave(state),
-        "config": ocp.args.JsonSave({"run": run_config, "model": dataclasses.asdict(model_config)}),
+        "config": ocp.args.JsonSave({"run": run_config, "model": dataclasses.asdict(model_config),
+                                     **(extra or {})}),
     }
     if data_state is not None:
       from llama4_jax.data import FrozenState

@@ -114,6 +114,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   if c.batch_size % num_processes:
     bad("batch_size", f"{c.batch_size} is not divisible by the {num_processes} processes")
   cfg = model_config(c)  # raises ValueError naming the model field
+  if cfg.lora_rank and not c.init_from:
+    bad("init_from", "LoRA (model.lora_rank > 0) fine-tunes a pretrained model: set init_from to a "
+                     "Hugging Face directory or a checkpoint of this project")
+  if cfg.base_quant != "none" and not cfg.lora_rank:
+    bad("model.base_quant", f"an {cfg.base_quant} base is frozen, so only adapters can train: set "
+                            "model.lora_rank > 0 (or base_quant='none' for full fine-tuning)")
   if sizes["context"] > 1:
     if cfg.attention_impl == "dense":
       bad("model.attention_impl", f"'dense' cannot split the sequence over mesh.context="

@@ -25,13 +25,15 @@ from llama4_jax.checkpoint.hf import load_model
 from llama4_jax.config import from_hf_config, read_hf_config
 from llama4_jax.data import HostBatches, eval_batches, open_source, split_train_eval
 from llama4_jax.model import create_model
+from llama4_jax.model.lora import ADAPTER_FIELDS
 from llama4_jax.sharding import make_mesh
 from llama4_jax.tokenizer import TOKENIZER_FILE, HFTokenizer, load_tokenizer, train_bpe
 from llama4_jax.train import checkpointing
 from llama4_jax.train.config import model_config, validate
 from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
-from llama4_jax.train.step import (TrainModel, batch_sharding, learning_rate_schedule, make_eval_step,
-                                   make_optimizer, make_train_step, opt_state_shardings)
+from llama4_jax.train.step import (TrainModel, batch_sharding, join_params, learning_rate_schedule,
+                                   make_eval_step, make_optimizer, make_train_step, opt_state_shardings,
+                                   split_trainable)
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 
 
 _IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "moe_impl", "remat_policy",
-                "scan_layers")
+                "scan_layers") + ADAPTER_FIELDS
 
 
 def _sync(name: str) -> None:
@@ -62,22 +64,25 @@ def get_tokenizer(c, workdir: str, train_docs, log) -> Any:
 
 
 def init_params(c, cfg, mesh, log):
-  """(TrainModel, params as a pure dict of sharded arrays, ModelConfig) from init_from or random.
+  """(TrainModel, trainable params, frozen params, ModelConfig) from init_from or random; params are
+  pure dicts of sharded arrays (see `split_trainable`).
 
   init_from (a Hugging Face directory or a training checkpoint) fixes the architecture; the run config
-  still chooses the implementation (dtypes, kernels, remat)."""
+  still chooses the implementation (dtypes, kernels, remat) and the adapters (lora_*, base_quant)."""
   if c.init_from:
-    model = load_model(c.init_from, mesh=mesh, **{k: getattr(cfg, k) for k in _IMPL_FIELDS})
+    model = load_model(c.init_from, mesh=mesh, lora_seed=c.seed,
+                       **{k: getattr(cfg, k) for k in _IMPL_FIELDS})
     log(f"initialised from {c.init_from}")
   else:
     model = create_model(cfg, mesh=mesh, seed=c.seed)
-  return TrainModel.of(model), nnx.to_pure_dict(nnx.state(model)), model.config
+  trainable, frozen = split_trainable(nnx.to_pure_dict(nnx.state(model)), model.config.lora_rank > 0)
+  return TrainModel.of(model), trainable, frozen, model.config
 
 
-def evaluate(eval_step, params, batches, sharding, byte_lengths) -> dict[str, float]:
+def evaluate(eval_step, params, frozen, batches, sharding, byte_lengths) -> dict[str, float]:
   total = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
   for host_batch in batches:
-    out = eval_step(params, _global_batch(host_batch, sharding), byte_lengths)
+    out = eval_step(params, frozen, _global_batch(host_batch, sharding), byte_lengths)
     for k in total:
       total[k] += float(out[k])
   tokens = max(total["tokens"], 1.0)
@@ -148,9 +153,14 @@ def train(c, workdir: str) -> dict[str, Any]:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                      f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
-  tm, params, cfg = init_params(c, cfg, mesh, log)
+  tm, params, frozen, cfg = init_params(c, cfg, mesh, log)
   log(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
       f"{cfg.num_local_experts} experts, dtype {cfg.dtype} (params {cfg.param_dtype})")
+  if frozen:
+    n_train = sum(x.size for x in jax.tree.leaves(params))
+    log(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {n_train / 1e6:.2f}M trainable "
+        f"parameters ({100 * n_train / cfg.num_params():.2f}%), base frozen"
+        + (" in int8" if cfg.base_quant == "int8" else f" in {cfg.param_dtype}"))
 
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   tx = make_optimizer(c)
@@ -176,6 +186,7 @@ def train(c, workdir: str) -> dict[str, Any]:
 
   step_fn = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
                     out_shardings=(param_shardings, opt_shardings, None))
+  base = {"frozen_base": os.path.abspath(c.init_from)} if frozen else {}  # checkpoints hold adapters only
   eval_fn = jax.jit(make_eval_step(tm))
   schedule = learning_rate_schedule(c)
   held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches,
@@ -188,10 +199,10 @@ def train(c, workdir: str) -> dict[str, Any]:
   def save(step, force=False):
     state = {"params": params, "opt_state": opt_state, "rng": rng,
              "step": _replicated(np.asarray(step, np.int32), replicated)}
-    ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force)
+    ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force, extra=base)
 
   def run_eval(step, label):
-    ev = evaluate(eval_fn, params, held_out_batches, bsharding, byte_lengths)
+    ev = evaluate(eval_fn, params, frozen, held_out_batches, bsharding, byte_lengths)
     logger.write(step, ev)
     log(f"{label} at step {step}: loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.3f} bits/byte "
         f"on {int(ev['eval_tokens'])} held-out tokens")
@@ -204,7 +215,7 @@ def train(c, workdir: str) -> dict[str, Any]:
     while step < c.steps:
       step += 1
       batch = _global_batch(next(train_iter), bsharding)
-      params, opt_state, m = step_fn(params, opt_state, batch)
+      params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step))
       loss = float(m["loss"])
       if not math.isfinite(loss):
         ckpt.wait()
@@ -244,7 +255,7 @@ def train(c, workdir: str) -> dict[str, Any]:
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
         c.sample_prompt)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    new = generate(tm.merge(params), [prompt], c.sample_tokens, temperature=c.sample_temperature,
+    new = generate(tm.merge(join_params(params, frozen)), [prompt], c.sample_tokens, temperature=c.sample_temperature,
                    seed=c.seed, stop_tokens=stop)[0]
     result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])
     log("sample:\n" + result["sample"])

@@ -39,7 +39,8 @@ def peak_flops_total(override_per_device: float = 0.0) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """6 x active matmul params + causal attention (3 passes x 2 matmuls x 2 FLOPs), per token."""
+  """6 x active matmul params + causal attention (3 passes x 2 matmuls x 2 FLOPs), per token. With LoRA
+  the frozen weights need no weight gradient: 4 x params (the adapters' own FLOPs are left out)."""
   d, f, m = cfg.hidden_size, cfg.intermediate_size, cfg.intermediate_size_mlp
   hd = cfg.head_dim
   attn_proj = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
@@ -49,7 +50,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     params += attn_proj + (moe if kind.moe else 3 * d * m)
     window = min(seq_len, cfg.attention_chunk_size or seq_len) if kind.rope else seq_len
     attn += 2 * 2 * cfg.num_attention_heads * hd * (window / 2)  # QK^T and PV, causal half
-  return 6 * params + 3 * attn
+  return (4 if cfg.lora_rank else 6) * params + 3 * attn
 
 
 # --- TensorBoard event files -----------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Optimizer, loss and the jitted train / eval steps.
 
 Parameters travel as a pure dict (path -> array) so that optimizer state, shardings and Orbax checkpoints
-are plain pytrees; `TrainModel` turns them back into the NNX module inside the step.
+are plain pytrees; `TrainModel` turns them back into the NNX module inside the step. They are split into
+`trainable` (differentiated, optimized, checkpointed) and `frozen` (read only): with LoRA (`lora_rank` > 0)
+only the adapters are trainable and the base is frozen; otherwise everything is trainable.
 
 Loss = mean next-token cross-entropy over unmasked targets + `moe_aux_loss_coef` * the load-balancing loss.
 Gradient accumulation splits the batch into `microbatches` and divides every microbatch's summed loss by
@@ -17,8 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
+from llama4_jax.model.lora import is_adapter
 from llama4_jax.sharding import named_sharding
 
 
@@ -61,43 +64,68 @@ def make_optimizer(c) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def token_losses(model, batch):
+def split_trainable(params: dict, lora: bool) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts: the adapters and the rest with `lora`, else (params, {})."""
+  if not lora:
+    return params, {}
+  flat = traverse_util.flatten_dict(params)
+  trainable = {k: v for k, v in flat.items() if is_adapter(k)}
+  frozen = {k: v for k, v in flat.items() if not is_adapter(k)}
+  if not trainable:
+    raise ValueError("lora_rank > 0 but the model has no adapter weights (check lora_targets)")
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def join_params(trainable: dict, frozen: dict) -> dict:
+  """The inverse of `split_trainable`."""
+  if not frozen:
+    return trainable
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
+                                       **traverse_util.flatten_dict(trainable)})
+
+
+def token_losses(model, batch, dropout_key=None):
   """Per-token cross-entropy [B, T] (float32), and the MoE load-balancing loss."""
   logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              return_aux=True)
+                              return_aux=True, dropout_key=dropout_key)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   return logz - target_logit, aux["moe_aux_loss"]
 
 
 def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_sharding):
-  """train_step(params, opt_state, batch) -> (params, opt_state, metrics); jit it with donation."""
+  """train_step(params, opt_state, frozen, batch, rng, step) -> (params, opt_state, metrics), where params
+  are the trainable ones (see `split_trainable`); jit it donating params and opt_state. `rng` (raw key
+  data) and `step` seed LoRA dropout."""
   n_micro = c.microbatches
   aux_coef = c.moe_aux_loss_coef
 
-  def micro_loss(params, mb, total_tokens):
-    losses, aux = token_losses(tm.merge(params), mb)
+  def micro_loss(params, frozen, mb, total_tokens, key):
+    losses, aux = token_losses(tm.merge(join_params(params, frozen)), mb, key)
     summed = jnp.sum(losses * mb["loss_mask"])
     return summed / total_tokens + aux_coef * aux / n_micro, (summed, aux)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
-  def train_step(params, opt_state, batch):
+  def train_step(params, opt_state, frozen, batch, rng, step):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+    key = jax.random.fold_in(rng, step)
     if n_micro == 1:
-      grads, (summed, aux) = grad_fn(params, batch, total_tokens)
+      grads, (summed, aux) = grad_fn(params, frozen, batch, total_tokens, key)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
-      def body(carry, mb):
+      def body(carry, xs):
         g_acc, s_acc, a_acc = carry
+        mb, i = xs
         mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
-        g, (s, a) = grad_fn(params, mb, total_tokens)
+        g, (s, a) = grad_fn(params, frozen, mb, total_tokens, jax.random.fold_in(key, i))
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, a_acc + a / n_micro), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       (grads, summed, aux), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+          body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+          (micro, jnp.arange(n_micro)))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": summed / total_tokens, "moe_aux_loss": aux,
@@ -108,10 +136,10 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
 
 
 def make_eval_step(tm: TrainModel):
-  """eval_step(params, batch, byte_lengths) -> summed loss (nats), target tokens, target bytes."""
+  """eval_step(params, frozen, batch, byte_lengths) -> summed loss (nats), target tokens, target bytes."""
 
-  def eval_step(params, batch, byte_lengths):
-    losses, _ = token_losses(tm.merge(params), batch)
+  def eval_step(params, frozen, batch, byte_lengths):
+    losses, _ = token_losses(tm.merge(join_params(params, frozen)), batch)
     mask = batch["loss_mask"]
     return {"loss_sum": jnp.sum(losses * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_lengths[batch["targets"]] * mask)}
