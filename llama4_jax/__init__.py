@@ -9,17 +9,25 @@ The public API (README, notebooks and tests use exactly these names):
     l4.save_pretrained(model, out_dir)
     out = l4.generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
                       seed=0, stop_tokens=None)   # prompts: token-id lists -> new-token lists
+
+LoRA (see llama4_jax/model/lora.py):
+
+    model = l4.load_model(path, lora_rank=16, base_quant="int8")   # adapters on a frozen int8 base
+    merged = l4.merge_lora(model)                                  # adapters folded into the weights
+    l4.save_adapters(model, dir, base=path); l4.save_peft(model, dir)
 """
 
-from llama4_jax.checkpoint import CheckpointError, load_model, save_pretrained
+from llama4_jax.checkpoint import CheckpointError, load_model, save_adapters, save_peft, save_pretrained
 from llama4_jax.config import ModelConfig, from_hf_config, get_config, to_hf_config
 from llama4_jax.inference import generate, generate_stream
 from llama4_jax.model import Llama4, abstract_model, create_model
+from llama4_jax.model.lora import adapt_model, merge_lora
 from llama4_jax.sharding import make_mesh
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Llama4", "ModelConfig", "abstract_model", "create_model", "from_hf_config",
-    "generate", "generate_stream", "get_config", "load_model", "make_mesh", "save_pretrained", "to_hf_config",
+    "CheckpointError", "Llama4", "ModelConfig", "abstract_model", "adapt_model", "create_model",
+    "from_hf_config", "generate", "generate_stream", "get_config", "load_model", "make_mesh", "merge_lora",
+    "save_adapters", "save_peft", "save_pretrained", "to_hf_config",
 ]

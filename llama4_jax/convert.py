@@ -2,13 +2,17 @@
 
     python -m llama4_jax.convert hf-to-orbax SRC DST [--dtype=bfloat16] [--overwrite]
     python -m llama4_jax.convert orbax-to-hf SRC DST [--max-shard-size=5GB] [--dtype=...] [--overwrite]
+                                             [--merge-lora]
     python -m llama4_jax.convert meta-to-orbax SRC DST [--dtype=...] [--overwrite]
+    python -m llama4_jax.convert export-lora SRC DST [--format=peft|orbax] [--overwrite]
 
 SRC/DST are directories. hf-to-orbax reads a Hugging Face Llama 4 checkpoint (Llama4ForCausalLM or the
 released Llama4ForConditionalGeneration); orbax-to-hf reads a converted checkpoint or a training
 workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards (torch needed; weights-only
-loading).
-All stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.
+loading). With --merge-lora, orbax-to-hf takes a LoRA fine-tune (its workdir) and writes the base with the
+adapters folded in. export-lora writes a LoRA fine-tune's adapters alone: PEFT's adapter_config.json +
+adapter_model.safetensors (attention, dense MLP and shared-expert adapters), or an Orbax checkpoint.
+The conversions stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (("hf-to-orbax", "Hugging Face safetensors directory -> Orbax checkpoint"),
                           ("orbax-to-hf", "Orbax checkpoint or training workdir -> Hugging Face directory"),
-                          ("meta-to-orbax", "Meta params.json + consolidated.*.pth -> Orbax checkpoint")):
+                          ("meta-to-orbax", "Meta params.json + consolidated.*.pth -> Orbax checkpoint"),
+                          ("export-lora", "LoRA fine-tune -> its adapters (PEFT layout or Orbax)")):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("src")
     p.add_argument("dst")
@@ -32,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     if name == "orbax-to-hf":
       p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+      p.add_argument("--merge-lora", action="store_true",
+                     help="SRC is a LoRA fine-tune: fold its adapters into the frozen base it names")
+    if name == "export-lora":
+      p.add_argument("--format", choices=("peft", "orbax"), default="peft")
   return parser
 
 
@@ -49,12 +58,18 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   _return_freed_memory()
   from llama4_jax.checkpoint.convert import hf_to_orbax, meta_to_orbax, orbax_to_hf
+  from llama4_jax.checkpoint.lora import export_lora, merged_to_hf
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
   try:
     if args.command in ("hf-to-orbax", "meta-to-orbax"):
       convert = hf_to_orbax if args.command == "hf-to-orbax" else meta_to_orbax
       summary = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                         progress=not args.quiet)
+    elif args.command == "export-lora":
+      summary = export_lora(args.src, args.dst, args.format, args.overwrite)
+    elif args.merge_lora:
+      summary = merged_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                             overwrite=args.overwrite)
     else:
       summary = orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             overwrite=args.overwrite, progress=not args.quiet)

@@ -8,7 +8,6 @@ tokenizer.json) unless --tokenizer names one. --chat runs an interactive chat wi
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -30,12 +29,12 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: t
 
 
 def find_tokenizer(checkpoint: str) -> str:
-  for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint).rstrip("/"))):
-    for name in ("tokenizer.model", "tokenizer.json"):
-      if os.path.exists(os.path.join(d, name)):
-        return os.path.join(d, name)
-  raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in or next to {checkpoint}; pass "
-                          "--tokenizer")
+  from llama4_jax.tokenizer import find_tokenizer as find
+  path = find(checkpoint)
+  if path is None:
+    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in or next to {checkpoint}; pass "
+                            "--tokenizer")
+  return path
 
 
 def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float, float]:

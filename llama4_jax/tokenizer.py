@@ -14,7 +14,9 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
-BUILTIN_SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2: the tiny preset's pad/bos/eos
+CHAT_SPECIALS = ("<|header_start|>", "<|header_end|>", "<|eot|>")  # Llama 4's chat-template tokens
+# ids 0, 1, 2: the tiny preset's pad/bos/eos; 3, 4, 5: the chat tokens, so small models can chat too
+BUILTIN_SPECIALS = ("<pad>", "<bos>", "<eos>") + CHAT_SPECIALS
 
 
 class Tokenizer(Protocol):
@@ -39,10 +41,14 @@ class HFTokenizer:
     self._tok = _T.from_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+    self.special_tokens = dict(self._special)
     self.bos_id = self._find(bos, ("<bos>", "<|begin_of_text|>", "<s>"))
     self.eos_id = self._find(eos, ("<eos>", "<|eot|>", "<|end_of_text|>", "</s>"))
     pad_id = self._find(pad, ("<pad>", "<|finetune_right_pad|>"))
     self.pad_id = 0 if pad_id is None else pad_id
+    # generation stops at the end of a document or of a chat turn
+    self.stop_ids = tuple(dict.fromkeys(
+        i for i in (self.eos_id, self._special.get("<|eot|>")) if i is not None))
 
   def _find(self, name, candidates):
     for c in ([name] if name else candidates):
@@ -133,6 +139,7 @@ class TiktokenTokenizer:
           token, rank = line.split()
           ranks[base64.b64decode(token)] = int(rank)
     specials = {name: len(ranks) + i for i, name in enumerate(llama4_special_tokens())}
+    self.path = path
     self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=O200K_PATTERN,
                                   mergeable_ranks=ranks, special_tokens=specials)
     self.special_tokens = specials
@@ -163,25 +170,55 @@ class TiktokenTokenizer:
 CHAT_ROLES = ("system", "user", "assistant", "ipython")
 
 
-def chat_prompt(messages, add_generation_prompt: bool = True) -> str:
-  """Llama 4's chat format: <|begin_of_text|> then per turn
-  <|header_start|>ROLE<|header_end|>\n\n CONTENT <|eot|>, ending with an open assistant header."""
-  text = "<|begin_of_text|>"
-  for m in messages:
-    if m.get("role") not in CHAT_ROLES:
-      raise ValueError(f"chat role {m.get('role')!r} is not one of {CHAT_ROLES}")
-    text += f"<|header_start|>{m['role']}<|header_end|>\n\n{m['content']}<|eot|>"
+def chat_tokens(tokenizer, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+  """A conversation in Llama 4's chat format, as token ids and a 0/1 mask of the assistant's tokens.
+
+  Format: <bos> then per message <|header_start|>ROLE<|header_end|> "\n\n" CONTENT <|eot|>, and with
+  `add_generation_prompt` an open assistant header. Text between special tokens is encoded as one piece
+  (as Hugging Face's template + tokenizer do; with Llama 4's tokenizer, special-token names inside
+  CONTENT stay plain text). The
+  mask is 1 on each assistant message's "\n\n" CONTENT <|eot|>: what supervised fine-tuning learns.
+  Works with any tokenizer holding the chat tokens: Llama 4's, and the built-in BPE.
+  """
+  specials = getattr(tokenizer, "special_tokens", {})
+  missing = [t for t in CHAT_SPECIALS if t not in specials]
+  if missing:
+    raise ValueError(f"chat needs the tokens {list(CHAT_SPECIALS)}, and this tokenizer lacks {missing}: "
+                     "use the Llama 4 tokenizer.model or a built-in BPE trained by this version, or plain "
+                     "text instead")
+  start, end, eot = (specials[t] for t in CHAT_SPECIALS)
+  ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  mask = [0] * len(ids)
+  if not isinstance(messages, (list, tuple)):
+    raise ValueError(f"a conversation is a list of {{'role', 'content'}} messages, got "
+                     f"{type(messages).__name__}")
+  turns = [(m.get("role") if isinstance(m, dict) else None, m) for m in messages]
   if add_generation_prompt:
-    text += "<|header_start|>assistant<|header_end|>\n\n"
-  return text
+    turns.append(("assistant", None))
+  for role, m in turns:
+    if role not in CHAT_ROLES:
+      raise ValueError(f"chat role {role!r} is not one of {CHAT_ROLES} (message {m!r})")
+    head = [start] + tokenizer.encode(role) + [end]
+    body = tokenizer.encode("\n\n" if m is None else "\n\n" + str(m.get("content", "")))
+    body += [] if m is None else [eot]
+    ids += head + body
+    mask += [0] * len(head) + [int(role == "assistant" and m is not None)] * len(body)
+  return ids, mask
 
 
 def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
-  """Token ids of a chat prompt; needs a tokenizer with Llama 4's special tokens."""
-  if not isinstance(tokenizer, TiktokenTokenizer):
-    raise ValueError("chat needs the Llama 4 tokenizer (tokenizer.model) with its header tokens; this "
-                     "model's tokenizer has none: use a plain prompt instead")
-  return tokenizer.encode(chat_prompt(messages, add_generation_prompt), allow_special=True)
+  """Token ids of a chat prompt (see `chat_tokens`), by default ending with an open assistant header."""
+  return chat_tokens(tokenizer, messages, add_generation_prompt)[0]
+
+
+def find_tokenizer(checkpoint: str) -> str | None:
+  """tokenizer.model or tokenizer.json in `checkpoint` or its parent directory (a workdir's checkpoints/
+  folder), or None."""
+  for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint).rstrip("/"))):
+    for name in ("tokenizer.model", TOKENIZER_FILE):
+      if os.path.exists(os.path.join(d, name)):
+        return os.path.join(d, name)
+  return None
 
 
 def load_tokenizer(path: str) -> Tokenizer:

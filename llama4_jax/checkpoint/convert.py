@@ -292,6 +292,9 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
   src = os.fspath(src)
   slices = OrbaxSlices(src)
   cfg = slices.config
+  if cfg.lora_rank or cfg.base_quant != "none":
+    raise ValueError(f"{src} is a LoRA fine-tune (adapters on a frozen base): pass --merge-lora to "
+                     "write the base with the adapters folded in, or use export-lora for the adapters")
   plans = plan(abstract_model(cfg))
   prefix = slices.manifest.get("text_prefix", "")
   hf_cfg_path = os.path.join(src, HF_CONFIG)

@@ -247,6 +247,10 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
   config.json and generation_config.json. Written into a temporary sibling and renamed at the end, so a
   crash never leaves a partial directory. Multi-host: every process must call it; process 0 writes.
   """
+  if model.config.lora_rank or model.config.base_quant != "none":
+    raise ValueError("the model has LoRA adapters or an int8 base, which Hugging Face Llama 4 weights "
+                     "cannot hold: save `llama4_jax.merge_lora(model)` (adapters folded in), or the "
+                     "adapters alone with `save_adapters` / `save_peft`")
   leaves = state_leaves(model)
   specs, produce = hf_tensor_producer(
       plan(model), lambda p, i: _gather(leaves[p.path][i] if p.stacked else leaves[p.path]),

@@ -7,28 +7,51 @@ and positions. Host p builds only its rows [p*B/P, (p+1)*B/P), so it reads only 
 batch is the same whether 1 or P processes assemble it. The iterator state (every row stream's grain state)
 is JSON and goes into each checkpoint, so a restored run sees exactly the batches an uninterrupted one would.
 
+Two formats (`data.format`): "text" documents are tokenized as <bos> text <eos> and packed concat-then-
+split (pretraining); "chat" documents are conversations (lists of {"role", "content"} messages) rendered
+with Llama 4's chat template (`tokenizer.chat_tokens`), truncated to seq_len and packed whole, first fit,
+padding the rest of a row (supervised fine-tuning: the loss is on the assistant's tokens only).
+
 A batch is a dict of int32 [rows, seq_len] arrays: inputs, targets, positions, segment_ids (0 = padding),
-and loss_mask (1 where the target is a real next token of the same document).
+and loss_mask (1 where the target is a real next token of the same document that counts for the loss).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
 from llama4_jax.data.sources import Subset
+from llama4_jax.tokenizer import chat_tokens
 
 
-def _to_example(tokenize: Callable[[str], list[int]], bos: int | None, eos: int | None):
-  def fn(text: str) -> dict[str, np.ndarray]:
-    ids = ([bos] if bos is not None else []) + list(tokenize(text)) + ([eos] if eos is not None else [])
-    ids = np.asarray(ids, np.int32)
+FORMATS = ("text", "chat")
+_PACKING_BINS = 4  # chat rows are packed first-fit into this many open rows at a time
+
+
+def example_fn(tokenizer, fmt: str, seq_len: int) -> Callable[[Any], dict[str, np.ndarray]]:
+  """document -> {"inputs", "targets", "loss_mask"} int32 arrays (chat: at most seq_len long)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"data.format={fmt!r}; choose one of {FORMATS}")
+
+  def fn(doc) -> dict[str, np.ndarray]:
+    if fmt == "text":
+      if not isinstance(doc, str):
+        raise ValueError(f"data.format='text' got a {type(doc).__name__} document (a chat record?); set "
+                         "data.format='chat' for conversations")
+      ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(tokenizer.encode(doc))
+      ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+      weights = [1] * len(ids)
+    else:
+      ids, weights = chat_tokens(tokenizer, doc)
+      ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
+    ids, weights = np.asarray(ids, np.int32), np.asarray(weights, np.int32)
     if len(ids) < 2:  # nothing to predict; keep one masked position so packing stays simple
-      ids = np.concatenate([ids, ids])[:2]
-    return {"inputs": ids[:-1], "targets": ids[1:]}
+      ids, weights = np.concatenate([ids, ids])[:2], np.zeros(2, np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": weights[1:]}
   return fn
 
 
@@ -36,30 +59,33 @@ def _finish(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   seg = row["inputs_segment_ids"].astype(np.int32)
   return {"inputs": row["inputs"].astype(np.int32), "targets": row["targets"].astype(np.int32),
           "positions": row["inputs_positions"].astype(np.int32), "segment_ids": seg,
-          "loss_mask": (seg > 0).astype(np.int32)}
+          "loss_mask": (row["loss_mask"] * (seg > 0)).astype(np.int32)}
 
 
-def row_stream(docs: Sequence[str], tokenize, seq_len: int, seed: int, bos, eos,
+def row_stream(docs: Sequence, to_example, seq_len: int, seed: int, fmt: str = "text",
                shuffle: bool = True, repeat: bool = True) -> grain.IterDataset:
-  """One packed row stream over `docs`."""
+  """One packed row stream over `docs` (`to_example` from `example_fn`)."""
   ds = grain.MapDataset.source(docs)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)
   # No read-ahead: the default (16 threads x 500 elements per stream) would tokenize far ahead of use.
-  ds = ds.map(_to_example(tokenize, bos, eos)).to_iter_dataset(
-      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"inputs": seq_len, "targets": seq_len})
+  ds = ds.map(to_example).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+  if fmt == "chat":
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths,
+                                                    num_packing_bins=_PACKING_BINS, shuffle_bins=False)
+  else:
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
   return ds.map(_finish)
 
 
 class HostBatches:
   """This host's rows of each global batch, from one row stream per row. Checkpointable (JSON state)."""
 
-  def __init__(self, docs: Sequence[str], tokenizer, global_batch: int, seq_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(self, docs: Sequence, tokenizer, global_batch: int, seq_len: int, seed: int,
+               process_index: int = 0, process_count: int = 1, fmt: str = "text"):
     if global_batch % process_count:
       raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
     if len(docs) < global_batch:
@@ -67,9 +93,10 @@ class HostBatches:
                        "row reads its own share of the documents; lower batch_size or add data")
     per_host = global_batch // process_count
     self.rows = range(process_index * per_host, (process_index + 1) * per_host)
+    to_example = example_fn(tokenizer, fmt, seq_len)
     self._datasets = [
-        row_stream(Subset(docs, range(r, len(docs), global_batch)), tokenizer.encode, seq_len,
-                   seed * 1_000_003 + r, tokenizer.bos_id, tokenizer.eos_id) for r in self.rows]
+        row_stream(Subset(docs, range(r, len(docs), global_batch)), to_example, seq_len,
+                   seed * 1_000_003 + r, fmt) for r in self.rows]
     self._iters = [iter(ds) for ds in self._datasets]
 
   def __iter__(self):
@@ -106,8 +133,9 @@ class FrozenState:
     return self._state
 
 
-def eval_batches(docs: Sequence[str], tokenizer, global_batch: int, seq_len: int,
-                 max_batches: int = 0, process_index: int = 0, process_count: int = 1):
+def eval_batches(docs: Sequence, tokenizer, global_batch: int, seq_len: int,
+                 max_batches: int = 0, process_index: int = 0, process_count: int = 1,
+                 fmt: str = "text"):
   """The held-out set packed once, in order, into global batches (the last padded with masked rows).
 
   Returns this host's rows of each batch. Every host packs the whole held-out set (it is small) and keeps
@@ -115,8 +143,8 @@ def eval_batches(docs: Sequence[str], tokenizer, global_batch: int, seq_len: int
   """
   if not len(docs):
     return []
-  stream = iter(row_stream(docs, tokenizer.encode, seq_len, 0, tokenizer.bos_id, tokenizer.eos_id,
-                           shuffle=False, repeat=False))
+  stream = iter(row_stream(docs, example_fn(tokenizer, fmt, seq_len), seq_len, 0, fmt, shuffle=False,
+                           repeat=False))
   rows = list(stream)
   if max_batches:
     rows = rows[: max_batches * global_batch]

@@ -3,8 +3,11 @@
 Each source is a `Sequence[str]` (len + getitem) that grain's `MapDataset.source` can shuffle and slice,
 so a host touches only the documents of its share. Kinds:
 - `builtin`: the Python standard library's own `.py` files on this machine (nothing downloaded);
+- `builtin_chat`: question-answer conversations made from those files' docstrings (for `data.format`
+  "chat": "What does `json.dumps` do?" -> the first paragraph of its docstring);
 - `text`: a directory (all files below it) or a glob of text files, one document per file;
-- `jsonl`: JSON Lines files, one document per line, text in `field`;
+- `jsonl`: JSON Lines files, one document per line, text in `field` (or, for chat, a list of
+  {"role", "content"} messages in `field`, e.g. "messages");
 - `parquet`: Parquet files, text in column `field` (needs pyarrow);
 - `array_record`: ArrayRecord files whose records are UTF-8 text (the `array_record` package, a grain dep).
 
@@ -67,6 +70,53 @@ def builtin_corpus() -> TextFiles:
   return TextFiles(sorted(files), root=root)
 
 
+class BuiltinChat(DocumentSource):
+  """Conversations about the standard library: for each public top-level function or class whose
+  docstring opens with a paragraph of 40-600 characters, the user asks what it does and the assistant
+  answers with that paragraph. Built by parsing (not importing) the files; about 1,800 on CPython 3.11."""
+
+  _QUESTIONS = ("What does `{q}` do?", "Explain `{q}` briefly.", "In Python, what is `{q}` for?")
+
+  def __init__(self):
+    import ast
+    files = builtin_corpus()
+    self.items: list[tuple[str, str, str]] = []  # (key, question, answer)
+    for i in range(len(files)):
+      rel = files.key(i)
+      if "test" in rel.split(os.sep)[0] or os.sep + "test" in rel:
+        continue
+      try:
+        tree = ast.parse(files[i])
+      except (SyntaxError, ValueError):
+        continue
+      module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+      for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+          continue
+        doc = ast.get_docstring(node)
+        answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+        if not 40 <= len(answer) <= 600:
+          continue
+        name = f"{module}.{node.name}"
+        if isinstance(node, ast.FunctionDef):
+          name += f"({ast.unparse(node.args)})"
+        key = f"{rel}:{node.name}"
+        template = self._QUESTIONS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % 3]
+        self.items.append((key, template.format(q=name), answer))
+    if not self.items:
+      raise FileNotFoundError("no documented functions found in the standard library for builtin_chat")
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    _, question, answer = self.items[i]
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+  def key(self, i):
+    return self.items[i][0]
+
+
 class JsonLines(DocumentSource):
   """One document per line; an index of (file, byte offset) is built once by scanning the files."""
 
@@ -95,7 +145,8 @@ class JsonLines(DocumentSource):
       raise ValueError(f"{self.files[fi]} at byte {offset}: not valid JSON ({e})") from None
     if self.field not in record:
       raise KeyError(f"{self.files[fi]} at byte {offset}: no field {self.field!r} (set data.field)")
-    return str(record[self.field])
+    value = record[self.field]
+    return value if isinstance(value, list) else str(value)  # a list: a chat record's messages
 
   def key(self, i):
     fi, offset = self.index[i]
@@ -146,9 +197,11 @@ class ArrayRecords(DocumentSource):
 
 
 def open_source(kind: str, path: str = "", field: str = "text") -> DocumentSource:
-  """A DocumentSource by kind ('builtin', 'text', 'jsonl', 'parquet', 'array_record')."""
+  """A DocumentSource by kind ('builtin', 'builtin_chat', 'text', 'jsonl', 'parquet', 'array_record')."""
   if kind == "builtin":
     return builtin_corpus()
+  if kind == "builtin_chat":
+    return BuiltinChat()
   if not path:
     raise ValueError(f"data.source={kind!r} needs data.path (a directory, file or glob)")
   files = _expand(path)
@@ -160,7 +213,8 @@ def open_source(kind: str, path: str = "", field: str = "text") -> DocumentSourc
     return Parquet(files, field)
   if kind == "array_record":
     return ArrayRecords(files)
-  raise ValueError(f"unknown data.source {kind!r}; choose builtin, text, jsonl, parquet or array_record")
+  raise ValueError(f"unknown data.source {kind!r}; choose builtin, builtin_chat, text, jsonl, parquet or "
+                   "array_record")
 
 
 class Subset(Sequence[str]):

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llama4_jax.config import ModelConfig, get_config
+from llama4_jax.data.pipeline import FORMATS
 
 
 def model_fields(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -61,9 +62,11 @@ def default_run_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, context=1))
   c.model = model_fields("tiny")
   c.data = ml_collections.ConfigDict(dict(
-      source="builtin",  # builtin | text | jsonl | parquet | array_record
-      path="",  # directory, file or glob (not for builtin)
-      field="text",  # the text field of jsonl / parquet records
+      source="builtin",  # builtin | builtin_chat | text | jsonl | parquet | array_record
+      path="",  # directory, file or glob (not for builtin, builtin_chat)
+      field="text",  # the text field of jsonl / parquet records ("messages" for chat JSONL)
+      format="text",  # text: pretraining (<bos> text <eos>, concat-then-split); chat: conversations with
+      # the Llama 4 chat template, loss on assistant tokens only, packed whole
       tokenizer="",  # tokenizer.model / tokenizer.json (file or directory); "" trains a BPE
       vocab_size=8192,  # size of the BPE trained when no tokenizer is given
       eval_fraction=0.01,  # held-out share of the documents (deterministic by document key)
@@ -133,10 +136,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if c.seq_len % parts:
       bad("seq_len", f"{c.seq_len} must be divisible by {parts} (mesh.context={sizes['context']}, "
                      f"ring_layout={cfg.ring_layout!r})")
-  if c.data.source != "builtin" and not c.data.path:
+  if c.data.format not in FORMATS:
+    bad("data.format", f"{c.data.format!r}; choose one of {FORMATS}")
+  wants = {"builtin": "text", "builtin_chat": "chat"}.get(c.data.source)
+  if wants and c.data.format != wants:
+    bad("data.format", f"data.source={c.data.source!r} holds {wants} documents: set data.format={wants!r}")
+  builtin = c.data.source in ("builtin", "builtin_chat")
+  if not builtin and not c.data.path:
     bad("data.path", f"data.source={c.data.source!r} needs a path (directory, file or glob)")
-  if c.data.source != "builtin" and not (os.path.exists(c.data.path) or glob.glob(c.data.path,
-                                                                                 recursive=True)):
+  if not builtin and not (os.path.exists(c.data.path) or glob.glob(c.data.path, recursive=True)):
     raise FileNotFoundError(f"config.data.path: {c.data.path!r} matches no files")
   for field, value in (("data.tokenizer", c.data.tokenizer), ("init_from", c.init_from)):
     if value and not os.path.exists(value):

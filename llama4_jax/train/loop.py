@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -27,7 +28,8 @@ from llama4_jax.data import HostBatches, eval_batches, open_source, split_train_
 from llama4_jax.model import create_model
 from llama4_jax.model.lora import ADAPTER_FIELDS
 from llama4_jax.sharding import make_mesh
-from llama4_jax.tokenizer import TOKENIZER_FILE, HFTokenizer, load_tokenizer, train_bpe
+from llama4_jax.tokenizer import (TOKENIZER_FILE, HFTokenizer, encode_chat, find_tokenizer, load_tokenizer,
+                                  train_bpe)
 from llama4_jax.train import checkpointing
 from llama4_jax.train.config import model_config, validate
 from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
@@ -51,16 +53,32 @@ def _sync(name: str) -> None:
 
 
 def get_tokenizer(c, workdir: str, train_docs, log) -> Any:
-  if c.data.tokenizer:
-    return load_tokenizer(c.data.tokenizer)
+  """data.tokenizer, else the one next to init_from (either is copied into the workdir, so samplers
+  find it there), else a BPE trained on the data."""
+  given = c.data.tokenizer or (find_tokenizer(c.init_from) if c.init_from else None)
+  if given:
+    tokenizer = load_tokenizer(given)
+    src = tokenizer.path
+    dst = os.path.join(workdir, os.path.basename(src))
+    if jax.process_index() == 0 and not os.path.exists(dst):
+      shutil.copyfile(src, dst + ".tmp")
+      os.replace(dst + ".tmp", dst)
+    return tokenizer
   path = os.path.join(workdir, TOKENIZER_FILE)
   if not os.path.exists(path) and jax.process_index() == 0:
     t0 = time.time()
-    train_bpe((train_docs[i] for i in range(len(train_docs))), c.data.vocab_size, path)
+    train_bpe((_plain_text(train_docs[i]) for i in range(len(train_docs))), c.data.vocab_size, path)
     log(f"trained a {c.data.vocab_size}-token byte-level BPE on {len(train_docs)} documents in "
         f"{time.time() - t0:.1f}s -> {path}")
   _sync("tokenizer")
   return HFTokenizer(path)
+
+
+def _plain_text(doc) -> str:
+  """A document's text (a conversation's messages joined) for tokenizer training."""
+  if isinstance(doc, str):
+    return doc
+  return "\n\n".join(str(m.get("content", "")) for m in doc if isinstance(m, dict))
 
 
 def init_params(c, cfg, mesh, log):
@@ -171,7 +189,7 @@ def train(c, workdir: str) -> dict[str, Any]:
   rng = _replicated(np.asarray(jax.random.key_data(jax.random.PRNGKey(c.seed))), replicated)
 
   train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed,
-                           jax.process_index(), jax.process_count())
+                           jax.process_index(), jax.process_count(), c.data.format)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints,
                                     c.async_checkpointing)
   start = ckpt.latest_step() or 0
@@ -190,7 +208,7 @@ def train(c, workdir: str) -> dict[str, Any]:
   eval_fn = jax.jit(make_eval_step(tm))
   schedule = learning_rate_schedule(c)
   held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches,
-                                  jax.process_index(), jax.process_count())
+                                  jax.process_index(), jax.process_count(), c.data.format)
   byte_lengths = jnp.asarray(tokenizer.byte_lengths())
   flops_per_token = train_flops_per_token(cfg, c.seq_len)
   peak = peak_flops_total(c.peak_flops)
@@ -252,9 +270,12 @@ def train(c, workdir: str) -> dict[str, Any]:
   ckpt.close()
   if c.sample_prompt:
     from llama4_jax.inference import generate
-    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
-        c.sample_prompt)
-    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if c.data.format == "chat":
+      prompt = encode_chat(tokenizer, [{"role": "user", "content": c.sample_prompt}])
+    else:
+      prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
+          c.sample_prompt)
+    stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
     new = generate(tm.merge(join_params(params, frozen)), [prompt], c.sample_tokens, temperature=c.sample_temperature,
                    seed=c.seed, stop_tokens=stop)[0]
     result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])

@@ -1,0 +1,153 @@
+"""Exporting LoRA fine-tunes: adapters alone (Orbax, or PEFT's layout) and merged Hugging Face checkpoints.
+
+- `save_adapters(model, dir, base)`: the adapters as a checkpoint of this project (what LoRA training
+  writes too): Orbax params holding only the adapter weights, plus the ModelConfig and the path of the
+  frozen base they belong to. `load_model(dir)` loads the base and puts the adapters on it.
+- `save_peft(model, dir)`: `adapter_config.json` + `adapter_model.safetensors` that
+  `peft.PeftModel.from_pretrained(transformers_model, dir)` loads onto the Hugging Face base model. PEFT
+  adapts `nn.Linear` modules: attention q/k/v/o, the dense MLP and the shared expert. Transformers keeps the
+  routed experts as fused 3-D parameters that LoRA's layout cannot name, so their adapters are left out
+  (listed in the summary); use a merged export for them.
+- `merged_to_hf(src, dst)`: a LoRA checkpoint with its adapters folded into the base weights
+  (W + alpha/r A B, dequantized if the base was int8), written by `save_pretrained` (what
+  `llama4-convert orbax-to-hf --merge-lora` runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from llama4_jax.checkpoint.hf import _gather, atomic_directory, save_pretrained, write_json
+from llama4_jax.checkpoint.safetensors_io import write_safetensors
+from llama4_jax.model.lora import is_adapter
+
+# our (module path inside a layer, weight) -> HF module path, and how A / B flatten to [in] / [out]
+_PEFT_MODULES = {
+    ("attn", "q"): ("self_attn.q_proj", "q"), ("attn", "k"): ("self_attn.k_proj", "k"),
+    ("attn", "v"): ("self_attn.v_proj", "v"), ("attn", "o"): ("self_attn.o_proj", "o"),
+    ("ffn", "gate"): ("feed_forward.gate_proj", "mlp"), ("ffn", "up"): ("feed_forward.up_proj", "mlp"),
+    ("ffn", "down"): ("feed_forward.down_proj", "mlp"),
+    ("ffn.shared", "gate"): ("feed_forward.shared_expert.gate_proj", "shared"),
+    ("ffn.shared", "up"): ("feed_forward.shared_expert.up_proj", "shared"),
+    ("ffn.shared", "down"): ("feed_forward.shared_expert.down_proj", "shared"),
+}
+
+
+def adapter_params(model) -> dict:
+  """{path tuple: array} of the model's adapter weights."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+  return {k: v for k, v in flat.items() if is_adapter(k)}
+
+
+def _require_adapters(model) -> None:
+  if not model.config.lora_rank:
+    raise ValueError("the model has no LoRA adapters (lora_rank=0); load or create it with lora_rank > 0")
+
+
+def save_adapters(model, out_dir: str, base: str | None = None, overwrite: bool = False) -> str:
+  """Writes the adapters alone as an Orbax checkpoint of this project; `base` is the frozen base's
+  directory (recorded so `load_model(out_dir)` can rebuild the model). Returns the directory."""
+  from llama4_jax.train.checkpointing import Checkpointer
+  _require_adapters(model)
+  params = traverse_util.unflatten_dict(adapter_params(model))
+  extra = {"frozen_base": os.path.abspath(base)} if base else {}
+  with atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
+    ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+    ckpt.save(0, {"params": params}, None, {}, model.config, force=True, extra=extra)
+    ckpt.close()
+  return os.path.abspath(out_dir)
+
+
+def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = False) -> dict:
+  """Writes the adapters PEFT can represent in its layout; returns a summary (what was written and
+  what was left out)."""
+  _require_adapters(model)
+  cfg = model.config
+  flat = adapter_params(model)
+  tensors: dict[str, np.ndarray] = {}
+  skipped: set[str] = set()
+  for path, a in flat.items():
+    if not str(path[-1]).endswith("_lora_a"):
+      continue
+    name = str(path[-1])[: -len("_lora_a")]
+    inner = ".".join(str(p) for p in path[2:-1])
+    layers = _layer_indices(model, path)
+    routed = inner == "ffn" and cfg.layer_kinds()[layers[0]].moe  # MoE's ffn.gate: the routed experts
+    entry = None if routed else _PEFT_MODULES.get((inner, name))
+    if entry is None:
+      skipped.add("routed experts" if routed else f"{inner}.{name}")
+      continue
+    hf_module, _ = entry
+    b = flat[path[:-1] + (name + "_lora_b",)]
+    a, b = _gather(a), _gather(b)
+    for n, layer in enumerate(layers):
+      a_i = a[n] if path[0] == "blocks" else a
+      b_i = b[n] if path[0] == "blocks" else b
+      r = a_i.shape[-1]
+      key = f"base_model.model.model.layers.{layer}.{hf_module}"
+      tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a_i.reshape(-1, r).T.astype(np.float32))
+      tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b_i.reshape(r, -1).T.astype(np.float32))
+  if not tensors:
+    raise ValueError(f"none of the adapters ({', '.join(cfg.lora_targets)}) can be written in PEFT's "
+                     "layout; export a merged checkpoint instead (orbax-to-hf --merge-lora)")
+  modules = sorted({_PEFT_MODULES[k][0] for k in _PEFT_MODULES if _PEFT_MODULES[k][1] in cfg.lora_targets})
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+      "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
+      "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
+      # a full-match regex, so the dense MLP's and the shared expert's projections are told apart
+      "target_modules": r".*\.layers\.\d+\.(" + "|".join(m.replace(".", r"\.") for m in modules) + ")",
+      "base_model_name_or_path": os.path.abspath(base) if base else None,
+      "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+  }
+  specs = {k: (v.shape, v.dtype) for k, v in sorted(tensors.items())}
+  with atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
+    if tmp is not None:
+      write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), specs,
+                        ((k, tensors[k]) for k in specs), {"format": "pt"})
+      write_json(os.path.join(tmp, "adapter_config.json"), adapter_config)
+  return {"dst": os.path.abspath(out_dir), "tensors": len(tensors), "modules": modules,
+          "left_out": sorted(skipped), "base_quant": cfg.base_quant}
+
+
+def _layer_indices(model, path) -> list[int]:
+  """Decoder layer numbers of a parameter at `path` (all stack entries of a scanned one)."""
+  if path[0] == "blocks":
+    return [path[1] + b * model.period for b in range(model.num_blocks)]
+  return [model.num_blocks * model.period + path[1]]
+
+
+def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=None,
+                 overwrite: bool = False) -> dict:
+  """A LoRA checkpoint (training workdir or `save_adapters` output) -> a merged Hugging Face checkpoint.
+
+  Loads the frozen base and the adapters onto this host's devices (so it needs memory for the model),
+  folds the adapters in and streams the result out with `save_pretrained`; tokenizer files next to the
+  source are copied."""
+  from llama4_jax.checkpoint.hf import load_model
+  from llama4_jax.tokenizer import find_tokenizer
+  model = load_model(src, lora_rank=0, base_quant="none")
+  out = save_pretrained(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
+  tok = find_tokenizer(src)
+  if tok is not None and jax.process_index() == 0:
+    shutil.copyfile(tok, os.path.join(out, os.path.basename(tok)))
+  return {"dst": out, "merged": True, "parameters": model.config.num_params()}
+
+
+def export_lora(src: str, dst: str, fmt: str = "peft", overwrite: bool = False) -> dict:
+  """A LoRA fine-tune (training workdir or `save_adapters` output) -> its adapters in `fmt` ("peft" or
+  "orbax")."""
+  from llama4_jax.checkpoint.hf import load_model
+  from llama4_jax.checkpoint.orbax import read_metadata
+  base = read_metadata(src)[0].get("frozen_base")
+  model = load_model(src)
+  if fmt == "orbax":
+    return {"dst": save_adapters(model, dst, base, overwrite), "format": "orbax"}
+  if fmt != "peft":
+    raise ValueError(f"format {fmt!r}: choose 'peft' or 'orbax'")
+  return save_peft(model, dst, base, overwrite)
