@@ -56,8 +56,10 @@ def main():
     step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
     state = {"p": params, "o": opt_state}
 
+    key = jax.random.PRNGKey(0)
+
     def ours():
-      state["p"], state["o"], m = step(state["p"], state["o"], batch)
+      state["p"], state["o"], m = step(state["p"], state["o"], {}, batch, key, jnp.int32(0))
       m["loss"].block_until_ready()
 
     t_ours = timeit(ours, args.steps, warmup=1)

@@ -43,6 +43,11 @@ def micro_config(corpus, **changes):
   c.data.path = corpus
   c.data.vocab_size = 320
   c.data.eval_fraction = 0.1
+  return apply_changes(c, changes)
+
+
+def apply_changes(c, changes):
+  """Sets dotted fields ("model.lora_rank") of run config `c`; dict values update sub-configs."""
   for key, value in changes.items():
     target = c
     *parents, leaf = key.split(".")

@@ -1,0 +1,115 @@
+"""LoRA against full fine-tuning: trainable share, optimizer-state bytes, peak memory and step time.
+
+    python benchmarks/lora.py [--batch 2 --seq 256 --steps 3 --rank 16]
+
+One config (the ~100M-parameter MoE of forward.py), three runs, each in its own process:
+- full: every parameter trained, float32 weights and AdamW moments (the usual mixed-precision master copy);
+- lora_bf16: rank-16 adapters on every linear weight (routed experts included), base frozen in bfloat16;
+- lora_int8: the same adapters, base frozen in int8 (embedding and LM head stay bfloat16).
+Compute is float32 in all three (bf16 matmuls are emulated, slowly, on CPU). Peak memory is XLA's own
+account of the compiled train step: arguments + outputs - donated aliases + temporaries, i.e. the device
+memory one step needs; the process's peak RSS is reported too (it includes the compiler). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+VARIANTS = ("full", "lora_bf16", "lora_int8")
+
+
+def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  import llama4_jax as l4
+  from common import MOE_100M, timeit
+  from llama4_jax.train.config import default_run_config
+  from llama4_jax.train.step import TrainModel, make_optimizer, make_train_step, split_trainable
+
+  lora = variant != "full"
+  base_cfg = MOE_100M.replace(param_dtype="bfloat16" if lora else "float32", dtype="float32")
+  model = l4.create_model(base_cfg)
+  if lora:
+    model = l4.adapt_model(model, release=True, lora_rank=rank, lora_alpha=2.0 * rank,
+                           base_quant="int8" if variant == "lora_int8" else "none")
+  c = default_run_config()
+  c.steps, c.batch_size, c.seq_len = 1000, batch, seq
+  c.weight_decay = 0.0 if lora else 0.1
+  tm = TrainModel.of(model)
+  trainable, frozen = split_trainable(nnx.to_pure_dict(nnx.state(model)), lora)
+  del model
+  tx = make_optimizer(c)
+  opt_state = tx.init(trainable)
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, base_cfg.vocab_size, (batch, seq + 1))
+  data = {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+          "segment_ids": jnp.ones((batch, seq), jnp.int32), "loss_mask": jnp.ones((batch, seq), jnp.int32)}
+  key, step_no = jax.random.PRNGKey(0), jnp.int32(0)
+  step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
+  compiled = step.lower(trainable, opt_state, frozen, data, key, step_no).compile()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
+  state = {"p": trainable, "o": opt_state}
+  losses = []
+
+  def one():
+    state["p"], state["o"], m = compiled(state["p"], state["o"], frozen, data, key, step_no)
+    losses.append(float(m["loss"]))
+
+  seconds = timeit(one, steps, warmup=1)
+  n_train = sum(x.size for x in jax.tree.leaves(state["p"]))
+  return {"variant": variant, "trainable_params": int(n_train),
+          "trainable_fraction": n_train / base_cfg.num_params(),
+          "frozen_bytes": nbytes(frozen), "trainable_bytes": nbytes(state["p"]),
+          "optimizer_state_bytes": nbytes(state["o"]), "peak_bytes_xla": int(peak),
+          "temp_bytes_xla": int(mem.temp_size_in_bytes),
+          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "step_seconds": round(seconds, 3), "tokens_per_sec": round(batch * seq / seconds, 1),
+          "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--variant", choices=VARIANTS, default=None, help="run one (used internally)")
+  args = ap.parse_args()
+  if args.variant:
+    print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps, args.rank)))
+    return
+  here = os.path.dirname(os.path.abspath(__file__))
+  results = {}
+  for v in VARIANTS:
+    out = subprocess.run([sys.executable, os.path.join(here, "lora.py"), "--variant", v,
+                          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                          "--rank", str(args.rank)], capture_output=True, text=True, check=True)
+    results[v] = json.loads(out.stdout.strip().splitlines()[-1])
+  full = results["full"]
+  for v in VARIANTS[1:]:
+    r = results[v]
+    r["optimizer_state_vs_full"] = round(r["optimizer_state_bytes"] / full["optimizer_state_bytes"], 4)
+    r["peak_xla_vs_full"] = round(r["peak_bytes_xla"] / full["peak_bytes_xla"], 4)
+    r["step_time_vs_full"] = round(r["step_seconds"] / full["step_seconds"], 3)
+  from common import MOE_100M, emit, machine
+  emit({"benchmark": "lora_vs_full_finetuning", "config": "moe_100m_hidden512",
+        "params": MOE_100M.num_params(), "batch": args.batch, "seq": args.seq, "rank": args.rank,
+        "results": list(results.values()), "targets": {"optimizer_state_vs_full": "< 0.02",
+                                                      "int8_peak_vs_full": "< 0.40"},
+        "machine": machine()})
+
+
+if __name__ == "__main__":
+  main()
