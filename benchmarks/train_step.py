@@ -59,7 +59,8 @@ def main():
     key = jax.random.PRNGKey(0)
 
     def ours():
-      state["p"], state["o"], m = step(state["p"], state["o"], {}, batch, key, jnp.int32(0))
+      state["p"], state["o"], m = step(state["p"], state["o"], {}, batch, key, jnp.int32(0),
+                                       jnp.float32(c.learning_rate))
       m["loss"].block_until_ready()
 
     t_ours = timeit(ours, args.steps, warmup=1)

@@ -1,18 +1,19 @@
-"""LoRA supervised fine-tuning of Llama 4 Scout (109B total parameters) on one TPU host: v5p-8 (4 chips,
-95 GB HBM each) or v6e-8 (8 chips, 32 GB each).
+"""LoRA supervised fine-tuning of Llama 4 Scout (109B total parameters) on one TPU v5p-8 host (4 chips of
+95 GB HBM: 380 GB).
 
     python -m llama4_jax.train --config=configs/lora_scout_v5p8.py --workdir=gs://BUCKET/scout_lora \
         --config.init_from=/path/to/Llama-4-Scout-17B-16E-Instruct \
-        --config.data.source=jsonl --config.data.path='/data/sft/*.jsonl'
+        --config.data.path='/data/sft/*.jsonl'
 
-The base is held in int8 (weight-only, one scale per output channel): 109 GB, i.e. 27 GB per v5p chip or
-14 GB per v6e chip with fsdp over the host, instead of 218 GB in bf16. Adapters of rank 16 on every
-linear weight (routed experts included, stacked per expert) are 0.5% of the parameters; they and their
-Adam moments are float32 (~6.6 GB in all), so the optimizer state is ~0.4% of full fine-tuning's.
-Records are {"messages": [{"role": ..., "content": ...}, ...]} chat JSONL; the loss is on assistant
-tokens only. The base is loaded in bf16 and quantized weight by weight on the devices, so loading needs
-218 GB of HBM in passing: on v6e-8 (256 GB) set --config.model.base_quant=int8 and expect a tight fit;
-not yet measured on hardware.
+Memory per chip (fsdp=4): the int8 base is 109 GB (27 GB per chip) instead of 218 GB in bf16; rank-16
+adapters on every linear weight (routed experts included, stacked per expert) are 0.5% of the parameters,
+and they with their float32 Adam moments take ~6.6 GB in all: the optimizer state is 0.5% of full
+fine-tuning's (benchmarks/lora.py counts it from the shapes).
+Loading reads the bf16 checkpoint into its shards (55 GB per chip) and quantizes it weight by weight,
+releasing each bf16 weight as it goes. Sequences of 8192 tokens, 2 microbatches of 4, full remat.
+Records are chat JSONL, {"messages": [{"role": ..., "content": ...}, ...]}; the loss is on assistant
+tokens only. On a v6e-8 (8 chips of 32 GB) set --config.mesh.fsdp=8; the bf16 load then needs 27 GB per
+chip in passing, a tight fit. Written from the published shapes and HBM sizes; not yet run on hardware.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields

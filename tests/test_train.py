@@ -185,7 +185,7 @@ def test_init_from_orbax_and_hugging_face(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("name,chips", [("scout_v5p256", 128), ("maverick_v6e256", 256),
-                                        ("scout_long_context_v5p256", 128)])
+                                        ("scout_long_context_v5p256", 128), ("lora_scout_v5p8", 4)])
 def test_tpu_configs_validate_for_their_slices(name, chips, tmp_path):
   import importlib.util
   from llama4_jax.train.config import model_config, validate
@@ -194,9 +194,15 @@ def test_tpu_configs_validate_for_their_slices(name, chips, tmp_path):
   spec.loader.exec_module(module)
   c = module.get_config()
   (tmp_path / "shard.array_record").write_bytes(b"")
-  c.data.path = str(tmp_path / "*.array_record")
+  (tmp_path / "chat.jsonl").write_text("")
+  c.data.path = str(tmp_path / ("*.jsonl" if c.data.source == "jsonl" else "*.array_record"))
+  if c.model.lora_rank:
+    with pytest.raises(ValueError, match="config.init_from: LoRA"):
+      validate(c, num_devices=chips, num_processes=chips // 4)
+    c.init_from = str(tmp_path)  # stands for the Hugging Face Scout directory
   validate(c, num_devices=chips, num_processes=chips // 4)
   cfg = model_config(c)
-  assert cfg.num_params() == l4.get_config(name.split("_")[0]).num_params()
-  with pytest.raises(ValueError, match="config.mesh"):
-    validate(c, num_devices=chips // 2)
+  assert cfg.num_params() == l4.get_config("scout" if "scout" in name else "maverick").num_params()
+  if c.mesh.fsdp != -1:
+    with pytest.raises(ValueError, match="config.mesh"):
+      validate(c, num_devices=chips // 2)

@@ -222,9 +222,8 @@ def adapt_model(model, seed: int = 0, release: bool = False, **changes):
               "_lora_b": new_w.lora_b}
       outs = {k: v for k, v in outs.items() if v is not None}
       key = jax.random.fold_in(root, zlib.crc32(".".join(map(str, path + (name,))).encode()))
-      convert = jax.jit(functools.partial(_convert_weight, lead=lead, param_dtype=cfg.param_dtype,
-                                          new_shapes={k: v.shape for k, v in outs.items()}),
-                        out_shardings={k: table[path + (name + k,)] for k in outs})
+      convert = _converter(lead, cfg.param_dtype, tuple((k, v.shape) for k, v in outs.items()),
+                           tuple((k, table[path + (name + k,)]) for k in outs))
       old_w = weight(old, name, lead)
       for k, v in convert(old_w, key).items():
         values[path + (name + k,)] = v
@@ -244,6 +243,13 @@ def adapt_model(model, seed: int = 0, release: bool = False, **changes):
   state = jax.tree_util.tree_map_with_path(fill, abstract_state,
                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _converter(lead: int, param_dtype: str, shapes: tuple, shardings: tuple):
+  """The jitted `_convert_weight` for one kind of weight (weights of equal shapes share it)."""
+  return jax.jit(functools.partial(_convert_weight, lead=lead, param_dtype=param_dtype,
+                                   new_shapes=dict(shapes)), out_shardings=dict(shardings))
 
 
 def _convert_weight(old: Weight, key, lead: int, param_dtype: str, new_shapes: dict) -> dict:

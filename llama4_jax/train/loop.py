@@ -233,7 +233,9 @@ def train(c, workdir: str) -> dict[str, Any]:
     while step < c.steps:
       step += 1
       batch = _global_batch(next(train_iter), bsharding)
-      params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step))
+      lr = float(schedule(step - 1))
+      params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
+                                     jnp.float32(lr))
       loss = float(m["loss"])
       if not math.isfinite(loss):
         ckpt.wait()
@@ -244,7 +246,7 @@ def train(c, workdir: str) -> dict[str, Any]:
       now = time.perf_counter()
       tokens_per_sec = c.batch_size * c.seq_len / (now - last_time)
       last_time = now
-      metrics = {"loss": loss, "learning_rate": float(schedule(step - 1)),
+      metrics = {"loss": loss, "learning_rate": lr,
                  "tokens_per_sec": tokens_per_sec, "mfu": flops_per_token * tokens_per_sec / peak
                  if peak else 0.0, "grad_norm": float(m["grad_norm"]),
                  "moe_aux_loss": float(m["moe_aux_loss"])}

@@ -56,11 +56,14 @@ def decay_mask(params):
 
 
 def make_optimizer(c) -> optax.GradientTransformation:
+  """AdamW without its learning rate: the step scales the updates by -lr, lr being an argument of the
+  compiled step (the schedule runs on the host), so runs differing only in schedule share one program."""
   parts = []
   if c.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(c.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2,
-                           weight_decay=c.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_adam(b1=c.b1, b2=c.b2))
+  if c.weight_decay:
+    parts.append(optax.add_decayed_weights(c.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
@@ -94,9 +97,9 @@ def token_losses(model, batch, dropout_key=None):
 
 
 def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_sharding):
-  """train_step(params, opt_state, frozen, batch, rng, step) -> (params, opt_state, metrics), where params
-  are the trainable ones (see `split_trainable`); jit it donating params and opt_state. `rng` (raw key
-  data) and `step` seed LoRA dropout."""
+  """train_step(params, opt_state, frozen, batch, rng, step, lr) -> (params, opt_state, metrics), where
+  params are the trainable ones (see `split_trainable`); jit it donating params and opt_state. `rng` (raw
+  key data) and `step` seed LoRA dropout; `lr` is this step's learning rate (`learning_rate_schedule`)."""
   n_micro = c.microbatches
   aux_coef = c.moe_aux_loss_coef
 
@@ -107,7 +110,7 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
-  def train_step(params, opt_state, frozen, batch, rng, step):
+  def train_step(params, opt_state, frozen, batch, rng, step, lr):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
     key = jax.random.fold_in(rng, step)
     if n_micro == 1:
@@ -127,7 +130,7 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
           body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
           (micro, jnp.arange(n_micro)))
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
     metrics = {"loss": summed / total_tokens, "moe_aux_loss": aux,
                "grad_norm": optax.tree.norm(grads), "tokens": total_tokens}
     return params, opt_state, metrics
