@@ -117,6 +117,11 @@ def test_merged_export_matches_transformers(lora_run, tmp_path):
   with pytest.raises(ValueError, match="pass --merge-lora"):
     from llama4_jax.checkpoint.convert import orbax_to_hf
     orbax_to_hf(workdir, tmp_path / "unmerged", progress=False)
+  # the adapters alone (Orbax) load back onto their base: the same model
+  from llama4_jax.convert import main
+  assert main(["export-lora", workdir, str(tmp_path / "adapters"), "--format=orbax"]) == 0
+  again = l4.load_model(tmp_path / "adapters")
+  np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
 
 
 def test_sampler_gives_the_same_tokens_merged_or_not(lora_run):

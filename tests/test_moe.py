@@ -20,6 +20,13 @@ def test_grouped_matmul_matches_numpy(impl):
   want = np.einsum("mk,mkn->mn", x, w[group])
   got = jax.jit(lambda a, b, s: grouped_matmul(a, b, s, impl))(x, w, jnp.asarray(sizes))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # gradients (the blocked one has its own VJP): dy = c gives dx = c @ w[g]^T, dw[g] = x_g^T c_g
+  c = rng.randn(*want.shape).astype(np.float32)
+  dx, dw = jax.jit(jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, jnp.asarray(sizes), impl) * c),
+                            argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(np.asarray(dx), np.einsum("mn,mkn->mk", c, w[group]), rtol=1e-5, atol=1e-5)
+  want_dw = np.stack([x[group == g].T @ c[group == g] for g in range(len(sizes))])
+  np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

@@ -3,7 +3,7 @@
 A linear weight W is declared by `declare_linear`, which also declares what the config asks for:
 - `<name>_scale` when `base_quant == "int8"`: W is stored as int8 with one float32 scale per output
   channel (absmax / 127 over the input dims); the forward pass dequantizes one layer at a time.
-- `<name>_lora_a` [*groups, *in, r] and `<name>_lora_b` [r, *out] (zeros at init) when the weight's
+- `<name>_lora_a` [*groups, *in, r] and `<name>_lora_b` [*groups, r, *out] (zeros at init) when the weight's
   target group is in `lora_targets` and `lora_rank > 0`. The forward pass adds
   (alpha / r) * (dropout(x) @ A) @ B to x @ W, so at init the adapted model equals the base model.
   Adapters are float32 whatever the base's dtype: they are the trainable (master) weights.
@@ -123,6 +123,12 @@ class Weight:
       w = w + delta.reshape(w.shape)
     return w.astype(dtype)
 
+  def _base(self, apply, x, *extra):
+    """apply(x, W, *extra) for the dequantized (or cast) base kernel W; see `_converted_apply`."""
+    if self.scale is None and self.kernel.dtype == x.dtype:
+      return apply(x, self.kernel, *extra)
+    return _converted_apply(apply, self.n_groups, x, self.kernel, self.scale, *extra)
+
   def _drop(self, x, key, tag: str):
     if key is None or self.dropout <= 0:
       return x
@@ -135,10 +141,11 @@ class Weight:
 
     `eq` names x's and the kernel's dims (e.g. "BTD,DNH->BTNH"); `key` (or None) enables LoRA dropout,
     decorrelated per weight by `tag`."""
-    y = jnp.einsum(eq, x, self.value(x.dtype))
+    y = self._base(lambda x, w: jnp.einsum(eq, x, w), x)
     if self.lora_a is None:
       return y
-    (xs, ws), out = [s.split(",") for s in eq.split("->")][0], eq.split("->")[1]
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
     assert "r" not in eq, eq
     g = self.n_groups
     n_in = self.lora_a.ndim - g - 1
@@ -152,7 +159,7 @@ class Weight:
     """Grouped matmul over experts (rows of x sorted by expert, `sizes_E` rows each), adapter included."""
     from llama4_jax.model.moe import grouped_matmul
     dt = x_AD.dtype
-    y = grouped_matmul(x_AD, self.value(dt), sizes_E, impl)
+    y = self._base(lambda x, w, sizes: grouped_matmul(x, w, sizes, impl), x_AD, sizes_E)
     if self.lora_a is None:
       return y
     z = grouped_matmul(self._drop(x_AD, key, tag), self.lora_a.astype(dt), sizes_E, impl)
@@ -169,6 +176,36 @@ class Weight:
       return y
     z = jnp.einsum("NkD,NkDr->Nkr", self._drop(x_NkD, key, tag), self.lora_a[idx_Nk].astype(dt))
     return y + self.lora_scale * jnp.einsum("Nkr,NkrF->NkF", z, self.lora_b[idx_Nk].astype(dt))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _converted_apply(apply, n_groups: int, x, kernel, scale, *extra):
+  """apply(x, W, *extra), W = the kernel dequantized (int8 * scale) or cast to x's dtype; `extra` are
+  non-differentiable arrays (group sizes). The backward pass rebuilds W from the kernel instead of
+  keeping it: left to autodiff, every layer's full-precision W would stay alive from the forward to the
+  backward pass, undoing the int8 / bf16 base's saving."""
+  return apply(x, _dequantize(kernel, scale, n_groups, x.dtype), *extra)
+
+
+def _dequantize(kernel, scale, n_groups: int, dtype):
+  return Weight(kernel, scale, None, None, n_groups).value(dtype)
+
+
+def _converted_fwd(apply, n_groups, x, kernel, scale, *extra):
+  return _converted_apply(apply, n_groups, x, kernel, scale, *extra), (x, kernel, scale, extra)
+
+
+def _converted_bwd(apply, n_groups, res, dy):
+  x, kernel, scale, extra = res
+  _, vjp = jax.vjp(lambda x, w: apply(x, w, *extra), x, _dequantize(kernel, scale, n_groups, x.dtype))
+  dx, dw = vjp(dy)
+  none = (None,) * len(extra)
+  if scale is not None:  # an int8 base is frozen: no gradient for it (nor for its scale)
+    return (dx, None, None) + none
+  return (dx, dw.astype(kernel.dtype), None) + none
+
+
+_converted_apply.defvjp(_converted_fwd, _converted_bwd)
 
 
 def dropout_key(key, *tags: int):

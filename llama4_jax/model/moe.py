@@ -8,6 +8,8 @@ on every token (the transformers formulation) and is the reference the tests com
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,33 +37,83 @@ def grouped_matmul(x_MK, w_GKN, group_sizes_G, impl: str = "blocked"):
   if impl == "ragged_dot":
     out = jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G, preferred_element_type=jnp.float32)
     return out.astype(x_MK.dtype)
-  m, k = x_MK.shape
-  g, _, n = w_GKN.shape
-  b = _block_size(m, g)
-  num_blocks = -(-m // b) + g  # static bound: sum_g ceil(size_g / b) <= ceil(M / b) + G
-  sizes = group_sizes_G.astype(jnp.int32)
-  padded = (sizes + b - 1) // b * b
-  group_start = jnp.cumsum(sizes) - sizes
-  padded_start = jnp.cumsum(padded) - padded
-  row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")
-  row_group = jnp.minimum(row_group, g - 1)
-  dest = jnp.arange(m) - group_start[row_group] + padded_start[row_group]  # [M] rows in the padded buffer
-  buf = jnp.zeros((num_blocks * b, k), x_MK.dtype).at[dest].set(x_MK, unique_indices=True)
-  block_first_row = jnp.arange(num_blocks) * b
-  block_group = jnp.searchsorted(jnp.cumsum(padded), block_first_row, side="right")
-  block_used = block_group < g
-  block_group = jnp.minimum(block_group, g - 1)
+  return _blocked_matmul(x_MK, w_GKN, group_sizes_G.astype(jnp.int32))
+
+
+class _Blocks(NamedTuple):
+  """Rows sorted by group, padded per group to whole blocks of b rows."""
+  b: int
+  dest: jax.Array  # [M]: each row's place in the padded buffer
+  group: jax.Array  # [num_blocks]: each block's group
+  used: jax.Array  # [num_blocks]: block holds rows (the rest are padding past the last group)
+
+  @classmethod
+  def of(cls, m: int, sizes_G, b: int) -> "_Blocks":
+    g = sizes_G.shape[0]
+    num_blocks = -(-m // b) + g  # static bound: sum_g ceil(size_g / b) <= ceil(M / b) + G
+    padded = (sizes_G + b - 1) // b * b
+    group_start = jnp.cumsum(sizes_G) - sizes_G
+    padded_start = jnp.cumsum(padded) - padded
+    row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_G), jnp.arange(m), side="right"), g - 1)
+    dest = jnp.arange(m) - group_start[row_group] + padded_start[row_group]
+    block_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * b, side="right")
+    return cls(b, dest, jnp.minimum(block_group, g - 1), block_group < g)
+
+  def pad(self, x_MC):
+    """[num_blocks, b, C]: the rows in their blocks, zeros elsewhere."""
+    nb = self.group.shape[0]
+    buf = jnp.zeros((nb * self.b, x_MC.shape[1]), x_MC.dtype).at[self.dest].set(x_MC, unique_indices=True)
+    return buf.reshape(nb, self.b, -1)
+
+
+def _block_products(blocks: _Blocks, x_nbK, w_GKN, transpose: bool, dtype):
+  """Per block x_b @ w[g] (or x_b @ w[g]^T), skipping padding-only blocks -> [M, N] in row order."""
+  n = w_GKN.shape[1 if transpose else 2]
+  dims = (((1,), (1,) if transpose else (0,)), ((), ()))
 
   def one_block(_, inp):
-    xb_bK, gid, used = inp
+    xb, gid, used = inp
     yb = jax.lax.cond(
-        used,
-        lambda: jnp.dot(xb_bK, w_GKN[gid], preferred_element_type=jnp.float32).astype(x_MK.dtype),
-        lambda: jnp.zeros((b, n), x_MK.dtype))
+        used, lambda: jax.lax.dot_general(xb, w_GKN[gid], dims,
+                                          preferred_element_type=jnp.float32).astype(dtype),
+        lambda: jnp.zeros((blocks.b, n), dtype))
     return None, yb
 
-  _, out = jax.lax.scan(one_block, None, (buf.reshape(num_blocks, b, k), block_group, block_used))
-  return out.reshape(num_blocks * b, n)[dest]
+  _, out = jax.lax.scan(one_block, None, (x_nbK, blocks.group, blocks.used))
+  return out.reshape(-1, n)[blocks.dest]
+
+
+@jax.custom_vjp
+def _blocked_matmul(x_MK, w_GKN, sizes_G):
+  blocks = _Blocks.of(x_MK.shape[0], sizes_G, _block_size(x_MK.shape[0], w_GKN.shape[0]))
+  return _block_products(blocks, blocks.pad(x_MK), w_GKN, False, x_MK.dtype)
+
+
+def _blocked_fwd(x_MK, w_GKN, sizes_G):
+  return _blocked_matmul(x_MK, w_GKN, sizes_G), (x_MK, w_GKN, sizes_G)
+
+
+def _blocked_bwd(res, dy_MN):
+  """dx = dy @ w[g]^T per block; dw[g] = sum over g's blocks of x_b^T dy_b. Only x and w are kept from
+  the forward pass (autodiff of the scan would keep each block's gathered w[g], ~M/b + G expert
+  matrices); when w is frozen its cotangent is unused and XLA drops that computation."""
+  x_MK, w_GKN, sizes_G = res
+  blocks = _Blocks.of(x_MK.shape[0], sizes_G, _block_size(x_MK.shape[0], w_GKN.shape[0]))
+  dy_nbN = blocks.pad(dy_MN.astype(x_MK.dtype))
+  dx = _block_products(blocks, dy_nbN, w_GKN, True, x_MK.dtype)
+
+  def accumulate(dw, inp):
+    xb, dyb, gid, used = inp
+    outer = jax.lax.cond(used, lambda: jnp.dot(xb.T, dyb, preferred_element_type=jnp.float32),
+                         lambda: jnp.zeros(w_GKN.shape[1:], jnp.float32))
+    return dw.at[gid].add(outer), None
+
+  dw, _ = jax.lax.scan(accumulate, jnp.zeros(w_GKN.shape, jnp.float32),
+                       (blocks.pad(x_MK), dy_nbN, blocks.group, blocks.used))
+  return dx, dw.astype(w_GKN.dtype), None
+
+
+_blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def default_moe_impl() -> str:
