@@ -26,15 +26,15 @@ from llama4_jax.checkpoint.hf import _gather, atomic_directory, save_pretrained,
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
 from llama4_jax.model.lora import is_adapter
 
-# our (module path inside a layer, weight) -> HF module path, and how A / B flatten to [in] / [out]
+# our (module path inside a layer, weight) -> the HF nn.Linear it adapts
 _PEFT_MODULES = {
-    ("attn", "q"): ("self_attn.q_proj", "q"), ("attn", "k"): ("self_attn.k_proj", "k"),
-    ("attn", "v"): ("self_attn.v_proj", "v"), ("attn", "o"): ("self_attn.o_proj", "o"),
-    ("ffn", "gate"): ("feed_forward.gate_proj", "mlp"), ("ffn", "up"): ("feed_forward.up_proj", "mlp"),
-    ("ffn", "down"): ("feed_forward.down_proj", "mlp"),
-    ("ffn.shared", "gate"): ("feed_forward.shared_expert.gate_proj", "shared"),
-    ("ffn.shared", "up"): ("feed_forward.shared_expert.up_proj", "shared"),
-    ("ffn.shared", "down"): ("feed_forward.shared_expert.down_proj", "shared"),
+    ("attn", "q"): "self_attn.q_proj", ("attn", "k"): "self_attn.k_proj",
+    ("attn", "v"): "self_attn.v_proj", ("attn", "o"): "self_attn.o_proj",
+    ("ffn", "gate"): "feed_forward.gate_proj", ("ffn", "up"): "feed_forward.up_proj",
+    ("ffn", "down"): "feed_forward.down_proj",
+    ("ffn.shared", "gate"): "feed_forward.shared_expert.gate_proj",
+    ("ffn.shared", "up"): "feed_forward.shared_expert.up_proj",
+    ("ffn.shared", "down"): "feed_forward.shared_expert.down_proj",
 }
 
 
@@ -57,9 +57,10 @@ def save_adapters(model, out_dir: str, base: str | None = None, overwrite: bool 
   params = traverse_util.unflatten_dict(adapter_params(model))
   extra = {"frozen_base": os.path.abspath(base)} if base else {}
   with atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
-    ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
-    ckpt.save(0, {"params": params}, None, {}, model.config, force=True, extra=extra)
-    ckpt.close()
+    if tmp is not None:  # (one process writes: run it in a single-process job)
+      ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+      ckpt.save(0, {"params": params}, None, {}, model.config, force=True, extra=extra)
+      ckpt.close()
   return os.path.abspath(out_dir)
 
 
@@ -71,6 +72,7 @@ def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = Fa
   flat = adapter_params(model)
   tensors: dict[str, np.ndarray] = {}
   skipped: set[str] = set()
+  written: set[str] = set()
   for path, a in flat.items():
     if not str(path[-1]).endswith("_lora_a"):
       continue
@@ -78,11 +80,11 @@ def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = Fa
     inner = ".".join(str(p) for p in path[2:-1])
     layers = _layer_indices(model, path)
     routed = inner == "ffn" and cfg.layer_kinds()[layers[0]].moe  # MoE's ffn.gate: the routed experts
-    entry = None if routed else _PEFT_MODULES.get((inner, name))
-    if entry is None:
+    hf_module = None if routed else _PEFT_MODULES.get((inner, name))
+    if hf_module is None:
       skipped.add("routed experts" if routed else f"{inner}.{name}")
       continue
-    hf_module, _ = entry
+    written.add(hf_module)
     b = flat[path[:-1] + (name + "_lora_b",)]
     a, b = _gather(a), _gather(b)
     for n, layer in enumerate(layers):
@@ -95,7 +97,7 @@ def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = Fa
   if not tensors:
     raise ValueError(f"none of the adapters ({', '.join(cfg.lora_targets)}) can be written in PEFT's "
                      "layout; export a merged checkpoint instead (orbax-to-hf --merge-lora)")
-  modules = sorted({_PEFT_MODULES[k][0] for k in _PEFT_MODULES if _PEFT_MODULES[k][1] in cfg.lora_targets})
+  modules = sorted(written)
   adapter_config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
       "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False,
