@@ -40,20 +40,19 @@ class HFTokenizer:
     self.path = path
     self._tok = _T.from_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
-    self.special_tokens = dict(self._special)
+    self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
     self.bos_id = self._find(bos, ("<bos>", "<|begin_of_text|>", "<s>"))
     self.eos_id = self._find(eos, ("<eos>", "<|eot|>", "<|end_of_text|>", "</s>"))
     pad_id = self._find(pad, ("<pad>", "<|finetune_right_pad|>"))
     self.pad_id = 0 if pad_id is None else pad_id
     # generation stops at the end of a document or of a chat turn
     self.stop_ids = tuple(dict.fromkeys(
-        i for i in (self.eos_id, self._special.get("<|eot|>")) if i is not None))
+        i for i in (self.eos_id, self.special_tokens.get("<|eot|>")) if i is not None))
 
   def _find(self, name, candidates):
     for c in ([name] if name else candidates):
-      if c in self._special:
-        return self._special[c]
+      if c in self.special_tokens:
+        return self.special_tokens[c]
     return None
 
   def encode(self, text: str) -> list[int]:
@@ -70,7 +69,7 @@ class HFTokenizer:
     byte_level = "ByteLevel" in type(self._tok.pre_tokenizer).__name__ or (
         self._tok.decoder is not None and "ByteLevel" in type(self._tok.decoder).__name__)
     for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-      if i in self._special.values() or i >= self.vocab_size:
+      if i in self.special_tokens.values() or i >= self.vocab_size:
         continue
       # byte-level BPE: one character per byte; otherwise decode and measure
       out[i] = len(token) if byte_level else len(self._tok.decode([i]).encode("utf-8"))

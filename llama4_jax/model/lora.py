@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import zlib
 from typing import Sequence
 
@@ -67,18 +68,15 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
   setattr(module, name, w)
   if cfg.lora_rank and target in cfg.lora_targets:
     r = cfg.lora_rank
-    fan_in = 1
-    for n in in_shape:
-      fan_in *= n
     setattr(module, name + "_lora_a", param(rngs, g_shape + in_shape + (r,), g_axes + in_axes + (None,),
-                                            "float32", std=fan_in ** -0.5, stack=stack,
+                                            "float32", std=math.prod(in_shape) ** -0.5, stack=stack,
                                             stream="lora"))
     setattr(module, name + "_lora_b", param(rngs, g_shape + (r,) + out_shape, g_axes + (None,) + out_axes,
                                             "float32", init="zeros", stack=stack))
   module.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
   module.lora_dropout = cfg.lora_dropout
-  # (name, leading dims before the input dims incl. the stack, target): what `adapt_model` walks
-  module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups, target),)
+  # (name, leading dims before the input dims incl. the stack): what `adapt_model` walks
+  module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups),)
 
 
 def weight(module: nnx.Module, name: str, n_groups: int = 0) -> "Weight":
@@ -259,7 +257,7 @@ def adapt_model(model, seed: int = 0, release: bool = False, **changes):
       continue
     path = tuple(path)
     old = old_modules[path]
-    for name, lead, _ in module.linears:
+    for name, lead in module.linears:
       new_w = weight(module, name, lead)
       outs = {"": new_w.kernel, SCALE_SUFFIX: new_w.scale, "_lora_a": new_w.lora_a,
               "_lora_b": new_w.lora_b}
@@ -310,10 +308,7 @@ def _convert_weight(old: Weight, key, lead: int, param_dtype: str, new_shapes: d
     out["_lora_a"], out["_lora_b"] = old.lora_a, old.lora_b
   elif adapted:
     a_shape = new_shapes["_lora_a"]
-    fan_in = 1
-    for n in a_shape[lead:-1]:
-      fan_in *= n
-    out["_lora_a"] = jax.random.normal(key, a_shape, jnp.float32) * fan_in ** -0.5
+    out["_lora_a"] = jax.random.normal(key, a_shape, jnp.float32) * math.prod(a_shape[lead:-1]) ** -0.5
     out["_lora_b"] = jnp.zeros(new_shapes["_lora_b"], jnp.float32)
   return out
 
