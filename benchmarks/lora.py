@@ -32,7 +32,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   import llama4_jax as l4
   from common import MOE_100M, timeit
   from llama4_jax.train.config import default_run_config
-  from llama4_jax.train.step import TrainModel, make_optimizer, make_train_step, split_trainable
+  from llama4_jax.train.step import (TrainModel, make_optimizer, make_train_step, split_trainable,
+                                     step_hparams)
 
   lora = variant != "full"
   base_cfg = MOE_100M.replace(param_dtype="bfloat16" if lora else "float32", dtype="float32")
@@ -55,7 +56,7 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
           "segment_ids": jnp.ones((batch, seq), jnp.int32), "loss_mask": jnp.ones((batch, seq), jnp.int32)}
   key, step_no = jax.random.PRNGKey(0), jnp.int32(0)
   step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
-  lr = jnp.float32(c.learning_rate)
+  lr = step_hparams(c, c.learning_rate)
   compiled = step.lower(trainable, opt_state, frozen, data, key, step_no, lr).compile()
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

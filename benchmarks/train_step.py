@@ -32,7 +32,7 @@ def main():
   from common import MOE_100M, emit, machine, timeit
   from llama4_jax.train.config import default_run_config
   from llama4_jax.train.metrics import CPU_PEAK_FLOPS, train_flops_per_token
-  from llama4_jax.train.step import TrainModel, make_optimizer, make_train_step
+  from llama4_jax.train.step import TrainModel, make_optimizer, make_train_step, step_hparams
 
   torch.set_num_threads(os.cpu_count())
   wide = MOE_100M.replace(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
@@ -60,7 +60,7 @@ def main():
 
     def ours():
       state["p"], state["o"], m = step(state["p"], state["o"], {}, batch, key, jnp.int32(0),
-                                       jnp.float32(c.learning_rate))
+                                       step_hparams(c, c.learning_rate))
       m["loss"].block_until_ready()
 
     t_ours = timeit(ours, args.steps, warmup=1)

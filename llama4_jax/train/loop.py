@@ -35,7 +35,7 @@ from llama4_jax.train.config import model_config, validate
 from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
 from llama4_jax.train.step import (TrainModel, batch_sharding, join_params, learning_rate_schedule,
                                    make_eval_step, make_optimizer, make_train_step, opt_state_shardings,
-                                   split_trainable)
+                                   split_trainable, step_hparams)
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,7 +235,7 @@ def train(c, workdir: str) -> dict[str, Any]:
       batch = _global_batch(next(train_iter), bsharding)
       lr = float(schedule(step - 1))
       params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
-                                     jnp.float32(lr))
+                                     step_hparams(c, lr))
       loss = float(m["loss"])
       if not math.isfinite(loss):
         ckpt.wait()

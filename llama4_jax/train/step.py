@@ -96,25 +96,33 @@ def token_losses(model, batch, dropout_key=None):
   return logz - target_logit, aux["moe_aux_loss"]
 
 
-def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_sharding):
-  """train_step(params, opt_state, frozen, batch, rng, step, lr) -> (params, opt_state, metrics), where
-  params are the trainable ones (see `split_trainable`); jit it donating params and opt_state. `rng` (raw
-  key data) and `step` seed LoRA dropout; `lr` is this step's learning rate (`learning_rate_schedule`)."""
-  n_micro = c.microbatches
-  aux_coef = c.moe_aux_loss_coef
+def step_hparams(c, learning_rate: float) -> dict[str, jax.Array]:
+  """The run's scalar hyperparameters as arguments of the compiled step (not constants baked into it),
+  so runs that differ only in them share one compiled program (and the persistent compilation cache)."""
+  return {"learning_rate": jnp.float32(learning_rate),
+          "moe_aux_loss_coef": jnp.float32(c.moe_aux_loss_coef)}
 
-  def micro_loss(params, frozen, mb, total_tokens, key):
+
+def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_sharding):
+  """train_step(params, opt_state, frozen, batch, rng, step, hparams) -> (params, opt_state, metrics),
+  where params are the trainable ones (see `split_trainable`); jit it donating params and opt_state.
+  `rng` (raw key data) and `step` seed LoRA dropout; `hparams` is `step_hparams(c, this step's learning
+  rate)` (the schedule, `learning_rate_schedule`, runs on the host)."""
+  n_micro = c.microbatches
+
+  def micro_loss(params, frozen, mb, total_tokens, key, aux_coef):
     losses, aux = token_losses(tm.merge(join_params(params, frozen)), mb, key)
     summed = jnp.sum(losses * mb["loss_mask"])
     return summed / total_tokens + aux_coef * aux / n_micro, (summed, aux)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
-  def train_step(params, opt_state, frozen, batch, rng, step, lr):
+  def train_step(params, opt_state, frozen, batch, rng, step, hparams):
+    lr, aux_coef = hparams["learning_rate"], hparams["moe_aux_loss_coef"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
     key = jax.random.fold_in(rng, step)
     if n_micro == 1:
-      grads, (summed, aux) = grad_fn(params, frozen, batch, total_tokens, key)
+      grads, (summed, aux) = grad_fn(params, frozen, batch, total_tokens, key, aux_coef)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
@@ -122,7 +130,7 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
         g_acc, s_acc, a_acc = carry
         mb, i = xs
         mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), mb)
-        g, (s, a) = grad_fn(params, frozen, mb, total_tokens, jax.random.fold_in(key, i))
+        g, (s, a) = grad_fn(params, frozen, mb, total_tokens, jax.random.fold_in(key, i), aux_coef)
         return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, a_acc + a / n_micro), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
