@@ -6,9 +6,13 @@
 
 Mesh: v6e chips have 32 GB of HBM, so the 401B parameters must be spread over all 256 chips: expert=64
 (2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 for everything else, tensor=1. Parameters
-in bf16 with fp32 Adam moments (10 bytes/param = 4 TB: about 15.7 GB per chip), bf16 compute, full remat,
-batch rows split over data*fsdp*expert = 256 chips: one 4096-token sequence per chip per step (more would
-need microbatches of 256 rows each). Tight on HBM; `python -m llama4_jax.plan` (to come) checks the fit.
+and Adam moments in bf16, bf16 compute, full remat, batch rows split over data*fsdp*expert = 256 chips: one
+4096-token sequence per chip per step.
+
+DOES NOT FIT YET: `python -m llama4_jax.plan --config=configs/maverick_v6e256.py --tpu=v6e-256` estimates
+78 GiB per chip against 28.8 usable. The non-expert weights (attention, the dense MLP layers, embeddings)
+are sharded over fsdp=4 only, not over the expert axis (9.4 GiB of parameters per chip instead of ~3),
+and the activations take ~40 GiB. Sharding the non-expert weights over the expert axis too is the fix.
 Not yet run on hardware.
 """
 

@@ -10,10 +10,12 @@ Mesh: context=4 splits each 65,536-token row over the 4 chips of one host (16,38
 two runs of 8,192 = C). The NoPE layers (1 in 4) run the 4-chip ring; K/V travel as the 8 kv heads only
 (5x less than all 40 heads). Chunked layers: packed rows (the default data path) use the ring with the
 kernel skipping blocks outside each window; unpacked rows whose positions equal their indices need no
-communication, as every run holds exactly one chunk. fsdp=32: parameters and Adam moments sharded over
-fsdp x context = 128 chips (12 bytes x 108B / 128 = about 10 GB per chip); batch rows over fsdp, one
+communication, as every run holds exactly one chunk. expert=8 (2 of the 16 experts per chip) and fsdp=4 over
+the rest: without expert parallelism every chip gathers all experts of a 4-layer superblock (36 GB in
+fp32). Parameters and Adam moments in bf16, bf16 compute, full remat; batch rows over fsdp x expert, one
 row per host per step. The context axis stays within a host because the data pipeline hands each host
-whole rows (validation says so otherwise). bf16 compute, full remat.
+whole rows (validation says so otherwise). `python -m llama4_jax.plan --config=configs/scout_long_context_v5p256.py
+--tpu=v5p-256` estimates 85 of 85.5 usable GiB per chip: a tight fit (fp32 parameters do not fit).
 
 Not yet run on hardware. Known limit: the loss materialises fp32 logits over the 202K vocabulary, about
 13 GB per chip at 16K tokens; a chunked cross-entropy is needed before longer rows fit.
@@ -34,8 +36,8 @@ def get_config():
   c.eval_batches = 4
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
-  c.mesh.update(data=1, fsdp=32, tensor=1, expert=1, context=4)
-  c.model = model_fields("scout", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+  c.mesh.update(data=1, fsdp=-1, tensor=1, expert=8, context=4)
+  c.model = model_fields("scout", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full",
                          attention_impl="ring", ring_layout="zigzag")
   c.data.source = "array_record"
   return c

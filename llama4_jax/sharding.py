@@ -123,14 +123,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict | None = None) 
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, context: int = 1,
-              devices: Iterable[jax.Device] | None = None) -> Mesh:
-  """A 5-axis mesh (data, fsdp, tensor, expert, context) over `devices` (default: all).
-
-  One axis may be -1: it takes the devices the others leave. Errors say which sizes do not fit.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert, "context": context}
+def resolve_mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes (all of MESH_AXES; missing ones are 1) with the one -1 axis, if any, resolved so that
+  their product is `num_devices`. Errors say which sizes do not fit."""
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+  sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
   for name, size in sizes.items():
     if not isinstance(size, (int, np.integer)) or size == 0 or size < -1:
       raise ValueError(f"mesh axis {name}={size} must be a positive integer or -1 (the rest)")
@@ -139,16 +138,28 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, c
     raise ValueError(f"only one mesh axis may be -1, got {free}")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
-    if len(devices) % fixed:
+    if num_devices % fixed:
       given = ", ".join(f"{n}={s}" for n, s in sizes.items() if s != -1 and s != 1)
-      raise ValueError(f"mesh axes {given} (product {fixed}) do not divide the {len(devices)} devices; "
-                       f"choose sizes whose product divides {len(devices)}")
-    sizes[free[0]] = len(devices) // fixed
+      raise ValueError(f"mesh axes {given} (product {fixed}) do not divide the {num_devices} devices; "
+                       f"choose sizes whose product divides {num_devices}")
+    sizes[free[0]] = num_devices // fixed
   total = math.prod(sizes.values())
-  if total != len(devices):
+  if total != num_devices:
     desc = ", ".join(f"{n}={s}" for n, s in sizes.items())
-    raise ValueError(f"mesh {desc} needs {total} devices but {len(devices)} are available; make the "
-                     f"product of the axis sizes equal {len(devices)} (or set one axis to -1)")
+    raise ValueError(f"mesh {desc} needs {total} devices but {num_devices} are available; make the "
+                     f"product of the axis sizes equal {num_devices} (or set one axis to -1)")
+  return {a: int(v) for a, v in sizes.items()}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, context: int = 1,
+              devices: Iterable[jax.Device] | None = None) -> Mesh:
+  """A 5-axis mesh (data, fsdp, tensor, expert, context) over `devices` (default: all).
+
+  One axis may be -1: it takes the devices the others leave. Errors say which sizes do not fit.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_sizes(dict(data=data, fsdp=fsdp, tensor=tensor, expert=expert, context=context),
+                             len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:
     from jax.experimental import mesh_utils

@@ -1,0 +1,106 @@
+"""python -m llama4_jax.plan --config=FILE [--tpu=v5p-256] [--serve] [--measure] [--json]
+
+Per-device memory of a run config: parameters, optimizer state, gradients and activations for training
+(or parameters, KV cache and activations with --serve), whether it fits the named TPU slice's HBM, and
+the changes that would make it fit. Config overrides work as in training (--config.seq_len=32768).
+Without --tpu it plans for --devices devices (default: the config's mesh, or the local devices) and
+gives no verdict unless --hbm_gib is set. --measure compiles the train step on the local devices and
+prints XLA's own figure beside the estimate (the devices must match the mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Run config file.",
+                                          lock_config=False)
+_TPU = flags.DEFINE_string("tpu", None, "Accelerator type, e.g. v5p-256, v6e-64, v5e-8, v4-32.")
+_DEVICES = flags.DEFINE_integer("devices", None, "Devices to plan for when --tpu is not given.")
+_HBM = flags.DEFINE_float("hbm_gib", None, "Memory per device (GiB) when --tpu is not given.")
+_SERVE = flags.DEFINE_bool("serve", False, "Plan sampling (KV cache) instead of training.")
+_BATCH = flags.DEFINE_integer("serve_batch", 8, "--serve: sequences decoded together.")
+_CACHE = flags.DEFINE_integer("cache_length", None, "--serve: KV cache length (default: seq_len).")
+_MEASURE = flags.DEFINE_bool("measure", False, "Also compile the train step here and print XLA's figure.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+
+
+def main(argv):
+  del argv
+  from llama4_jax import planning
+  from llama4_jax.train.config import model_config
+
+  c = _CONFIG.value
+  tpu = planning.parse_tpu(_TPU.value) if _TPU.value else None
+  if tpu:
+    devices, hbm = tpu.chips, tpu.hbm_bytes
+  else:
+    fixed = [v for v in c.mesh.values() if v != -1]
+    devices = _DEVICES.value or (math.prod(fixed) if len(fixed) == len(c.mesh) else None)
+    if devices is None:
+      import jax
+      devices = jax.device_count()
+    hbm = int(_HBM.value * planning.GiB) if _HBM.value else None
+  if _SERVE.value:
+    length = _CACHE.value or c.seq_len
+
+    def plan_fn(cfg, n, mem):
+      return planning.plan_serving(cfg, n, _BATCH.value, length, mem)
+  else:
+    plan_fn = planning.plan_training
+  plan = plan_fn(c, devices, hbm)
+  cfg = model_config(c)
+  total, active = planning.parameter_counts(cfg)
+  fixes = planning.suggest(c, devices, hbm, plan_fn, tpu.generation if tpu else None) \
+      if plan.fits is False else []
+  measured = None
+  if _MEASURE.value:
+    import jax
+
+    import llama4_jax as l4
+    from llama4_jax.train.compiled_memory import compiled_train_step_memory
+    if jax.device_count() < devices:
+      raise SystemExit(f"--measure: the plan is for {devices} devices but {jax.device_count()} are "
+                       "here; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    mesh = l4.make_mesh(**plan.mesh, devices=jax.devices()[:devices])
+    measured = compiled_train_step_memory(c, mesh)
+
+  if _JSON.value:
+    print(json.dumps({"mode": plan.mode, "tpu": tpu.name if tpu else None, "devices": devices,
+                      "mesh": plan.mesh, "bytes_per_device": plan.parts, "total": plan.total,
+                      "hbm_bytes": hbm, "fits": plan.fits, "parameters": total,
+                      "active_parameters": active, "xla": measured,
+                      "fixes": [{"change": d, "total": p.total} for d, p in fixes]}))
+    return
+  where = (f"{tpu.name} ({tpu.chips} chips, {planning.format_bytes(tpu.hbm_bytes)} HBM each)" if tpu
+           else f"{devices} device(s)")
+  mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
+  print(f"{'serving' if plan.mode == 'serve' else 'training'} plan on {where}, mesh {mesh}")
+  print(f"model: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token), {cfg.num_hidden_layers} "
+        f"layers, params {cfg.param_dtype}, compute {cfg.dtype}"
+        + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+        + (", int8 base" if cfg.base_quant == "int8" else ""))
+  if plan.mode == "train":
+    print(f"batch {c.batch_size} x {c.seq_len} tokens in {c.microbatches} microbatch(es), remat "
+          f"{cfg.remat_policy}; per device:")
+  else:
+    print(f"{_BATCH.value} sequences, cache length {length}; per device:")
+  print(planning.describe(plan))
+  if measured:
+    print(f"  XLA (compiled here): {planning.format_bytes(measured['peak'])} "
+          f"(estimate / XLA = {plan.total / measured['peak']:.2f})")
+  if plan.fits is False:
+    if fixes:
+      print("changes that fit:")
+      for desc, p in fixes:
+        print(f"  {desc}: {planning.format_bytes(p.total)} per device")
+    else:
+      print("no single change tried fits (remat, microbatches, bf16, context, a larger slice up to 64x);"
+            " consider LoRA with an int8 base for fine-tuning")
+
+
+if __name__ == "__main__":
+  app.run(main)
