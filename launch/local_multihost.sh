@@ -17,6 +17,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 devices=${DEVICES_PER_PROCESS:-1}
 python=${PYTHON:-python3}
 pids=()
+# shellcheck disable=SC2329  # called by the trap below
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup INT TERM
 for ((i = 0; i < n; i++)); do

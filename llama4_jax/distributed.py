@@ -10,11 +10,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """Joins the multi-process job when one is configured; a no-op for a single process.
 
   On Cloud TPU (several hosts) all three values are detected by JAX, so calling with none of them set
-  still initializes. On CPU they must be given (launch/local_multihost.sh does), and gloo is used.
+  still initializes: on GKE (TPU_WORKER_HOSTNAMES is set) and wherever LLAMA4_JAX_DISTRIBUTED=auto
+  (launch/tpu_vm.sh sets it on TPU VM slices). On CPU they must be given (launch/local_multihost.sh does), and gloo is used.
   """
   import jax
   explicit = coordinator_address is not None or (num_processes or 1) > 1
-  on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  on_tpu_pod = ("TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+                or os.environ.get("LLAMA4_JAX_DISTRIBUTED") == "auto")
   if not explicit and not on_tpu_pod:
     return
   if explicit and (coordinator_address is None or num_processes is None or process_id is None):
