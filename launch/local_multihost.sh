@@ -21,7 +21,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup INT TERM
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
     "$python" -m llama4_jax.train --coordinator_address="localhost:${port}" --num_processes="$n" \
     --process_id="$i" "$@" &
   pids+=($!)

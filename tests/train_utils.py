@@ -76,9 +76,15 @@ def config_flags(c):
   return flags
 
 
+def xla_flags(devices: int) -> str:
+  """This session's XLA_FLAGS (see conftest.py) with `devices` simulated CPU devices."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def train_command(workdir, c, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
   cmd = [sys.executable, "-m", "llama4_jax.train", "--config=configs/tiny_cpu.py",
          f"--workdir={workdir}"] + config_flags(c)
   return cmd, env

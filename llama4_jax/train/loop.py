@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +148,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(c, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training as configured; returns the final metrics."""
+def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | None = None
+          ) -> dict[str, Any]:
+  """Runs (or resumes) training as configured; returns the final metrics.
+
+  on_log(step, metrics), on process 0, receives what is written to metrics.jsonl as it is written
+  (training metrics every log_every steps, eval_* metrics at each evaluation): e.g. a live loss plot.
+  """
   validate(c, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0)
@@ -222,6 +227,8 @@ def train(c, workdir: str) -> dict[str, Any]:
   def run_eval(step, label):
     ev = evaluate(eval_fn, params, frozen, held_out_batches, bsharding, byte_lengths)
     logger.write(step, ev)
+    if on_log is not None and jax.process_index() == 0:
+      on_log(step, dict(ev))
     log(f"{label} at step {step}: loss {ev['eval_loss']:.4f}, {ev['eval_bits_per_byte']:.3f} bits/byte "
         f"on {int(ev['eval_tokens'])} held-out tokens")
     return ev
@@ -253,6 +260,8 @@ def train(c, workdir: str) -> dict[str, Any]:
       if step % c.log_every == 0 or step == c.steps:
         logger.write(step, metrics)
         logger.progress(step, metrics, c.batch_size * c.seq_len / tokens_per_sec)
+        if on_log is not None and jax.process_index() == 0:
+          on_log(step, dict(metrics))
       if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
         run_eval(step, "eval")
         last_time = time.perf_counter()
