@@ -4,8 +4,9 @@ Parameters are counted exactly: the abstract model (no memory allocated) gives e
 dtype and logical axes, and the sharding rules table gives its shard on the mesh. Optimizer state (Adam's
 two moments, in the parameters' dtype) and gradients follow the trainable parameters (the adapters alone
 with LoRA). Activations are a model of what the compiled step keeps for the backward pass under the remat
-policy, plus the logits; their coefficients were fitted to XLA's `memory_analysis()` of tiny configs (see
-tests/test_plan.py), so treat them as an estimate (the tests hold it within 25% of XLA on CPU).
+policy, plus the logits and the gathered weights; its coefficients were fitted to XLA's
+`memory_analysis()` of tiny configs on CPU (benchmarks/plan_calibration.py), and tests/test_plan.py holds
+it within 25% of XLA on others. Treat it as an estimate: XLA on TPU fuses and buffers differently.
 Serving adds the KV cache: a ring of attention_chunk_size entries on chunked layers, the full length on
 NoPE layers.
 """
@@ -173,7 +174,8 @@ def activation_bytes(c, cfg: ModelConfig, sizes: dict[str, int]) -> int:
 
 def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: int) -> int:
   """The sampler's KV cache on one device: keys, values (compute dtype) and int32 positions."""
-  rows = math.ceil(batch / _batch_shards(sizes)) if batch % _batch_shards(sizes) == 0 else batch
+  shards = _batch_shards(sizes)
+  rows = batch // shards if batch % shards == 0 else batch  # a batch the axes do not divide is replicated
   k = cfg.num_key_value_heads // sizes["tensor"]
   a = np.dtype(cfg.dtype).itemsize
   total = 0
@@ -221,7 +223,10 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None) -> Plan:
 
 
 def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None) -> Plan:
-  """Per-device bytes of sampling with batch `batch` and cache length `length` (run config `c`'s model)."""
+  """Per-device bytes of sampling with batch `batch` and cache length `length` (run config `c`'s model).
+
+  Parameters and the KV cache are exact; the activations are a rough allowance for prefilling `length`
+  tokens per row (a few hidden-width buffers per token and the last position's logits), not fitted."""
   from llama4_jax.model.transformer import check_mesh_fits
   from llama4_jax.train.config import model_config
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)

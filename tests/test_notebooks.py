@@ -41,9 +41,8 @@ def text(nb):
 
 
 def images(nb):
-  return [o for o in outputs(nb, "display_data") + outputs(nb, "execute_result")
-          if "image/png" in o.get("data", {})] + [
-      o for o in outputs(nb, "update_display_data") if "image/png" in o.get("data", {})]
+  shown = outputs(nb, "display_data") + outputs(nb, "execute_result") + outputs(nb, "update_display_data")
+  return [o for o in shown if "image/png" in o.get("data", {})]
 
 
 # The notebooks execute in background kernels (separate processes) from the end of collection on, while
