@@ -85,15 +85,3 @@ def maverick_ckpt(tmp_path_factory):
   model = make_hf_checkpoint(MAVERICK_LIKE, d, seed=2, max_shard_size="40KB")  # sharded + index
   return d, model
 
-
-def pytest_collection_finish(session):
-  """Starts the notebooks (tests/test_notebooks.py) in background kernels as soon as they are collected."""
-  if any("test_notebooks.py" in item.nodeid for item in session.items):
-    import test_notebooks
-    test_notebooks.start_in_background(tempfile.mkdtemp(prefix="llama4_jax_notebooks_"))
-
-
-def pytest_sessionfinish(session):
-  import sys
-  if "test_notebooks" in sys.modules:
-    sys.modules["test_notebooks"].shutdown()

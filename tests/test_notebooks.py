@@ -1,9 +1,7 @@
 """The colab/ notebooks run top to bottom (nbclient, a fresh kernel each) with their parameters cell
-shrunk to test sizes: one device for all but long_context, which simulates 8 as on a CPU runtime.
-They start in the background when collection ends (conftest.py), so they overlap the other tests."""
+shrunk to test sizes: one device for all but long_context, which simulates 8 as on a CPU runtime."""
 
 import os
-import pathlib
 from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
@@ -45,35 +43,15 @@ def images(nb):
   return [o for o in shown if "image/png" in o.get("data", {})]
 
 
-# The notebooks execute in background kernels (separate processes) from the end of collection on, while
-# the rest of the suite runs (see conftest.py): their compiling overlaps the other tests' instead of
-# adding to it. The tests below wait for them.
-ORDER = ["finetune_lora", "long_context", "pretrain", "quickstart"]  # the longest first
-_pool = None
-_futures = {}
-
-
-def start_in_background(base_dir):
-  """Starts executing every notebook, each in its own kernel; `executed()` collects them."""
-  global _pool
-  if _pool is None:
-    _pool = ThreadPoolExecutor(max_workers=len(ORDER), thread_name_prefix="notebook")
-    for name in ORDER:
-      path = os.path.join(base_dir, name)
-      os.makedirs(path, exist_ok=True)
-      _futures[name] = _pool.submit(run_notebook, name, pathlib.Path(path),
-                                    8 if name == "long_context" else 1)
-
-
-def shutdown():
-  if _pool is not None:
-    _pool.shutdown(wait=True, cancel_futures=True)
-
-
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-  start_in_background(str(tmp_path_factory.mktemp("notebooks")))  # no-op when conftest started them
-  return {name: future.result() for name, future in _futures.items()}
+  """All four notebooks, two at a time (each kernel is its own process; compiling is mostly serial)."""
+  def one(name):
+    return name, run_notebook(name, tmp_path_factory.mktemp(name),
+                              devices=8 if name == "long_context" else 1)
+
+  with ThreadPoolExecutor(max_workers=2) as pool:  # the longest first
+    return dict(pool.map(one, ["finetune_lora", "long_context", "pretrain", "quickstart"]))
 
 
 @pytest.mark.slow
