@@ -14,8 +14,8 @@ releasing each bf16 weight as it goes. Sequences of 8192 tokens, 2 microbatches 
 blockwise custom-VJP attention (attention_impl="ring"). `python -m llama4_jax.plan
 --config=configs/lora_scout_v5p8.py --tpu=v5p-8 --config.init_from=DIR` estimates 83 of 85.5 usable GiB.
 Records are chat JSONL, {"messages": [{"role": ..., "content": ...}, ...]}; the loss is on assistant
-tokens only. On a v6e-8 (8 chips of 32 GB) set --config.mesh.fsdp=8; the bf16 load then needs 27 GB per
-chip in passing, a tight fit (check it with the planner). Written from the published shapes and HBM sizes;
+tokens only. A v6e-8 (8 chips of 32 GB) does not fit this config: the planner estimates 65 GiB per chip
+with expert=8 against 28.8 usable. Written from the published shapes and HBM sizes;
 not yet run on hardware.
 """
 
@@ -38,7 +38,8 @@ def get_config():
   c.checkpoint_every = 250
   c.mesh.update(data=1, fsdp=-1, tensor=1, expert=4, context=1)
   c.model = model_fields("scout", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full",
-                         attention_impl="ring", lora_rank=16, lora_alpha=32.0, lora_dropout=0.05, base_quant="int8")
+                         attention_impl="ring", lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,
+                         base_quant="int8")
   c.data.source = "jsonl"
   c.data.field = "messages"
   c.data.format = "chat"

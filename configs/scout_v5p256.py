@@ -12,8 +12,8 @@ Adam moments in fp32 (12 bytes/param = 1.3 TB over 128 chips of 95 GB HBM: about
 compute in bf16, full rematerialisation of each 4-layer superblock, and the blockwise custom-VJP attention
 (attention_impl="ring", on one device per sequence here) because the dense path keeps every query block's
 probabilities: `python -m llama4_jax.plan --config=configs/scout_v5p256.py --tpu=v5p-256` estimates 82 of
-85.5 usable GiB per chip with 2 microbatches (274 GiB with dense attention and 1 microbatch). Expected: loss ~2.5 after a few
-thousand steps on web text; not yet measured on hardware.
+85.5 usable GiB per chip with 2 microbatches (274 GiB with dense attention and 1 microbatch).
+Expected: loss ~2.5 after a few thousand steps on web text; not yet measured on hardware.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields

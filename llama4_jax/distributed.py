@@ -11,7 +11,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   On Cloud TPU (several hosts) all three values are detected by JAX, so calling with none of them set
   still initializes: on GKE (TPU_WORKER_HOSTNAMES is set) and wherever LLAMA4_JAX_DISTRIBUTED=auto
-  (launch/tpu_vm.sh sets it on TPU VM slices). On CPU they must be given (launch/local_multihost.sh does), and gloo is used.
+  (launch/tpu_vm.sh sets it on TPU VM slices). On CPU they must be given (launch/local_multihost.sh
+  does), and gloo is used.
   """
   import jax
   explicit = coordinator_address is not None or (num_processes or 1) > 1

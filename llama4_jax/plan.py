@@ -30,6 +30,13 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 
 def main(argv):
   del argv
+  try:
+    _plan()
+  except (ValueError, FileNotFoundError) as e:  # a config that does not fit the mesh, a bad TPU name
+    raise SystemExit(f"plan: {e}") from None
+
+
+def _plan():
   from llama4_jax import planning
   from llama4_jax.train.config import model_config
 
@@ -79,8 +86,8 @@ def main(argv):
            else f"{devices} device(s)")
   mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
   print(f"{'serving' if plan.mode == 'serve' else 'training'} plan on {where}, mesh {mesh}")
-  print(f"model: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token), {cfg.num_hidden_layers} "
-        f"layers, params {cfg.param_dtype}, compute {cfg.dtype}"
+  print(f"model: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token), "
+        f"{cfg.num_hidden_layers} layers, params {cfg.param_dtype}, compute {cfg.dtype}"
         + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
         + (", int8 base" if cfg.base_quant == "int8" else ""))
   if plan.mode == "train":

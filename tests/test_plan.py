@@ -89,3 +89,8 @@ def test_cli_verdict_and_changes_that_fit():
   assert not bad["fits"] and bad["total"] > 2 * ok["total"]
   assert bad["fixes"] and all(f["total"] <= 0.9 * 95 * 2**30 for f in bad["fixes"])
   assert any("attention_impl=ring" in f["change"] for f in bad["fixes"])
+  # a mesh the slice cannot hold: one line naming the problem, no traceback
+  proc = subprocess.run([sys.executable, "-m", "llama4_jax.plan", "--config=configs/scout_v5p256.py",
+                         "--tpu=v5p-64"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "plan: mesh" in proc.stderr and "needs 128 devices but 32" in proc.stderr
+  assert "Traceback" not in proc.stderr
