@@ -31,6 +31,7 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
 
   import llama4_jax as l4
   from common import MOE_100M, timeit
+  from llama4_jax.train.compiled_memory import memory_figures
   from llama4_jax.train.config import default_run_config
   from llama4_jax.train.step import (TrainModel, make_optimizer, make_train_step, split_trainable,
                                      step_hparams)
@@ -58,9 +59,7 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
   lr = step_hparams(c, c.learning_rate)
   compiled = step.lower(trainable, opt_state, frozen, data, key, step_no, lr).compile()
-  mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes)
+  mem = memory_figures(compiled)
   nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
   state = {"p": trainable, "o": opt_state}
   losses = []
@@ -74,8 +73,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   return {"variant": variant, "trainable_params": int(n_train),
           "trainable_fraction": n_train / base_cfg.num_params(),
           "frozen_bytes": nbytes(frozen), "trainable_bytes": nbytes(state["p"]),
-          "optimizer_state_bytes": nbytes(state["o"]), "peak_bytes_xla": int(peak),
-          "temp_bytes_xla": int(mem.temp_size_in_bytes),
+          "optimizer_state_bytes": nbytes(state["o"]), "peak_bytes_xla": mem["peak"],
+          "temp_bytes_xla": mem["temporaries"],
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "step_seconds": round(seconds, 3), "tokens_per_sec": round(batch * seq / seconds, 1),
           "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}

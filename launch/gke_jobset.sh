@@ -16,10 +16,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
-die() {
-  echo "gke_jobset.sh: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$here/lib.sh"
 
 dry_run=0
 command="" name="" tpu="" image="" bucket="" config="" run_dir="" max_restarts=3
@@ -46,14 +44,6 @@ done
 [[ -n "$command" ]] || die "a command is required: render, apply, logs or delete (see --help)"
 [[ "$name" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--name='$name' must be a lowercase DNS label (letters, digits, '-'), as Kubernetes requires"
-
-run() {
-  if [[ $dry_run == 1 ]]; then
-    echo "$*"
-  else
-    "$@"
-  fi
-}
 
 # Sets accelerator, topology, hosts and chips_per_host for a TPU type (v5p/v4 count TensorCores).
 slice_shape() {

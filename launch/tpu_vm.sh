@@ -24,10 +24,8 @@ usage() {
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
-die() {
-  echo "tpu_vm.sh: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 dry_run=0
 command=""
@@ -61,26 +59,6 @@ done
 [[ -n "$command" ]] || usage
 [[ -n "$name" ]] || die "--name=NAME is required (the TPU VM's name)"
 [[ -n "$zone" ]] || die "--zone=ZONE is required (e.g. us-east5-a for v5p)"
-
-# A word as the shell would read it back: bare when safe, else in single quotes.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Prints the command (each word quoted) with --dry-run, else runs it.
-run() {
-  if [[ $dry_run == 1 ]]; then
-    local out="" word
-    for word in "$@"; do out+="$(quote "$word") "; done
-    echo "${out% }"
-  else
-    "$@"
-  fi
-}
 
 gcloud_args=(--zone="$zone")
 [[ -n "$project" ]] && gcloud_args+=(--project="$project")

@@ -173,6 +173,13 @@ class ModelConfig:
     return tuple(LayerKind(self.is_rope_layer(i), self.is_moe_layer(i))
                  for i in range(self.num_hidden_layers))
 
+  def kv_cache_length(self, rope: bool, max_length: int) -> int:
+    """KV-cache entries a layer keeps for up to `max_length` tokens: a ring of attention_chunk_size on
+    chunked (RoPE) layers, every position on NoPE layers."""
+    if not rope or self.attention_chunk_size is None:
+      return max_length
+    return min(self.attention_chunk_size, max_length)
+
   def layer_period(self) -> int:
     """The smallest P with kind(i) == kind(i % P) for all layers: the scanned superblock size."""
     kinds = self.layer_kinds()

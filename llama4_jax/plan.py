@@ -105,8 +105,9 @@ def _plan():
       for desc, p in fixes:
         print(f"  {desc}: {planning.format_bytes(p.total)} per device")
     else:
-      print("no single change tried fits (remat, microbatches, bf16, context, a larger slice up to 64x);"
-            " consider LoRA with an int8 base for fine-tuning")
+      print("no change tried fits (remat, the blockwise attention, microbatches, context or expert "
+            "parallelism, bf16, all of these together, a slice up to 64x larger); consider LoRA with an "
+            "int8 base for fine-tuning")
 
 
 if __name__ == "__main__":

@@ -72,20 +72,14 @@ class _Sizes:
 @functools.lru_cache(maxsize=32)
 def _weights(cfg: ModelConfig) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
   """(shape, itemsize, logical axes, is adapter) of every weight of the abstract model."""
-  from flax import nnx, traverse_util
+  from flax import nnx
 
   from llama4_jax.model.transformer import abstract_model
-  state = nnx.state(abstract_model(cfg))
-  out = []
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-  variables = dict(jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0])
-  by_path = {tuple(str(getattr(k, "key", k)) for k in path): var for path, var in variables.items()}
-  for key, leaf in flat.items():
-    var = by_path[tuple(str(k) for k in key)]
-    axes = var.get_metadata().get("logical_axes") or (None,) * len(leaf.shape)
-    out.append((tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, tuple(axes), is_adapter(key)))
-  return tuple(out)
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(abstract_model(cfg)),
+                                                is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  return tuple((tuple(var.shape), np.dtype(var.dtype).itemsize,
+                tuple(var.get_metadata().get("logical_axes") or (None,) * len(var.shape)),
+                is_adapter([getattr(path[-1], "key", path[-1])])) for path, var in leaves)
 
 
 def weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
@@ -178,12 +172,8 @@ def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: 
   rows = batch // shards if batch % shards == 0 else batch  # a batch the axes do not divide is replicated
   k = cfg.num_key_value_heads // sizes["tensor"]
   a = np.dtype(cfg.dtype).itemsize
-  total = 0
-  for kind in cfg.layer_kinds():
-    size = length if not kind.rope or cfg.attention_chunk_size is None else min(
-        cfg.attention_chunk_size, length)
-    total += rows * size * (2 * k * cfg.head_dim * a + 4)
-  return total
+  return sum(rows * cfg.kv_cache_length(kind.rope, length) * (2 * k * cfg.head_dim * a + 4)
+             for kind in cfg.layer_kinds())
 
 
 @dataclasses.dataclass

@@ -142,9 +142,8 @@ class Llama4(nnx.Module):
     dtype = dtype or dtype_of(cfg.dtype)
 
     def one(kind, stack=()):
-      size = max_length if not kind.rope or cfg.attention_chunk_size is None else min(
-          cfg.attention_chunk_size, max_length)
-      c = init_kv_cache(batch, size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+      c = init_kv_cache(batch, cfg.kv_cache_length(kind.rope, max_length), cfg.num_key_value_heads,
+                        cfg.head_dim, dtype)
       c = {k: constrain(v, self.mesh, ("batch", None, "kv_heads", None)[: v.ndim]) for k, v in c.items()}
       return jax.tree.map(lambda x: jnp.broadcast_to(x, stack + x.shape), c)
 

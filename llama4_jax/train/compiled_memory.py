@@ -23,11 +23,20 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def memory_figures(compiled) -> dict[str, int]:
+  """A compiled program's per-device bytes from `memory_analysis()`: arguments, outputs, aliased (donated),
+  temporaries, and peak = arguments + outputs - aliased + temporaries (what a device holds while it runs)."""
+  mem = compiled.memory_analysis()
+  out = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+         "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes)}
+  out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+  return out
+
+
 def compiled_train_step_memory(c, mesh) -> dict[str, int]:
   """Per-device bytes of run config `c`'s train step compiled for `mesh` (from `memory_analysis()`).
 
-  Returns arguments, outputs, aliased (donated params and optimizer state), temporaries, and
-  peak = arguments + outputs - aliased + temporaries: what the device holds while the step runs.
+  Returns `memory_figures` of the step (aliased: the donated params and optimizer state).
   """
   cfg = model_config(c)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
@@ -49,8 +58,4 @@ def compiled_train_step_memory(c, mesh) -> dict[str, int]:
                          step_hparams(c, c.learning_rate))
   step = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
                  out_shardings=(trainable_shardings, opt_shardings, None))
-  mem = step.lower(trainable, opt_state, frozen, batch, rng, step_no, hparams).compile().memory_analysis()
-  out = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-         "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes)}
-  out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-  return out
+  return memory_figures(step.lower(trainable, opt_state, frozen, batch, rng, step_no, hparams).compile())
