@@ -28,15 +28,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
 
 
-def find_tokenizer(checkpoint: str) -> str:
-  from llama4_jax.tokenizer import find_tokenizer as find
-  path = find(checkpoint)
-  if path is None:
-    raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in or next to {checkpoint}; pass "
-                            "--tokenizer")
-  return path
-
-
 def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float, float]:
   """Prints the continuation as it is generated; returns (tokens, seconds to the first token,
   seconds for the rest)."""
@@ -68,8 +59,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import llama4_jax as l4
-  from llama4_jax.tokenizer import encode_chat, load_tokenizer
-  tokenizer = load_tokenizer(_TOKENIZER.value or find_tokenizer(_CHECKPOINT.value))
+  from llama4_jax.tokenizer import encode_chat, tokenizer_for
+  tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)
   model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
   stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
   if _CHAT.value:

@@ -220,6 +220,15 @@ def find_tokenizer(checkpoint: str) -> str | None:
   return None
 
 
+def tokenizer_for(checkpoint: str, path: str | None = None) -> Tokenizer:
+  """The tokenizer at `path`, else the one found next to `checkpoint` (a clear error if there is none)."""
+  path = path or find_tokenizer(checkpoint)
+  if path is None:
+    raise FileNotFoundError(f"no tokenizer.model or {TOKENIZER_FILE} in or next to {checkpoint}; pass "
+                            "--tokenizer")
+  return load_tokenizer(path)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """A tokenizer from a file or a directory holding `tokenizer.model` or `tokenizer.json`."""
   if os.path.isdir(path):

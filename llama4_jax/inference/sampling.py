@@ -68,3 +68,29 @@ def make_strategy(temperature: float = 0.0, top_k: int | None = None, top_p: flo
   if top_p is not None and top_p < 1:
     return TopP(top_p, temperature)
   return Temperature(temperature)
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+  """Tokens [B] int32 with per-row settings, for batches whose rows belong to different requests.
+
+  temperature_B 0 is greedy; top_k_B 0 means no top-k; top_p_B 1 means no nucleus. keys_B: one PRNG key
+  per row, so a row's draw does not depend on the other rows. Top-k is applied first, then top-p on the
+  renormalized rest (as transformers and the OpenAI-compatible servers do). The sort over the vocabulary
+  runs only when some row samples."""
+  greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  sampling = temperature_B > 0
+
+  def sampled():
+    scaled = logits_BV / jnp.where(sampling, temperature_B, 1.0)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(ranked.shape[-1])[None, :]
+    ranked = jnp.where((top_k_B[:, None] > 0) & (rank >= top_k_B[:, None]), -jnp.inf, ranked)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    ranked = jnp.where((before < top_p_B[:, None]) | (rank == 0), ranked, -jnp.inf)
+    choice = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys_B, ranked)
+    drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(sampling, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(sampling), sampled, lambda: greedy)

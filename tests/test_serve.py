@@ -1,0 +1,320 @@
+"""The OpenAI-compatible server: continuous batching gives `generate`'s tokens, the official openai client
+works, bad input gets its status, and disconnects and errors leave no slot behind."""
+
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+import llama4_jax as l4
+from conftest import SCOUT_LIKE
+from llama4_jax.inference import generate
+from llama4_jax.serving import Engine, QueueFull, Request, SamplingParams, Server
+from llama4_jax.serving.text import TextStream
+from llama4_jax.tokenizer import train_bpe
+from train_utils import REPO
+
+NAME = "tiny-test"
+CONTEXT = 128
+SLOTS = 4
+
+
+def _corpus():
+  import inspect
+  import json as j
+  import textwrap as t
+  return [inspect.getsource(m) for m in (j.decoder, j.encoder, t)] * 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return train_bpe(_corpus(), 400, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+  cfg = SCOUT_LIKE.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                           eos_token_id=(tokenizer.eos_id,), attention_chunk_size=16)
+  return l4.create_model(cfg, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+  srv = Server(model, tokenizer, NAME, port=0, slots=SLOTS, max_length=CONTEXT, max_queue=16).start()
+  yield srv
+  srv.close()
+
+
+def post(server, path, body, headers=None, raw=None):
+  """(status, parsed JSON body) of a POST."""
+  data = raw if raw is not None else json.dumps(body).encode()
+  req = urllib.request.Request(server.url + path, data=data, method="POST",
+                               headers={"Content-Type": "application/json", **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=120) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def get(server, path, headers=None):
+  req = urllib.request.Request(server.url + path, headers=headers or {})
+  try:
+    with urllib.request.urlopen(req, timeout=60) as r:
+      return r.status, r.read().decode()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read().decode()
+
+
+def complete(server, prompt, max_tokens, **kw):
+  body = dict(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0)
+  status, out = post(server, "/v1/completions", {**body, **kw})
+  assert status == 200, out
+  return out
+
+
+def wait_idle(engine, timeout=30.0):
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if engine.active_slots() == 0 and engine.queue_depth() == 0:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"slots still busy: {engine.active_slots()} active, {engine.queue_depth()} queued")
+
+
+def test_concurrent_greedy_equals_generate(server, model, tokenizer):
+  """More requests than slots, of different lengths, at once: each gets exactly `generate`'s tokens."""
+  rng = np.random.RandomState(0)
+  lengths, news = [3, 70, 17, 40, 9, 100, 25, 5], [30, 20, 40, 25, 12, 28, 35, 18]
+  prompts = [rng.randint(3, tokenizer.vocab_size, n).tolist() for n in lengths]
+  stop = list(server._http.stop_tokens)
+  with cf.ThreadPoolExecutor(len(prompts)) as pool:
+    served = list(pool.map(lambda a: complete(server, *a), zip(prompts, news)))
+  # one ragged batch gives each prompt's own tokens (test_sampler); truncated to each request's max_tokens
+  refs = generate(model, prompts, max_new_tokens=max(news), stop_tokens=stop)
+  for ref, n, out in zip(refs, news, served):
+    ref = ref[:n]
+    choice = out["choices"][0]
+    assert out["usage"]["completion_tokens"] == len(ref)
+    assert choice["finish_reason"] == ("stop" if ref[-1] in stop else "length")
+    assert choice["text"] == tokenizer.decode([t for t in ref if t not in stop])
+  # a text prompt gets BOS first, as the sample CLI does
+  text = complete(server, "def decode(self", 15)["choices"][0]["text"]
+  ids = [tokenizer.bos_id] + tokenizer.encode("def decode(self")
+  assert text == tokenizer.decode([t for t in generate(model, [ids], 15, stop_tokens=stop)[0] if t not in stop])
+  wait_idle(server.engine)
+
+
+def test_openai_client(server):
+  import openai
+  client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+  assert [m.id for m in client.models.list().data] == [NAME]
+  r = client.completions.create(model=NAME, prompt="import json\n", max_tokens=20, temperature=0)
+  text = r.choices[0].text
+  assert r.object == "text_completion" and r.usage.prompt_tokens > 0 and r.choices[0].finish_reason
+  streamed = client.completions.create(model=NAME, prompt="import json\n", max_tokens=20, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+  chunks = list(streamed)
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+  assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+  messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]
+  chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+  reply = chat.choices[0].message
+  assert chat.object == "chat.completion" and reply.role == "assistant" and isinstance(reply.content, str)
+  deltas = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                               stream=True))
+  assert deltas[0].choices[0].delta.role == "assistant"
+  assert "".join(d.choices[0].delta.content or "" for d in deltas) == reply.content
+  assert deltas[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+  with pytest.raises(openai.NotFoundError):
+    client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+
+
+def test_sampling_parameters(server):
+  prompt = [5, 6, 7, 8]
+  greedy = complete(server, prompt, 24)["choices"][0]["text"]
+  assert complete(server, prompt, 24, temperature=0.9, top_k=1)["choices"][0]["text"] == greedy
+
+  def sampled(seed, **kw):
+    body = dict(model=NAME, prompt=prompt, max_tokens=24, temperature=1.0, seed=seed, **kw)
+    return post(server, "/v1/completions", body)[1]["choices"][0]["text"]
+
+  with cf.ThreadPoolExecutor(4) as pool:  # concurrent: the other rows must not change a request's draws
+    a, b, c, d = pool.map(lambda kw: sampled(**kw), [dict(seed=1), dict(seed=1), dict(seed=2),
+                                                      dict(seed=1, top_p=0.5, top_k=20)])
+  assert a == b and a != c and a != d
+  # a stop string ends the text before it, streamed or not
+  stop = greedy[len(greedy) // 2: len(greedy) // 2 + 3]
+  cut = complete(server, prompt, 24, stop=[stop, "never"])
+  assert cut["choices"][0]["text"] == greedy[: greedy.index(stop)]
+  assert cut["choices"][0]["finish_reason"] == "stop"
+  assert stream_text(server, dict(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                  stream=True)) == greedy[: greedy.index(stop)]
+  wait_idle(server.engine)
+
+
+def stream_text(server, body):
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+  conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+  r = conn.getresponse()
+  assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+  events = [line[6:] for line in r.read().decode().split("\n") if line.startswith("data: ")]
+  conn.close()
+  assert events[-1] == "[DONE]"
+  return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (dict(model="other", prompt="x"), 404, "model_not_found"),
+    (dict(prompt="x"), 400, "invalid_value"),
+    (dict(model=NAME, prompt=[1] * (CONTEXT - 4), max_tokens=8), 400, "context_length_exceeded"),
+    (dict(model=NAME, messages=[{"role": "user", "content": "x " * 400}]), 400, "context_length_exceeded"),
+    (dict(model=NAME, prompt="x", temperature=3), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", top_p=0), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", max_tokens=0), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", max_tokens="8"), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", n=2), 400, "unsupported_parameter"),
+    (dict(model=NAME, prompt="x", logprobs=2), 400, "unsupported_parameter"),
+    (dict(model=NAME, prompt=[]), 400, "invalid_value"),
+    (dict(model=NAME, prompt=[1, 10**6]), 400, None),
+    (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "invalid_value"),
+])
+def test_bad_requests(server, body, status, code):
+  path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+  got, out = post(server, path, body)
+  assert got == status and out["error"]["code"] == code and out["error"]["message"], out
+
+
+def test_bad_http(server):
+  assert post(server, "/v1/completions", None, raw=b"{not json")[0] == 400
+  assert post(server, "/v1/completions", None, raw=b"[1, 2]")[0] == 400
+  assert get(server, "/v1/nothing")[0] == 404
+  assert get(server, "/v1/completions")[0] == 405
+  assert json.loads(get(server, "/health")[1]) == {"status": "ok"}
+  server._http.api_key = "sekrit"
+  try:
+    assert post(server, "/v1/completions", dict(model=NAME, prompt="x"))[0] == 401
+    assert get(server, "/v1/models", {"Authorization": "Bearer wrong"})[0] == 401
+    assert get(server, "/v1/models", {"Authorization": "Bearer sekrit"})[0] == 200
+    assert get(server, "/health")[0] == 200  # load balancers probe without the key
+  finally:
+    server._http.api_key = None
+
+
+def _open_request(server, body):
+  """Sends a request on a raw socket and returns the socket without reading the answer."""
+  s = socket.create_connection((server.host, server.port))
+  data = json.dumps(body).encode()
+  s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+  return s
+
+
+def test_disconnects_and_errors_free_every_slot(server):
+  before = complete(server, [9, 8, 7], 20)["choices"][0]["text"]
+  cancelled = server.engine.stats.finished["cancelled"]
+  long = dict(model=NAME, prompt=[4, 5, 6], max_tokens=CONTEXT - 8, temperature=0)
+  socks = [_open_request(server, dict(long, stream=i % 2 == 0)) for i in range(SLOTS + 3)]
+  for s in socks[0:SLOTS:2]:
+    s.recv(64)  # streaming ones in slots have started answering; the rest decode or wait in the queue
+  for s in socks:
+    s.close()
+  for body in (dict(model=NAME, prompt="x", top_p=7), dict(model="nope", prompt="x")):
+    post(server, "/v1/completions", body)
+  wait_idle(server.engine)
+  assert server.engine.stats.finished["cancelled"] - cancelled >= SLOTS  # 120 tokens take longer than this
+  assert complete(server, [9, 8, 7], 20)["choices"][0]["text"] == before
+  metrics = get(server, "/metrics")[1]
+  assert re.search(r'finished_requests_total\{reason="cancelled"\} [1-9]', metrics)
+  assert re.search(r"^llama4_jax_active_slots 0$", metrics, re.M)
+  assert re.search(r'requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', metrics)
+  assert re.search(r'requests_total\{endpoint="/v1/completions",status="404"\} [1-9]', metrics)
+  assert re.search(r"llama4_jax_time_to_first_token_seconds_count [1-9]", metrics)
+  assert re.search(r"llama4_jax_generation_tokens_total [1-9]", metrics)
+
+
+def test_queue_bound_gives_429(model, tokenizer):
+  """With the engine held back, requests beyond slots + max_queue get 429; queued ones that disconnect
+  are dropped; the rest are served once the engine runs."""
+  srv = Server(model, tokenizer, NAME, port=0, slots=2, max_length=CONTEXT, max_queue=1,
+               warmup=False).start(engine=False)
+  try:
+    body = dict(model=NAME, prompt=[3, 4], max_tokens=4, temperature=0)
+    waiting = [_open_request(srv, body) for _ in range(3)]  # 2 free slots + 1 queue place
+    deadline = time.monotonic() + 10
+    while srv.engine.queue_depth() < 3 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    status, out = post(srv, "/v1/completions", body)
+    assert status == 429 and out["error"]["type"] == "rate_limit_error"
+    waiting[0].close()  # gives up while queued
+    time.sleep(0.2)
+    srv.engine.start()
+    for s in waiting[1:]:
+      reply = s.makefile("rb").read1(65536).decode()
+      assert reply.startswith("HTTP/1.1 200"), reply
+      s.close()
+    wait_idle(srv.engine)
+    assert srv.engine.stats.finished["cancelled"] == 1 and srv.engine.stats.finished["length"] == 2
+  finally:
+    srv.close()
+
+
+def test_engine_queue_full_and_checks(model):
+  engine = Engine(model, slots=1, max_length=32, max_queue=1)
+  engine.submit(Request([1], SamplingParams(max_tokens=2)))
+  engine.submit(Request([1], SamplingParams(max_tokens=2)))
+  with pytest.raises(QueueFull):
+    engine.submit(Request([1], SamplingParams(max_tokens=2)))
+  with pytest.raises(ValueError, match="exceeds the context of 32"):
+    engine.check([1] * 30, 3)
+  with pytest.raises(ValueError, match="empty"):
+    engine.check([], 3)
+
+
+def test_text_stream_holds_back_stop_strings(tokenizer):
+  text = "value = decoder.decode(s)\nreturn value"
+  ids = tokenizer.encode(text)
+  stream = TextStream(tokenizer, ["decode(", "zzz"])
+  out = "".join(stream.push(t) for t in ids) + stream.flush()
+  assert out == "value = decoder." and stream.stopped
+  plain = TextStream(tokenizer)
+  assert "".join(plain.push(t) for t in ids) + plain.flush() == tokenizer.decode(ids)
+  multibyte = tokenizer.encode("naïve café ☕ ok")
+  s = TextStream(tokenizer, ["ok"])
+  pieces = [s.push(t) for t in multibyte]
+  assert "".join(pieces) == "naïve café ☕ " and all("\ufffd" not in p for p in pieces)
+
+
+def test_serve_cli(tmp_path, model, tokenizer):
+  ckpt = tmp_path / "ckpt"
+  l4.save_pretrained(model, str(ckpt))
+  os.link(tokenizer.path, ckpt / "tokenizer.json")
+  proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
+                           "--slots=2", "--max-context=64", "--api-key=k1"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      m = re.search(r"on (http://[\d.]+:\d+) .*ready", line)
+      if m:
+        break
+    else:
+      raise AssertionError(proc.stderr.read()[-3000:])
+    req = urllib.request.Request(m.group(1) + "/v1/completions", method="POST", data=json.dumps(
+        dict(model="ckpt", prompt=[1, 2, 3], max_tokens=5, temperature=0)).encode(),
+        headers={"Authorization": "Bearer k1", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+      assert json.loads(r.read())["usage"]["prompt_tokens"] == 3
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]
