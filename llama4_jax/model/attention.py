@@ -72,6 +72,26 @@ def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   return o.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
+def decode_attention(q_BNH, k_BSKH, v_BSKH, mask_BS):
+  """One query per row over a KV cache [B, S, K, H] -> [B, N, H] (float32 softmax; GQA).
+
+  Written as multiply-reduces in the cache's own layout: a matmul formulation makes XLA copy the whole
+  cache into [B, K, S, H] on every decode step (and transpose the output projection's weight), which
+  cost more than the attention itself. Rows with no visible key give zeros, never NaN.
+  """
+  b, n, h = q_BNH.shape
+  kv = k_BSKH.shape[2]
+  q_B1KGH = q_BNH.reshape(b, 1, kv, n // kv, h).astype(jnp.float32)
+  s_BSKG = jnp.sum(q_B1KGH * k_BSKH[:, :, :, None, :].astype(jnp.float32), axis=-1) * (h ** -0.5)
+  s_BSKG = jnp.where(mask_BS[:, :, None, None], s_BSKG, -jnp.inf)
+  m = jnp.max(s_BSKG, axis=1, keepdims=True)
+  p = jnp.exp(s_BSKG - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  o_BKGH = jnp.sum(p[..., None] * v_BSKH[:, :, :, None, :].astype(jnp.float32), axis=1)
+  return o_BKGH.reshape(b, n, h).astype(q_BNH.dtype)
+
+
 class Attention(nnx.Module):
   """q [D, N, H], k/v [D, K, H], o [N, H, D]: bias-free projections, x @ W layouts."""
 
@@ -124,8 +144,9 @@ class Attention(nnx.Module):
       return self._out(out, key), cache
     if mode == "decode":
       cache = store_decode(cache, k, v, positions_BT[:, 0])
-      mask = cache_mask(cache["pos"], positions_BT[:, 0], self.chunk_size)
-      return self._out(masked_attention(q, cache["k"], cache["v"], mask[:, None, :])), cache
+      b = q.shape[0]  # the cache may hold more rows: their first b are stepped (the serving engine's)
+      mask = cache_mask(cache["pos"][:b], positions_BT[:, 0], self.chunk_size)
+      return self._out(decode_attention(q[:, 0], cache["k"][:b], cache["v"][:b], mask)[:, None]), cache
     mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
     out = self._out(dense_attention(q, k, v, mask, mesh), key)
     if mode == "prefill":

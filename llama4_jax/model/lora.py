@@ -79,6 +79,23 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
   module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups),)
 
 
+def contract(eq: str, x, w):
+  """jnp.einsum(eq, x, w) for one-letter labels with no repeats, contracting in the kernel's dim order.
+
+  jnp.einsum orders multi-dim contractions its own way: "BTNH,NHD->BTD" contracts (H, N), so XLA copies
+  both the activation and the kernel into that order on every call (a transposed copy of each output
+  projection per layer and step). Contracting in the order the dims lie in `w` keeps both as bitcasts.
+  """
+  ins, out = eq.split("->")
+  xs, ws = ins.split(",")
+  batch = [c for c in xs if c in ws and c in out]
+  contracted = [c for c in ws if c in xs and c not in out]
+  y = jax.lax.dot_general(x, w, (([xs.index(c) for c in contracted], [ws.index(c) for c in contracted]),
+                                 ([xs.index(c) for c in batch], [ws.index(c) for c in batch])))
+  got = "".join(batch) + "".join(c for c in xs if c not in ws) + "".join(c for c in ws if c not in xs)
+  return y if got == out else jnp.transpose(y, [got.index(c) for c in out])
+
+
 def weight(module: nnx.Module, name: str, n_groups: int = 0) -> "Weight":
   """The `Weight` pytree of linear weight `name` of `module` (see `declare_linear`)."""
   def get(suffix):
@@ -145,7 +162,7 @@ class Weight:
 
     `eq` names x's and the kernel's dims (e.g. "BTD,DNH->BTNH"); `key` (or None) enables LoRA dropout,
     decorrelated per weight by `tag`."""
-    y = self._base(lambda x, w: jnp.einsum(eq, x, w), x)
+    y = self._base(lambda x, w: contract(eq, x, w), x)
     if self.lora_a is None:
       return y
     ins, out = eq.split("->")

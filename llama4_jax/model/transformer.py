@@ -161,7 +161,8 @@ class Llama4(nnx.Module):
     return self._logits(last)[:, 0], cache
 
   def decode(self, tokens, positions, cache):
-    """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache)."""
+    """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache). The cache may have
+    more than B rows; rows B and beyond are left as they are."""
     pos = positions[:, None].astype(jnp.int32)
     h, _, cache = self._layers(self._embed(tokens[:, None]), pos, jnp.ones_like(pos), cache, "decode")
     return self._logits(h)[:, 0], cache

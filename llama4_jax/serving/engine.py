@@ -3,9 +3,11 @@
 The engine thread loops: admit waiting requests into free slots (each is prefilled alone into a fresh
 cache row, which is written into the batch cache at its slot, and its first token sampled), then run one
 decode step for all slots, hand each active slot's token to its request, and free the slots that finished
-(stop token, max_tokens, or cancelled by the client) at once. Idle slots ride along in the step (fixed
-shapes: one compiled program) and their results are ignored; an inserted row overwrites its whole cache
-row, so nothing leaks from the previous occupant.
+(stop token, max_tokens, or cancelled by the client) at once. A request takes the lowest free slot and
+a step runs the first 1, 2, 4, ... or all slots (whichever covers the busy ones; each width is compiled
+once, at warm-up), so a lightly loaded server does not pay for its idle slots. Idle slots inside that
+width ride along and their results are ignored; an inserted row overwrites its whole cache row, so
+nothing leaks from the previous occupant.
 
 Per-request sampling settings are arrays indexed by slot (`sample_rows`), so mixing greedy and sampled
 requests compiles nothing new. A request's draws use keys derived from its own seed and the position of
@@ -24,10 +26,10 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from llama4_jax.inference.sampling import sample_rows
+from llama4_jax.inference.static import merge_model, split_model
 
 _MIN_BUCKET = 64  # prompts are padded to a power of two >= this: few prefill shapes get compiled
 
@@ -117,32 +119,54 @@ def _keys(seeds_B, positions_B):
   return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds_B, positions_B)
 
 
-# Plain jax.jit over (graphdef, state): nnx.jit would walk the module graph on every call.
-@functools.partial(jax.jit, static_argnames=("graphdef", "length"), donate_argnames=("cache",))
-def _prefill_insert(graphdef, state, tokens_1T, length_1, cache, slot, seed_1, temperature_1, top_k_1,
+# Plain jax.jit over `split_model`'s (static, leaves): nnx.jit walks the module graph on every call, and a
+# (GraphDef, State) pair costs ~2 ms to hash and flatten per call.
+@functools.partial(jax.jit, static_argnames=("static", "length"), donate_argnames=("cache",))
+def _prefill_insert(static, leaves, tokens_1T, length_1, cache, tok_B, slot, seed_1, temperature_1, top_k_1,
                     top_p_1, length):
-  model = nnx.merge(graphdef, state)
+  """Prefills one prompt into a fresh cache row, writes the row into `cache` at `slot`, and samples its
+  first token, which is also written into the next step's input tokens tok_B."""
+  model = merge_model(static, leaves)
   logits, row = model.prefill(tokens_1T, length_1, model.init_cache(1, length))
-  tok = sample_rows(logits, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
-  return tok, _insert_row(cache, row, slot)
+  first = sample_rows(logits, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
+  return first, jax.lax.dynamic_update_slice(tok_B, first, (slot,)), _insert_row(cache, row, slot)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode_step(graphdef, state, tok_B, pos_B, cache, seed_B, temperature_B, top_k_B, top_p_B):
-  logits, cache = nnx.merge(graphdef, state).decode(tok_B, pos_B, cache)
-  return sample_rows(logits, _keys(seed_B, pos_B + 1), temperature_B, top_k_B, top_p_B), cache
+@functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
+def _decode_step(static, leaves, tok_S, pos_S, cache, seed_S, temperature_S, top_k_S, top_p_S, rows):
+  """One decode step of the first `rows` slots (the others are idle): returns the next input tokens [S]
+  (the new ones in the first `rows` places) and the cache."""
+  r = slice(0, rows)
+  logits, cache = merge_model(static, leaves).decode(tok_S[r], pos_S[r], cache)
+  nxt = sample_rows(logits, _keys(seed_S[r], pos_S[r] + 1), temperature_S[r], top_k_S[r], top_p_S[r])
+  return tok_S.at[r].set(nxt), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length"))
-def _empty_cache(graphdef, state, batch, length):
-  return nnx.merge(graphdef, state).init_cache(batch, length)
+@functools.partial(jax.jit, static_argnames=("static", "batch", "length"))
+def _empty_state(static, leaves, batch, length):
+  """An empty KV cache and input tokens [batch], on the model's devices."""
+  return merge_model(static, leaves).init_cache(batch, length), jnp.zeros((batch,), jnp.int32)
+
+
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+  """lo, 2 lo, 4 lo, ... up to the first one >= hi."""
+  out = [lo]
+  while out[-1] < hi:
+    out.append(out[-1] * 2)
+  return out
 
 
 class Engine:
   """Continuous batching over `slots` decode rows of up to `max_length` tokens each (prompt + output).
 
   `submit` queues a request (raises QueueFull beyond `max_queue` waiting requests); the engine thread,
-  started by `start`, serves it. Thread-safe: HTTP handler threads submit and cancel."""
+  started by `start`, serves it. Thread-safe: HTTP handler threads submit and cancel.
+
+  The loop is pipelined: it dispatches decode step n (JAX runs it asynchronously; the next input tokens
+  stay on the device) and only then reads the tokens of step n-1 and hands them out, so the host's work
+  overlaps the device's. The price is that a finished request rides along for one more step, whose token
+  is dropped.
+  """
 
   def __init__(self, model, slots: int = 8, max_length: int = 2048, max_queue: int = 64):
     cfg = model.config
@@ -154,25 +178,29 @@ class Engine:
     if max_queue < 0:
       raise ValueError(f"max_queue={max_queue} must be >= 0")
     self.config, self.slots, self.max_length, self.max_queue = cfg, slots, max_length, max_queue
-    self._graphdef, self._state = nnx.split(model)
-    self._cache = self._new_cache()
-    self._tok = np.zeros(slots, np.int32)
-    self._pos = np.zeros(slots, np.int32)
+    self._row_counts = [n for n in _powers_of_two(1, slots) if n < slots] + [slots]
+    self._static, self._leaves = split_model(model)
+    self._pos = np.zeros(slots, np.int32)  # next step's input positions
     self._seed = np.zeros(slots, np.uint32)
     self._temperature = np.zeros(slots, np.float32)
     self._top_k = np.zeros(slots, np.int32)
     self._top_p = np.ones(slots, np.float32)
-    self._active: list[Request | None] = [None] * slots
+    self._active: list[Request | None] = [None] * slots  # each slot's request
     self._waiting: collections.deque[Request] = collections.deque()
+    # dispatched, not yet read: ("first", tok [1], slot, request) after a prefill, ("step", tok [S],
+    # the slots' requests at dispatch) after a decode step; in dispatch order
+    self._unread: collections.deque[tuple] = collections.deque()
     self._cond = threading.Condition()
     self._thread: threading.Thread | None = None
     self._stop = False
+    self._reset_device_state()
     self.stats = EngineStats()
 
-  def _new_cache(self):
+  def _reset_device_state(self) -> None:
     # committed to its devices like the steps' outputs, so the first step after it compiles nothing new
-    cache = _empty_cache(self._graphdef, self._state, self.slots, self.max_length)
-    return jax.device_put(cache, jax.tree.map(lambda x: x.sharding, cache))
+    fresh = _empty_state(self._static, self._leaves, self.slots, self.max_length)
+    self._cache, self._tok = jax.device_put(fresh, jax.tree.map(lambda x: x.sharding, fresh))
+    self._unread.clear()
 
   # --- called from any thread ------------------------------------------------------------------------
   def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -219,38 +247,80 @@ class Engine:
 
   def buckets(self) -> list[int]:
     """The padded prompt widths that get compiled: powers of two from 64 up to the context."""
-    out = [_MIN_BUCKET]
-    while out[-1] < self.max_length:
-      out.append(out[-1] * 2)
-    return out
+    return _powers_of_two(_MIN_BUCKET, self.max_length)
 
   def _bucket(self, n: int) -> int:
     return next(b for b in self.buckets() if b >= n)
+
+  def _step_rows(self) -> int:
+    """Slots the next decode step runs: the busy ones are packed low (a request takes the lowest free
+    slot), so a step runs the smallest power of two (or all slots) that covers the highest busy one."""
+    top = max(i for i, r in enumerate(self._active) if r is not None) + 1
+    return next(n for n in self._row_counts if n >= top)
 
   def warmup(self) -> None:
     """Compiles the decode step and the prefill of every prompt bucket (call before `start`), so no
     request waits for a compile."""
     for width in self.buckets():
       self._admit_one(0, Request([0] * min(width, self.max_length - 1), SamplingParams(max_tokens=1)))
-    self._step()
+      self._iterate()
+    for rows in self._row_counts:  # a step of each width
+      self._active[rows - 1] = Request([0], SamplingParams(max_tokens=1))
+      self._iterate()
+      self._active[rows - 1] = None
+    while self._unread:
+      self._iterate()
     self.stats = EngineStats()
 
   # --- the engine thread -----------------------------------------------------------------------------
   def _run(self) -> None:
     while True:
       with self._cond:
-        while not self._stop and not self._waiting and self.active_slots() == 0:
+        while not (self._stop or self._waiting or self._unread or self.active_slots()):
           self._cond.wait()
         if self._stop:
           break
       try:
         self._admit()
-        if self.active_slots():
-          self._step()
+        self._iterate()
       except Exception as e:  # a failed device call: fail what is in flight, keep serving
         logging.exception("engine step failed")
         self._fail_all(f"{type(e).__name__}: {e}")
     self._fail_all("the server is shutting down")
+
+  def _iterate(self) -> None:
+    """Dispatches a decode step if any slot is busy, then hands out everything dispatched before it."""
+    if self.active_slots():
+      tok, self._cache = _decode_step(self._static, self._leaves, self._tok, *self._snapshot(self._pos),
+                                      self._cache, *self._snapshot(self._seed, self._temperature,
+                                                                   self._top_k, self._top_p),
+                                      rows=self._step_rows())
+      self._tok = tok
+      self._unread.append(("step", tok, list(self._active)))
+      self._pos += np.array([r is not None for r in self._active], np.int32)
+      self.stats.steps += 1
+    while self._unread and (len(self._unread) > 1 or self._unread[0][0] == "first"
+                            or not self.active_slots()):
+      self._read(self._unread.popleft())
+
+  @staticmethod
+  def _snapshot(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Copies of host arrays for a dispatch. On CPU, JAX may use a NumPy array's memory in place, and
+    the computation runs after the call returns (the loop is pipelined): changing the array for the next
+    step must not reach the step in flight."""
+    return [a.copy() for a in arrays]
+
+  def _read(self, entry) -> None:
+    if entry[0] == "first":
+      _, tok, slot, request = entry
+      if self._active[slot] is request:
+        self._deliver(slot, int(np.asarray(tok)[0]))
+      return
+    _, tok, owners = entry
+    tok = np.asarray(tok)
+    for slot, request in enumerate(owners):
+      if request is not None and self._active[slot] is request:  # not finished since the dispatch
+        self._deliver(slot, int(tok[slot]))
 
   def _admit(self) -> None:
     for slot in range(self.slots):
@@ -279,24 +349,15 @@ class Engine:
     tokens[0, :n] = request.prompt
     self._seed[slot] = p.seed % 2**32
     self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
-    tok, self._cache = _prefill_insert(
-        self._graphdef, self._state, tokens, np.array([n], np.int32), self._cache, np.int32(slot),
-        self._seed[slot:slot + 1], self._temperature[slot:slot + 1], self._top_k[slot:slot + 1],
-        self._top_p[slot:slot + 1], length=self.max_length)
+    one = slice(slot, slot + 1)
+    first, self._tok, self._cache = _prefill_insert(
+        self._static, self._leaves, tokens, np.array([n], np.int32), self._cache, self._tok,
+        np.int32(slot), *self._snapshot(self._seed[one], self._temperature[one], self._top_k[one],
+                                         self._top_p[one]), length=self.max_length)
     self._active[slot] = request
     self._pos[slot] = n
+    self._unread.append(("first", first, slot, request))
     self.stats.prompt_tokens += n
-    self._deliver(slot, int(tok[0]))
-
-  def _step(self) -> None:
-    tok, self._cache = _decode_step(self._graphdef, self._state, self._tok, self._pos, self._cache,
-                                    self._seed, self._temperature, self._top_k, self._top_p)
-    tok = np.asarray(tok)
-    self.stats.steps += 1
-    for slot, request in enumerate(self._active):
-      if request is not None:
-        self._pos[slot] += 1
-        self._deliver(slot, int(tok[slot]))
 
   def _deliver(self, slot: int, tok: int) -> None:
     """Hands a new token to the slot's request, or frees the slot if the request is over."""
@@ -310,7 +371,6 @@ class Engine:
     request.generated += 1
     self.stats.record_tokens(1)
     request.events.put((request.tag, "token", tok))
-    self._tok[slot] = tok
     if tok in request.params.stop_tokens:
       self._free(slot, "stop")
     elif request.generated >= request.params.max_tokens:
@@ -333,6 +393,4 @@ class Engine:
       self.stats.finished["error"] += 1
     self._active = [None] * self.slots
     self._temperature[:] = 0.0
-    # a failed call may have consumed the donated cache: start from a fresh one
-    self._cache = self._new_cache()
-
+    self._reset_device_state()  # a failed call may have consumed the donated cache

@@ -1,0 +1,163 @@
+"""Load on the OpenAI-compatible server: throughput and time to first token at 1, 8 and 32 concurrent
+clients, continuous batching against serving one request at a time.
+
+    python benchmarks/serve_load.py [--checkpoint workdir/tiny] [--clients 1 8 32] [--requests 4]
+
+The server runs in its own process (`python -m llama4_jax.serve`) on loopback; this process is the load:
+each client thread sends `--requests` streaming completions one after another (greedy, prompts of
+different lengths, `--max_tokens` each) and the run stops early after `--time_limit` seconds. The same
+load goes to a server with `--slots` decode slots (continuous batching) and to one with a single slot
+(requests served one at a time, the rest queued). Tokens are the completion tokens the server reports;
+time to first token is from sending the request to the first streamed text. Without --checkpoint, the
+trained tiny model in workdir/tiny is used if present, else a randomly initialised tiny model;
+`--model moe_100m` serves a random ~100M-parameter MoE instead. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["def ", "import os\n", "class Parser:\n    def __init__(self", "# Copyright\n\"\"\"Utilities for",
+           "for i in range(", "    return self._", "if __name__ == '__main__':\n", "from typing import "]
+
+
+def random_model(name: str, directory: str) -> str:
+  """A randomly initialised model ("tiny", or "moe_100m": the ~100M-parameter MoE of benchmarks/common.py)
+  with a small built-in BPE, saved as a Hugging Face checkpoint. Ids the BPE lacks decode to nothing."""
+  import inspect
+  import json as j
+  import llama4_jax as l4
+  from common import MOE_100M
+  from llama4_jax.tokenizer import train_bpe
+  tok = train_bpe([inspect.getsource(j.decoder), inspect.getsource(j.encoder)] * 4, 512,
+                  os.path.join(directory, "tokenizer.json"))
+  special = dict(bos_token_id=tok.bos_id, eos_token_id=(tok.eos_id,))
+  cfg = (l4.get_config("tiny", vocab_size=tok.vocab_size, **special) if name == "tiny"
+         else MOE_100M.replace(**special))
+  l4.save_pretrained(l4.create_model(cfg), directory)
+  return directory
+
+
+def start_server(checkpoint: str, slots: int, max_context: int) -> tuple[subprocess.Popen, str, str]:
+  proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={checkpoint}", "--port=0",
+                           f"--slots={slots}", f"--max_context={max_context}", "--max_queue=256"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    m = re.search(r"serve: (\S+) on http://([\d.]+:\d+) .*ready", line)
+    if m:
+      threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its output
+      return proc, m.group(2), m.group(1)
+  raise RuntimeError(f"the server did not start (exit {proc.wait()})")
+
+
+def one_request(address: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+  """(seconds to the first streamed text, completion tokens) of one streaming completion."""
+  host, port = address.split(":")
+  conn = http.client.HTTPConnection(host, int(port), timeout=600)
+  body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+              stream_options={"include_usage": True})
+  t0 = time.perf_counter()
+  conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+  r = conn.getresponse()
+  if r.status != 200:
+    raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+  first, tokens = None, 0
+  for line in r:
+    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+      continue
+    event = json.loads(line[6:])
+    if event.get("choices") and event["choices"][0]["text"] and first is None:
+      first = time.perf_counter() - t0
+    if event.get("usage"):
+      tokens = event["usage"]["completion_tokens"]
+  conn.close()
+  return (first if first is not None else time.perf_counter() - t0), tokens
+
+
+def load(address: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+  deadline = time.perf_counter() + time_limit
+  ttfts, tokens, errors = [], [0], []
+  lock = threading.Lock()
+
+  def client(c: int):
+    for i in range(requests):
+      if time.perf_counter() > deadline:
+        return
+      try:
+        ttft, n = one_request(address, model, PROMPTS[(c + i) % len(PROMPTS)], max_tokens)
+      except Exception as e:  # counted, not fatal: the figures say how many failed
+        with lock:
+          errors.append(f"{type(e).__name__}: {e}")
+        continue
+      with lock:
+        ttfts.append(ttft)
+        tokens[0] += n
+
+  t0 = time.perf_counter()
+  with cf.ThreadPoolExecutor(clients) as pool:
+    list(pool.map(client, range(clients)))
+  seconds = time.perf_counter() - t0
+  ttfts.sort()
+  pick = lambda q: round(1000 * ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))], 1) if ttfts else None  # noqa: E731
+  return {"clients": clients, "requests": len(ttfts), "errors": len(errors), "first_error": errors[:1],
+          "completion_tokens": tokens[0], "seconds": round(seconds, 2),
+          "tokens_per_s": round(tokens[0] / seconds, 1), "ttft_p50_ms": pick(0.5), "ttft_p99_ms": pick(0.99),
+          "ttft_mean_ms": round(1000 * statistics.mean(ttfts), 1) if ttfts else None}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", default=None, help="a checkpoint to serve (default: see --model)")
+  p.add_argument("--model", choices=["tiny", "moe_100m"], default="tiny",
+                 help="without --checkpoint: the trained tiny model in workdir/tiny if present (else a random "
+                 "one), or a random ~100M-parameter MoE")
+  p.add_argument("--slots", type=int, default=8, help="decode slots of the continuous-batching server")
+  p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+  p.add_argument("--requests", type=int, default=4, help="requests per client")
+  p.add_argument("--max_tokens", type=int, default=64)
+  p.add_argument("--max_context", type=int, default=256)
+  p.add_argument("--time_limit", type=float, default=120.0, help="seconds per run")
+  args = p.parse_args()
+  checkpoint = args.checkpoint
+  trained = os.path.join(REPO, "workdir", "tiny")
+  if checkpoint is None and args.model == "tiny" and os.path.isdir(os.path.join(trained, "checkpoints")):
+    checkpoint = trained
+  elif checkpoint is None:
+    checkpoint = random_model(args.model, tempfile.mkdtemp(prefix=f"serve_load_{args.model}_"))
+  from common import emit, machine
+
+  runs = []
+  for slots, clients_list in ((args.slots, args.clients), (1, [c for c in args.clients if c <= 8])):
+    proc, address, model = start_server(checkpoint, slots, args.max_context)
+    try:
+      one_request(address, model, PROMPTS[0], 4)  # a first request outside the timing
+      for clients in clients_list:
+        run = load(address, model, clients, args.requests, args.max_tokens, args.time_limit)
+        runs.append({"slots": slots, **run})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    finally:
+      proc.terminate()
+      proc.wait(30)
+  rate = {(r["slots"], r["clients"]): r["tokens_per_s"] for r in runs}
+  speedup = {f"{c}_clients": round(rate[(args.slots, c)] / rate[(1, c)], 2)
+             for c in args.clients if (1, c) in rate and rate[(1, c)]}
+  emit({"benchmark": "serve_load", "checkpoint": checkpoint, "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests, "runs": runs,
+        "continuous_over_one_at_a_time": speedup, "machine": machine()})
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  main()
