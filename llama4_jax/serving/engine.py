@@ -31,6 +31,7 @@ import numpy as np
 from llama4_jax.inference.sampling import sample_rows
 from llama4_jax.inference.static import merge_model, split_model
 
+_IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
 _MIN_BUCKET = 64  # prompts are padded to a power of two >= this: few prefill shapes get compiled
 
 
@@ -299,9 +300,12 @@ class Engine:
       self._unread.append(("step", tok, list(self._active)))
       self._pos += np.array([r is not None for r in self._active], np.int32)
       self.stats.steps += 1
-    while self._unread and (len(self._unread) > 1 or self._unread[0][0] == "first"
+    while self._unread and (self._steps_unread() > _IN_FLIGHT or self._unread[0][0] == "first"
                             or not self.active_slots()):
       self._read(self._unread.popleft())
+
+  def _steps_unread(self) -> int:
+    return sum(entry[0] == "step" for entry in self._unread)
 
   @staticmethod
   def _snapshot(*arrays: np.ndarray) -> list[np.ndarray]:
