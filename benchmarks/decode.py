@@ -55,9 +55,8 @@ def main():
   import llama4_jax as l4
   from common import MOE_100M, emit, machine, timeit
   from llama4_jax.inference import generate
-  from flax import nnx
-
   from llama4_jax.inference.sampler import _init_cache, _pack, _prefill_pure
+  from llama4_jax.inference.static import split_model
 
   torch.set_num_threads(os.cpu_count())
   cfg = MOE_100M.replace(eos_token_id=(-1,))
@@ -78,7 +77,7 @@ def main():
 
         def prefill():
           cache = _init_cache(model, batch, args.prompt + args.new)
-          _prefill_pure(*nnx.split(model), tokens, lengths, cache)[0].block_until_ready()
+          _prefill_pure(*split_model(model), tokens, lengths, cache)[0].block_until_ready()
 
         t_prefill = timeit(prefill, 3)
         t_step = (t_total - t_prefill) / (args.new - 1)
