@@ -7,7 +7,9 @@ The server runs in its own process (`python -m llama4_jax.serve`) on loopback; t
 each client thread sends `--requests` streaming completions one after another (greedy, prompts of
 different lengths, `--max_tokens` each) and the run stops early after `--time_limit` seconds. The same
 load goes to a server with `--slots` decode slots (continuous batching) and to one with a single slot
-(requests served one at a time, the rest queued). Tokens are the completion tokens the server reports;
+(requests served one at a time, the rest queued); then the same load at 8 clients straight on the
+engine in this process (no HTTP), which separates what batching gives from what the HTTP layer costs.
+Tokens are the completion tokens the server reports;
 time to first token is from sending the request to the first streamed text. Without --checkpoint, the
 trained tiny model in workdir/tiny is used if present, else a randomly initialised tiny model;
 `--model moe_100m` serves a random ~100M-parameter MoE instead. Prints JSON.
@@ -117,6 +119,34 @@ def load(address: str, model: str, clients: int, requests: int, max_tokens: int,
           "ttft_mean_ms": round(1000 * statistics.mean(ttfts), 1) if ttfts else None}
 
 
+def engine_only(checkpoint: str, slots: int, clients: int, requests: int, max_tokens: int,
+                max_context: int) -> dict:
+  """The same load on the `Engine` in this process, without HTTP or text: what the batching itself gives."""
+  import llama4_jax as l4
+  from llama4_jax.serving import Engine, Request, SamplingParams
+  from llama4_jax.tokenizer import tokenizer_for
+  tokenizer = tokenizer_for(checkpoint)
+  engine = Engine(l4.load_model(checkpoint), slots, max_context, max_queue=1024)
+  engine.warmup()
+  engine.start()
+  prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in PROMPTS]
+  tokens = [0]
+
+  def client(c: int):
+    for i in range(requests):
+      r = engine.submit(Request(prompts[(c + i) % len(prompts)], SamplingParams(max_tokens=max_tokens)))
+      while r.events.get()[1] == "token":
+        tokens[0] += 1
+
+  t0 = time.perf_counter()
+  with cf.ThreadPoolExecutor(clients) as pool:
+    list(pool.map(client, range(clients)))
+  seconds = time.perf_counter() - t0
+  engine.shutdown()
+  return {"slots": slots, "clients": clients, "tokens": tokens[0], "seconds": round(seconds, 2),
+          "tokens_per_s": round(tokens[0] / seconds, 1)}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", default=None, help="a checkpoint to serve (default: see --model)")
@@ -153,9 +183,15 @@ def main():
   rate = {(r["slots"], r["clients"]): r["tokens_per_s"] for r in runs}
   speedup = {f"{c}_clients": round(rate[(args.slots, c)] / rate[(1, c)], 2)
              for c in args.clients if (1, c) in rate and rate[(1, c)]}
+  # the engine alone (no HTTP, no text), at 8 clients or the largest count below it
+  c = max([n for n in args.clients if n <= 8] or [1])
+  alone = [engine_only(checkpoint, s, c, args.requests, args.max_tokens, args.max_context)
+           for s in (args.slots, 1)]
   emit({"benchmark": "serve_load", "checkpoint": checkpoint, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests, "runs": runs,
-        "continuous_over_one_at_a_time": speedup, "machine": machine()})
+        "continuous_over_one_at_a_time": speedup, "engine_only": alone,
+        "engine_only_continuous_over_one_at_a_time": round(alone[0]["tokens_per_s"] / alone[1]["tokens_per_s"], 2),
+        "machine": machine()})
 
 
 if __name__ == "__main__":
