@@ -7,6 +7,7 @@ segment id per document) never attend across a boundary and each chunk is counte
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -128,6 +129,19 @@ class Attention(nnx.Module):
       q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
     return q, k, v
 
+  def _decode(self, q_B1NH, k_B1KH, v_B1KH, pos_B, cache, key=None):
+    """One token per row against the cache. The cache may hold more rows than the batch (the serving
+    engine steps only its first B): those rows are sliced out, updated and written back as one block,
+    so XLA updates the cache in place (updating it whole and then slicing made it copy every array)."""
+    b = q_B1NH.shape[0]
+    rows = cache if cache["pos"].shape[0] == b else {n: a[:b] for n, a in cache.items()}
+    rows = store_decode(rows, k_B1KH, v_B1KH, pos_B)
+    mask = cache_mask(rows["pos"], pos_B, self.chunk_size)
+    out = self._out(decode_attention(q_B1NH[:, 0], rows["k"], rows["v"], mask)[:, None], key)
+    if rows is not cache and cache["pos"].shape[0] != b:
+      rows = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], rows[n], 0, axis=0) for n in cache}
+    return out, rows
+
   def _out(self, out_BTNH, key=None):
     return weight(self, "o")("BTNH,NHD->BTD", out_BTNH, key, "o")
 
@@ -143,10 +157,7 @@ class Attention(nnx.Module):
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
       return self._out(out, key), cache
     if mode == "decode":
-      cache = store_decode(cache, k, v, positions_BT[:, 0])
-      b = q.shape[0]  # the cache may hold more rows: their first b are stepped (the serving engine's)
-      mask = cache_mask(cache["pos"][:b], positions_BT[:, 0], self.chunk_size)
-      return self._out(decode_attention(q[:, 0], cache["k"][:b], cache["v"][:b], mask)[:, None]), cache
+      return self._decode(q, k, v, positions_BT[:, 0], cache, key)
     mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
     out = self._out(dense_attention(q, k, v, mask, mesh), key)
     if mode == "prefill":
