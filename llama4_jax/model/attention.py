@@ -134,11 +134,12 @@ class Attention(nnx.Module):
     engine steps only its first B): those rows are sliced out, updated and written back as one block,
     so XLA updates the cache in place (updating it whole and then slicing made it copy every array)."""
     b = q_B1NH.shape[0]
-    rows = cache if cache["pos"].shape[0] == b else {n: a[:b] for n, a in cache.items()}
+    partial = cache["pos"].shape[0] != b
+    rows = {n: a[:b] for n, a in cache.items()} if partial else cache
     rows = store_decode(rows, k_B1KH, v_B1KH, pos_B)
     mask = cache_mask(rows["pos"], pos_B, self.chunk_size)
     out = self._out(decode_attention(q_B1NH[:, 0], rows["k"], rows["v"], mask)[:, None], key)
-    if rows is not cache and cache["pos"].shape[0] != b:
+    if partial:
       rows = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], rows[n], 0, axis=0) for n in cache}
     return out, rows
 

@@ -94,6 +94,10 @@ class EngineStats:
       while self._recent and self._recent[0][0] < now - self._window:
         self._recent.popleft()
 
+  def record_ttft(self, seconds: float) -> None:
+    with self._lock:
+      self.ttft.append(seconds)
+
   def tokens_per_second(self) -> float:
     """Generated tokens per second over the last `window_s` seconds."""
     now = time.monotonic()
@@ -164,9 +168,9 @@ class Engine:
   started by `start`, serves it. Thread-safe: HTTP handler threads submit and cancel.
 
   The loop is pipelined: it dispatches decode step n (JAX runs it asynchronously; the next input tokens
-  stay on the device) and only then reads the tokens of step n-1 and hands them out, so the host's work
-  overlaps the device's. The price is that a finished request rides along for one more step, whose token
-  is dropped.
+  stay on the device) and only then reads the tokens of step n - _IN_FLIGHT and hands them out, so the
+  host's work overlaps the device's. The price is that a finished request rides along for _IN_FLIGHT
+  more steps, whose tokens are dropped.
   """
 
   def __init__(self, model, slots: int = 8, max_length: int = 2048, max_queue: int = 64):
@@ -370,8 +374,7 @@ class Engine:
       return self._free(slot, "cancelled")
     if request.first_token_at is None:
       request.first_token_at = time.monotonic()
-      with self.stats._lock:
-        self.stats.ttft.append(request.first_token_at - request.created)
+      self.stats.record_ttft(request.first_token_at - request.created)
     request.generated += 1
     self.stats.record_tokens(1)
     request.events.put((request.tag, "token", tok))
