@@ -119,17 +119,13 @@ def load(address: str, model: str, clients: int, requests: int, max_tokens: int,
           "ttft_mean_ms": round(1000 * statistics.mean(ttfts), 1) if ttfts else None}
 
 
-def engine_only(checkpoint: str, slots: int, clients: int, requests: int, max_tokens: int,
+def engine_only(model, prompts: list[list[int]], slots: int, clients: int, requests: int, max_tokens: int,
                 max_context: int) -> dict:
   """The same load on the `Engine` in this process, without HTTP or text: what the batching itself gives."""
-  import llama4_jax as l4
   from llama4_jax.serving import Engine, Request, SamplingParams
-  from llama4_jax.tokenizer import tokenizer_for
-  tokenizer = tokenizer_for(checkpoint)
-  engine = Engine(l4.load_model(checkpoint), slots, max_context, max_queue=1024)
+  engine = Engine(model, slots, max_context, max_queue=1024)
   engine.warmup()
   engine.start()
-  prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in PROMPTS]
   tokens = [0]
 
   def client(c: int):
@@ -184,8 +180,13 @@ def main():
   speedup = {f"{c}_clients": round(rate[(args.slots, c)] / rate[(1, c)], 2)
              for c in args.clients if (1, c) in rate and rate[(1, c)]}
   # the engine alone (no HTTP, no text), at 8 clients or the largest count below it
+  import llama4_jax as l4
+  from llama4_jax.tokenizer import tokenizer_for
+  tokenizer = tokenizer_for(checkpoint)
+  prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in PROMPTS]
+  model = l4.load_model(checkpoint)
   c = max([n for n in args.clients if n <= 8] or [1])
-  alone = [engine_only(checkpoint, s, c, args.requests, args.max_tokens, args.max_context)
+  alone = [engine_only(model, prompts, s, c, args.requests, args.max_tokens, args.max_context)
            for s in (args.slots, 1)]
   emit({"benchmark": "serve_load", "checkpoint": checkpoint, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests, "runs": runs,

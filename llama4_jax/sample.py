@@ -59,10 +59,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import llama4_jax as l4
-  from llama4_jax.tokenizer import encode_chat, tokenizer_for
+  from llama4_jax.tokenizer import encode_chat, stop_ids, tokenizer_for
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)
   model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
-  stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
+  stop = stop_ids(tokenizer)
   if _CHAT.value:
     messages = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
     while True:

@@ -60,11 +60,12 @@ def main(argv):
   name = _MODEL_NAME.value or model_name(_CHECKPOINT.value)
   print(f"serve: loaded {name} in {time.perf_counter() - t0:.1f}s; compiling the prefill and decode steps",
         flush=True)
+  api_key = _API_KEY.value or os.environ.get(API_KEY_ENV)
   server = Server(model, tokenizer, name, _HOST.value, _PORT.value, _SLOTS.value, _MAX_CONTEXT.value,
-                  _MAX_QUEUE.value, _API_KEY.value or os.environ.get(API_KEY_ENV))
+                  _MAX_QUEUE.value, api_key)
   e = server.engine
   print(f"serve: {name} on {server.url} ({e.slots} slots x {e.max_length} tokens, queue {e.max_queue}"
-        f"{', API key required' if _API_KEY.value or os.environ.get(API_KEY_ENV) else ''}); ready after "
+        f"{', API key required' if api_key else ''}); ready after "
         f"{time.perf_counter() - t0:.1f}s", flush=True)
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SystemExit unwinds serve_forever and closes
   try:

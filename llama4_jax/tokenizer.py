@@ -220,6 +220,12 @@ def find_tokenizer(checkpoint: str) -> str | None:
   return None
 
 
+def stop_ids(tokenizer) -> list[int]:
+  """Token ids that end a reply: the tokenizer's stop tokens (Llama 4: <|end_of_text|>, <|eom|>,
+  <|eot|>), else its EOS token."""
+  return list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
+
+
 def tokenizer_for(checkpoint: str, path: str | None = None) -> Tokenizer:
   """The tokenizer at `path`, else the one found next to `checkpoint` (a clear error if there is none)."""
   path = path or find_tokenizer(checkpoint)

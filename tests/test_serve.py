@@ -31,9 +31,8 @@ SLOTS = 4
 
 def _corpus():
   import inspect
-  import json as j
-  import textwrap as t
-  return [inspect.getsource(m) for m in (j.decoder, j.encoder, t)] * 2
+  import textwrap
+  return [inspect.getsource(m) for m in (json.decoder, json.encoder, textwrap)] * 2
 
 
 @pytest.fixture(scope="module")

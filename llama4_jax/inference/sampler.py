@@ -27,17 +27,20 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def check_prompt_ids(prompt: Sequence[int], vocab: int, name: str = "the prompt") -> None:
+  """Raises ValueError if `prompt` is empty or holds a token id outside [0, vocab)."""
+  if not len(prompt):
+    raise ValueError(f"{name} is empty: give at least one token (e.g. the BOS token)")
+  lo, hi = min(prompt), max(prompt)
+  if lo < 0 or hi >= vocab:
+    raise ValueError(f"{name} has token id {hi if hi >= vocab else lo} outside the vocabulary [0, {vocab})")
+
+
 def _check_prompts(model, prompts, max_new_tokens, cache_length):
   if not len(prompts):
     raise ValueError("no prompts given")
-  vocab = model.config.vocab_size
   for i, p in enumerate(prompts):
-    if not len(p):
-      raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
-    lo, hi = min(p), max(p)
-    if lo < 0 or hi >= vocab:
-      raise ValueError(f"prompt {i} has token id {hi if hi >= vocab else lo} outside the vocabulary "
-                       f"[0, {vocab})")
+    check_prompt_ids(p, model.config.vocab_size, f"prompt {i}")
   longest = max(len(p) for p in prompts)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")

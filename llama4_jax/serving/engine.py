@@ -28,6 +28,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from llama4_jax.inference.sampler import check_prompt_ids
 from llama4_jax.inference.sampling import sample_rows
 from llama4_jax.inference.static import merge_model, split_model
 
@@ -210,12 +211,7 @@ class Engine:
   # --- called from any thread ------------------------------------------------------------------------
   def check(self, prompt: Sequence[int], max_tokens: int) -> None:
     """Raises ValueError if the request cannot be served (empty, ids outside the vocabulary, too long)."""
-    if not len(prompt):
-      raise ValueError("the prompt is empty")
-    vocab = self.config.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-      raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    check_prompt_ids(prompt, self.config.vocab_size)
     if max_tokens < 1:
       raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     if len(prompt) + max_tokens > self.max_length:
@@ -345,8 +341,7 @@ class Engine:
         return
       try:
         self._admit_one(slot, request)
-      except Exception as e:
-        self._active[slot] = None
+      except Exception as e:  # the slot was not taken; the request fails, the rest via _fail_all
         request.events.put((request.tag, "error", f"{type(e).__name__}: {e}"))
         self.stats.finished["error"] += 1
         raise

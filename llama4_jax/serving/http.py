@@ -27,6 +27,7 @@ from llama4_jax.serving import api
 from llama4_jax.serving.engine import Engine, QueueFull, Request
 from llama4_jax.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from llama4_jax.serving.text import TextStream
+from llama4_jax.tokenizer import stop_ids
 
 MAX_BODY_BYTES = 16 << 20
 _POLL_S = 0.05  # how often a waiting handler checks that its client is still there
@@ -344,9 +345,6 @@ class Server:
 
 
 def stop_tokens(model, tokenizer) -> tuple[int, ...]:
-  """Tokens that end a reply: the tokenizer's (Llama 4: <|eot|>, <|eom|>, <|end_of_text|>) and the
-  model config's eos_token_id."""
-  ids = list(getattr(tokenizer, "stop_ids", ()) or [])
-  ids += [t for t in (getattr(tokenizer, "eos_id", None),) if t is not None]
-  ids += list(model.config.eos_token_id or ())
-  return tuple(dict.fromkeys(ids))
+  """Tokens that end a reply: the tokenizer's (`tokenizer.stop_ids`) and the model config's
+  eos_token_id."""
+  return tuple(dict.fromkeys(stop_ids(tokenizer) + list(model.config.eos_token_id or ())))
