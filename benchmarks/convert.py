@@ -5,13 +5,17 @@
 Each checkpoint has random weights in the real key layout (a Llama 4 MoE of 8 experts, hidden 1024, bf16,
 sharded at 1 GB), written streaming. Each conversion runs in a fresh process (`python -m
 llama4_jax.convert`), whose peak RSS is read from the kernel (ru_maxrss of the child) and compared with
-the same interpreter importing the library and exiting (the baseline). Reading the files with
-`cat > /dev/null` (page cache warm, as for the conversions) gives the read-speed reference. Prints JSON.
+the same interpreter importing the library and exiting (the baseline). Throughput is reported for the
+whole process (imports included) and for the conversion alone (the converter's own summary). References,
+page cache warm as for the conversions: reading the files with `cat > /dev/null`, and copying them with
+`cp` (read + write of the same bytes: what any conversion that writes its output must at least spend).
+Prints JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -52,8 +56,9 @@ def make_checkpoint(directory: str, gigabytes: float) -> int:
   return total
 
 
-def child_peak(cmd: list[str]) -> tuple[float, int]:
-  """Peak RSS of one child alone: run it under a fresh Python that reports its child's ru_maxrss."""
+def child_peak(cmd: list[str]) -> tuple[float, int, list[str]]:
+  """Seconds, peak RSS and stdout lines of one child alone: run it under a fresh Python that reports its
+  child's ru_maxrss."""
   wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();"
              "p=subprocess.run(sys.argv[1:]);"
              "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
@@ -61,8 +66,17 @@ def child_peak(cmd: list[str]) -> tuple[float, int]:
   proc = subprocess.run([sys.executable, "-c", wrapper] + cmd, cwd=REPO, capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(proc.stderr[-3000:])
-  seconds, kb = proc.stdout.strip().splitlines()[-1].split()
-  return float(seconds), int(kb) * 1024
+  lines = proc.stdout.strip().splitlines()
+  seconds, kb = lines[-1].split()
+  return float(seconds), int(kb) * 1024, lines[:-1]
+
+
+def _converted(nbytes: int, run: tuple[float, int, list[str]], baseline: int) -> dict:
+  seconds, rss, lines = run
+  inside = json.loads(lines[-1])["seconds"]
+  return {"seconds": round(seconds, 2), "gb_per_s": round(nbytes / 1e9 / seconds, 3),
+          "conversion_seconds": inside, "conversion_gb_per_s": round(nbytes / 1e9 / inside, 3),
+          "peak_rss_above_baseline_mb": round((rss - baseline) / 1e6)}
 
 
 def main():
@@ -77,19 +91,20 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
     nbytes = make_checkpoint(os.path.join(root, "hf"), gb)
     files = [os.path.join(root, "hf", f) for f in sorted(os.listdir(os.path.join(root, "hf")))]
-    cat_s, _ = child_peak(["sh", "-c", "cat " + " ".join(files) + " > /dev/null"])
+    cat_s = child_peak(["sh", "-c", "cat " + " ".join(files) + " > /dev/null"])[0]
+    cp_s = child_peak(["cp", "-r", os.path.join(root, "hf"), os.path.join(root, "copy")])[0]
+    shutil.rmtree(os.path.join(root, "copy"))
     conv = [sys.executable, "-m", "llama4_jax.convert"]
-    to_s, to_rss = child_peak(conv + ["hf-to-orbax", os.path.join(root, "hf"), os.path.join(root, "orbax"),
-                                      "--quiet"])
-    back_s, back_rss = child_peak(conv + ["orbax-to-hf", os.path.join(root, "orbax"),
-                                          os.path.join(root, "hf2"), "--quiet", "--max-shard-size=1GB"])
+    to_orbax = child_peak(conv + ["hf-to-orbax", os.path.join(root, "hf"), os.path.join(root, "orbax"),
+                                  "--quiet"])
+    to_hf = child_peak(conv + ["orbax-to-hf", os.path.join(root, "orbax"), os.path.join(root, "hf2"),
+                               "--quiet", "--max-shard-size=1GB"])
     results.append({
         "checkpoint_gb": round(nbytes / 1e9, 3),
         "read_gb_per_s_cat": round(nbytes / 1e9 / cat_s, 2),
-        "hf_to_orbax": {"seconds": round(to_s, 1), "gb_per_s": round(nbytes / 1e9 / to_s, 3),
-                        "peak_rss_above_baseline_mb": round((to_rss - baseline) / 1e6)},
-        "orbax_to_hf": {"seconds": round(back_s, 1), "gb_per_s": round(nbytes / 1e9 / back_s, 3),
-                        "peak_rss_above_baseline_mb": round((back_rss - baseline) / 1e6)},
+        "copy_gb_per_s_cp": round(nbytes / 1e9 / cp_s, 2),
+        "hf_to_orbax": _converted(nbytes, to_orbax, baseline),
+        "orbax_to_hf": _converted(nbytes, to_hf, baseline),
     })
     shutil.rmtree(root, ignore_errors=True)
   from common import emit, machine

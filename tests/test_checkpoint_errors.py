@@ -102,3 +102,31 @@ def test_safetensors_writer_round_trip_bf16(tmp_path):
   np.testing.assert_array_equal(np.asarray(f["b"][1:]), b[1:])
   from safetensors.numpy import load_file  # the reference reader agrees on the format
   np.testing.assert_array_equal(load_file(str(tmp_path / "x.safetensors"))["b"], b)
+
+
+def test_safetensors_read_slices_and_contiguous_copies(tmp_path, monkeypatch):
+  """`read` (positioned reads, in blocks for inner slices) equals the memory map's slice; `contiguous`
+  (tiled copies of transposed views, as unsigned bits) equals np.ascontiguousarray."""
+  import ml_dtypes
+
+  from llama4_jax.checkpoint import safetensors_io
+  from llama4_jax.checkpoint.safetensors_io import contiguous
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((6, 40, 300)).astype(ml_dtypes.bfloat16)
+  write_safetensors(str(tmp_path / "x.safetensors"), {"a": (a.shape, a.dtype)}, {"a": a}.__getitem__)
+  f = SafetensorsFile(str(tmp_path / "x.safetensors"))
+  monkeypatch.setattr(safetensors_io, "_READ_BLOCK", 3 * 40 * 300 * 2)  # 3 rows per block: 2 blocks
+  for index in [(), (slice(1, 5),), (slice(0, 6), slice(0, 40), slice(150, 300)),
+                (slice(2, 3), slice(7, 21), slice(0, 300)), (slice(0, 6), slice(5, 6), slice(1, 2))]:
+    got = f.read("a", index)
+    assert got.flags.c_contiguous and got.dtype == a.dtype
+    np.testing.assert_array_equal(got.view(np.uint16), np.asarray(f["a"][index]).view(np.uint16))
+  def b():  # a fresh base for each view (a freed copy of one view must not hold the next one's answer)
+    return rng.standard_normal((700, 520)).astype(ml_dtypes.bfloat16)
+
+  heads_in = b().reshape(4, 175, 520).transpose(2, 0, 1)  # [N*H, D] -> [D, N, H]: trailing axes collapse
+  for view in (heads_in, b().T, b().reshape(700, 4, 130).transpose(1, 2, 0), b()[::2],
+               b().astype(np.float32).T):
+    got = contiguous(view)
+    assert got.flags.c_contiguous and got.dtype == view.dtype and got.shape == view.shape
+    np.testing.assert_array_equal(got, np.ascontiguousarray(view))

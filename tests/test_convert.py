@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import llama4_jax as l4
+from llama4_jax.checkpoint import convert
 from llama4_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from llama4_jax.checkpoint.hf import HFTensors
 from llama4_jax.checkpoint.safetensors_io import CheckpointError
@@ -35,13 +36,19 @@ def assert_same_tensors(a_dir, b_dir):
     assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
 
 
+def orbax_items(directory):
+  return [n for n in os.listdir(directory / "checkpoints" / "0" / "tensors") if n.startswith("group.")]
+
+
 @pytest.mark.parametrize("which", ["causal_single_file", "conditional_sharded"])
-def test_round_trip_is_bit_identical_and_loads(which, scout_ckpt, conditional_ckpt, tmp_path):
+def test_round_trip_is_bit_identical_and_loads(which, scout_ckpt, conditional_ckpt, tmp_path, monkeypatch):
   import transformers as tf
   src, ref = scout_ckpt if which == "causal_single_file" else conditional_ckpt
   cfg = SCOUT_LIKE if which == "causal_single_file" else MAVERICK_LIKE
+  monkeypatch.setattr(convert, "GROUP_BYTES", 64 << 10)  # many Orbax items, as for a real model
   summary = hf_to_orbax(src, tmp_path / "orbax", progress=False)
   assert summary["tensors"] > 0 and summary["bytes"] > 0
+  assert len(orbax_items(tmp_path / "orbax")) >= 4
   orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", max_shard_size="40KB", progress=False)
   assert_same_tensors(src, tmp_path / "hf")
   assert (l4.from_hf_config(str(tmp_path / "hf")) == l4.from_hf_config(str(src)))
@@ -63,7 +70,7 @@ def test_round_trip_is_bit_identical_and_loads(which, scout_ckpt, conditional_ck
 def test_dtype_conversion_and_cli(scout_ckpt, tmp_path):
   src, _ = scout_ckpt
   cmd = [sys.executable, "-m", "llama4_jax.convert"]
-  proc = subprocess.run(cmd + ["hf-to-orbax", str(src), str(tmp_path / "o"), "--dtype=bfloat16"],
+  proc = subprocess.run(cmd + ["hf-to-orbax", str(src), str(tmp_path / "o"), "--dtype=bfloat16", "--compress"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -226,3 +233,20 @@ def test_meta_bad_input(meta_reference, tmp_path):
   with pytest.raises(CheckpointError, match="no params.json"):
     meta_to_orbax(tmp_path / "meta", tmp_path / "out", progress=False)
   assert sorted(os.listdir(tmp_path)) == ["meta"]
+
+
+def test_incomplete_or_outdated_orbax_fails_cleanly(scout_ckpt, tmp_path, monkeypatch):
+  monkeypatch.setattr(convert, "GROUP_BYTES", 64 << 10)
+  hf_to_orbax(scout_ckpt[0], tmp_path / "orbax", progress=False)
+  tensors = tmp_path / "orbax" / "checkpoints" / "0" / "tensors"
+  shutil.rmtree(tensors / sorted(orbax_items(tmp_path / "orbax"))[1])
+  for read in (lambda: l4.load_model(tmp_path / "orbax"),
+               lambda: orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", progress=False)):
+    with pytest.raises(CheckpointError, match=r"group\.00001 \(holding .*\) is missing: the converted "
+                                              "checkpoint is incomplete"):
+      read()
+  assert not os.path.exists(tmp_path / "hf") and sorted(os.listdir(tmp_path)) == ["orbax"]
+  manifest = json.loads((tensors / "manifest.json").read_text())
+  (tensors / "manifest.json").write_text(json.dumps(dict(manifest, format=1)))
+  with pytest.raises(CheckpointError, match="format 1, this version reads format 2; convert the source"):
+    l4.load_model(tmp_path / "orbax")

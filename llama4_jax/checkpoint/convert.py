@@ -3,22 +3,24 @@
 The Orbax output is a checkpoint directory that `load_model`, the sampler and `--config.init_from` read:
 
     DST/checkpoints/0/config/metadata    {"model": ModelConfig fields} (as in training checkpoints)
-    DST/checkpoints/0/tensors/           one Orbax item per parameter slice (one layer of a stacked
-                                         weight), plus manifest.json (names, shapes, dtypes, HF prefix)
+    DST/checkpoints/0/tensors/           parameter slices (one layer of a stacked weight) gathered into
+                                         Orbax items of ~64 MB, plus manifest.json (names, shapes,
+                                         dtypes, the item and key of each slice, HF prefix)
     DST/extra/model-extra.safetensors    tensors carried through unchanged (vision tower, projector)
     DST/hf_config.json                   the source config.json (rebuilds the same architecture on export)
     DST/generation_config.json, tokenizer files (copied)
 
-Every tensor is read lazily (memory-mapped safetensors), converted through the key table of
-`checkpoint/keys.py` (the same table `load_model` and `save_pretrained` use, in both directions) and
-written before the next is read, so host memory holds about one tensor whatever the model size. Output is
-written into a temporary sibling and renamed at the end: a failure leaves no partial DST.
+Every tensor is read when its turn comes (positioned reads of its bytes), converted through the key table
+of `checkpoint/keys.py` (the same table `load_model` and `save_pretrained` use, in both directions) and
+handed to an asynchronous writer that holds at most a few items, so host memory is bounded by a few
+tensors whatever the model size. Items are uncompressed unless `compress=True` (zstd saves about 25% of
+the disk for bf16 weights, at the cost of compressing every byte on the host's cores). Output is written
+into a temporary sibling and renamed at the end: a failure leaves no partial DST.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -29,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_tensors, atomic_directory,
-                                      generation_config, hf_tensor_producer, text_prefix, write_json,
-                                      write_sharded)
+                                      checkpoint_order, generation_config, hf_tensor_producer,
+                                      text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
-from llama4_jax.checkpoint.orbax import MANIFEST, TENSORS, param_name, restore_slice, slice_item
-from llama4_jax.checkpoint.safetensors_io import CheckpointError, write_safetensors
+from llama4_jax.checkpoint.orbax import (FORMAT, MANIFEST, TENSORS, param_name, read_manifest,
+                                        slice_item, slice_path)
+from llama4_jax.checkpoint.safetensors_io import CheckpointError, contiguous, write_safetensors
 from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
 
@@ -43,6 +46,7 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "special_tokens_map.json", "tokenizer.model", "chat_template.json", "chat_template.jinja",
                 "LICENSE")
 _CARRIED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+GROUP_BYTES = 64 << 20  # slices are gathered into Orbax items of about this size
 
 
 class Progress:
@@ -97,7 +101,8 @@ def _copy_side_files(src: str, dst: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Hugging Face -> Orbax
 
-def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True) -> dict:
+def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True,
+                compress: bool = False) -> dict:
   """Converts the Hugging Face checkpoint directory `src` into this project's Orbax format at `dst`.
 
   dtype: store parameters in this dtype (default: keep each tensor's source dtype). The vision tower and
@@ -109,27 +114,29 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   _check_architecture(hf, src)
   tensors = HFTensors(src)
   prefix = text_prefix(tensors.keys())
-  source_dtype = tensors[prefix + "model.embed_tokens.weight"].dtype  # a memory map: nothing is read
+  source_dtype = tensors.dtype(prefix + "model.embed_tokens.weight")
   out_dtype = _dtype(dtype) if dtype is not None else source_dtype
   cfg = from_hf_config(hf, param_dtype=out_dtype.name, dtype=out_dtype.name)
   return _write_orbax("hf-to-orbax", tensors, prefix, cfg, hf, src, dst, source_dtype, dtype is not None,
-                      overwrite, progress)
+                      overwrite, progress, compress)
 
 
-def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True) -> dict:
+def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progress: bool = True,
+                  compress: bool = False) -> dict:
   """Converts Meta's original checkpoint (params.json + consolidated.NN.pth model-parallel shards, read
   with `torch.load(weights_only=True, mmap=True)`) into this project's Orbax format at `dst`."""
   from llama4_jax.checkpoint.meta import MetaTensors
   src = os.fspath(src)
   tensors = MetaTensors(src)
-  out_dtype = _dtype(dtype) if dtype is not None else tensors.dtype
+  out_dtype = _dtype(dtype) if dtype is not None else tensors.source_dtype
   cfg = tensors.config(param_dtype=out_dtype.name, dtype=out_dtype.name)
-  return _write_orbax("meta-to-orbax", tensors, "", cfg, to_hf_config(cfg), src, dst, tensors.dtype,
-                      dtype is not None, overwrite, progress)
+  return _write_orbax("meta-to-orbax", tensors, "", cfg, to_hf_config(cfg), src, dst, tensors.source_dtype,
+                      dtype is not None, overwrite, progress, compress)
 
 
-def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, overwrite, progress) -> dict:
-  """The Orbax side of both importers: `tensors` answers HF keys (keys, shape, [key], file_of); every
+def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, overwrite, progress,
+                 compress) -> dict:
+  """The Orbax side of both importers: `tensors` answers HF keys (keys, shape, [key], read, file_of); every
   parameter is stored in `cfg.param_dtype`, and tensors of another dtype than `source_dtype` are an error
   unless the user asked to `cast`."""
   out_dtype = _dtype(cfg.param_dtype)
@@ -138,37 +145,38 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, o
   carried = [k for k in tensors.keys() if k.startswith(_CARRIED_PREFIXES)]
   units = sum(len(p.hf_keys) for p in plans)
   total = sum(int(np.prod(p.unit_shape)) * len(p.hf_keys) * out_dtype.itemsize for p in plans)
-  total += sum(int(np.prod(tensors.shape(k))) * tensors[k].dtype.itemsize for k in carried)
+  total += sum(int(np.prod(tensors.shape(k))) * tensors.dtype(k).itemsize for k in carried)
   report = Progress(what, total, units + len(carried), progress)
-  writers = _WriterPool()
   with atomic_directory(dst, overwrite) as tmp:
     step_dir = os.path.join(tmp, "checkpoints", "0")
     tensor_dir = os.path.join(step_dir, TENSORS)
     os.makedirs(tensor_dir)
-    manifest: dict[str, Any] = {"format": 1, "text_prefix": prefix, "params": {}}
-    for p in plans:
-      full = tuple(slice(0, n) for n in p.unit_shape)
-      for i, key in enumerate(p.hf_keys):
-        source = tensors[prefix + key]
-        if source.dtype != source_dtype and not cast:
-          raise CheckpointError(f"tensor {prefix + key!r} in {tensors.file_of(prefix + key)} is "
-                                f"{source.dtype}, the rest {source_dtype}; pass --dtype to convert all")
-        x = np.asarray(p.layout.read(lambda idx: source[idx], p.unit_shape, full)).astype(out_dtype)
-        writers.save(os.path.join(tensor_dir, _slice_name(p, i)), x)
+    manifest: dict[str, Any] = {"format": FORMAT, "text_prefix": prefix}
+    order = sorted(((p, i) for p in plans for i in range(len(p.hf_keys))),
+                   key=lambda u: (checkpoint_order(u[0].hf_keys[u[1]]), u[0].layout.fused_part or 0))
+    with _GroupWriter(tensor_dir, compress, GROUP_BYTES) as writer:
+      for p, i in order:  # the source's order: sequential reads, and the order export asks for them
+        key = prefix + p.hf_keys[i]
+        if tensors.dtype(key) != source_dtype and not cast:
+          raise CheckpointError(f"tensor {key!r} in {tensors.file_of(key)} is {tensors.dtype(key)}, "
+                                f"the rest {source_dtype}; pass --dtype to convert all")
+        full = tuple(slice(0, n) for n in p.unit_shape)
+        x = p.layout.read(lambda idx: tensors.read(key, idx), p.unit_shape, full)
+        x = contiguous(x.astype(out_dtype, copy=False))
+        writer.add(_slice_name(p, i), x)
         report.update(x.nbytes)
-
-      manifest["params"][param_name(p.path)] = {
-          "shape": list(p.shape), "dtype": out_dtype.name, "stacked": p.stacked}
-    writers.close()
+    manifest["params"] = {param_name(p.path): {"shape": list(p.shape), "dtype": out_dtype.name,
+                                               "stacked": p.stacked} for p in plans}
+    manifest["slices"] = writer.slices
     write_json(os.path.join(tensor_dir, MANIFEST), manifest)
     os.makedirs(os.path.join(step_dir, "config"))
     write_json(os.path.join(step_dir, "config", "metadata"), {"model": dataclasses.asdict(cfg)})
     if carried:
       os.makedirs(os.path.join(tmp, "extra"))
-      specs = {k: (tensors.shape(k), tensors[k].dtype) for k in carried}
+      specs = {k: (tensors.shape(k), tensors.dtype(k)) for k in carried}
 
       def carry(k):
-        x = tensors[k]
+        x = tensors.read(k)
         report.update(x.nbytes)
         return x
 
@@ -205,26 +213,55 @@ class _Prefetch:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _WriterPool:
-  """Orbax saves of single arrays, `width` in flight at once (each save is mostly waiting on I/O), so
-  at most `width` tensors are held in memory."""
+class _GroupWriter:
+  """Parameter slices gathered into Orbax items of about `group_bytes` (a slice that large is an item of
+  its own), each saved asynchronously with at most `width` saves in flight: memory holds at most about
+  (width + 1) x max(group_bytes, the largest slice). Gathering matters for the many small slices (norms,
+  routers, k/v), where each item's own files and metadata cost more than the bytes. The arrays are
+  handed over, not copied (Orbax's numpy handler would deep-copy each): callers must not change them.
+  `slices` maps each slice name to its [item, key]."""
 
-  def __init__(self, width: int = 4):
+  def __init__(self, directory: str, compress: bool, group_bytes: int, width: int = 2):
+    import jax
     import orbax.checkpoint as ocp
-    self._ocp = ocp
-    self._writers = [ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler()) for _ in range(width)]
-    self._next = 0
+    handlers = ocp.type_handlers
+    registry = handlers.create_type_handler_registry(
+        (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, handlers.ArrayHandler()))
+    self._ocp, self._dir, self._group_bytes = ocp, directory, group_bytes
+    self._savers = [ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+        use_compression=compress, type_handler_registry=registry)) for _ in range(width)]
+    self.slices: dict[str, list[str]] = {}
+    self._group: dict[str, np.ndarray] = {}
+    self._bytes = self._items = self._next = 0
 
-  def save(self, path: str, array: np.ndarray) -> None:
-    writer = self._writers[self._next]
-    self._next = (self._next + 1) % len(self._writers)
-    writer.wait_until_finished()  # frees the array that writer held
-    writer.save(path, args=self._ocp.args.PyTreeSave({"value": array}))
+  def add(self, name: str, array: np.ndarray) -> None:
+    key = f"t{len(self._group)}"
+    self._group[key] = array
+    self.slices[name] = [f"group.{self._items:05d}", key]
+    self._bytes += array.nbytes
+    if self._bytes >= self._group_bytes:
+      self._flush()
 
-  def close(self) -> None:
-    for writer in self._writers:
-      writer.wait_until_finished()
-      writer.close()
+  def _flush(self) -> None:
+    if not self._group:
+      return
+    saver = self._savers[self._next]
+    self._next = (self._next + 1) % len(self._savers)
+    saver.wait_until_finished()  # frees the item this saver held
+    saver.save(os.path.join(self._dir, f"group.{self._items:05d}"),
+               args=self._ocp.args.PyTreeSave(self._group))
+    self._group, self._bytes, self._items = {}, 0, self._items + 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self._flush()
+    for saver in self._savers:
+      saver.wait_until_finished()
+      saver.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +270,7 @@ class _WriterPool:
 class OrbaxSlices:
   """Parameter slices of a checkpoint of this project: `get(plan, i)` -> numpy array of one slice.
 
-  Converted checkpoints store one Orbax item per slice; training checkpoints store stacked leaves in
+  Converted checkpoints store slices gathered into Orbax items; training checkpoints store stacked leaves in
   the `state` item, restored here one leaf at a time (so a stacked weight is in memory at once).
   """
 
@@ -247,14 +284,18 @@ class OrbaxSlices:
     self.converted = os.path.isdir(self.tensor_dir)
     self.manifest = {"text_prefix": ""}
     if self.converted:
-      with open(os.path.join(self.tensor_dir, MANIFEST)) as f:
-        self.manifest = json.load(f)
+      self.manifest = read_manifest(self.tensor_dir)
     self._leaf: tuple[tuple, np.ndarray] | None = None
+    self._group: tuple[str, dict] | None = None
 
   def get(self, p: ParamPlan, i: int) -> np.ndarray:
     import orbax.checkpoint as ocp
-    if self.converted:
-      return restore_slice(self.tensor_dir, _slice_name(p, i), ocp.RestoreArgs(restore_type=np.ndarray))
+    if self.converted:  # slices are asked for in the order they were written: read an item at a time
+      path, key = slice_path(self.tensor_dir, self.manifest, _slice_name(p, i))
+      if self._group is None or self._group[0] != path:
+        self._group = None  # free the last item before reading the next
+        self._group = (path, ocp.PyTreeCheckpointer().restore(path))
+      return self._group[1][key]
     if self._leaf is None or self._leaf[0] != p.path:
       self._leaf = (p.path, self._restore_leaf(p))
     leaf = self._leaf[1]

@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 
 from llama4_jax.checkpoint.keys import (ParamPlan, hf_tensor_specs, plan, sharding_table, state_leaves,
                                         state_path)
-from llama4_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFile, contiguous,
+                                                 write_safetensors)
 from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.lora import ADAPTER_FIELDS, adapt_model
 from llama4_jax.model.transformer import Llama4, model_shardings
@@ -76,8 +77,16 @@ class HFTensors:
   def shape(self, key: str) -> tuple[int, ...]:
     return self.files[self.where[key]].shape(key)
 
+  def dtype(self, key: str) -> np.dtype:
+    return self.files[self.where[key]].dtype(key)
+
   def __getitem__(self, key: str) -> np.ndarray:
+    """The tensor memory-mapped (nothing is read until indexed)."""
     return self.files[self.where[key]][key]
+
+  def read(self, key: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """A fresh copy of `self[key][index]` (slices of step 1), read with positioned reads."""
+    return self.files[self.where[key]].read(key, index)
 
 
 def text_prefix(keys) -> str:
@@ -109,8 +118,8 @@ def _read_param(tensors: HFTensors, prefix: str, p: ParamPlan, idx: tuple[slice,
   keys = p.hf_keys[idx[0]] if p.stacked else p.hf_keys
 
   def one(key):
-    src = tensors[prefix + key]
-    return np.asarray(p.layout.read(lambda i: src[i], p.unit_shape, unit_idx)).astype(dtype)
+    return np.asarray(p.layout.read(lambda i: tensors.read(prefix + key, i), p.unit_shape,
+                                    unit_idx)).astype(dtype, copy=False)
 
   parts = [one(k) for k in keys]
   return np.stack(parts) if p.stacked else parts[0]
@@ -207,7 +216,10 @@ def _parse_size(size: int | str) -> int:
   return int(float(m.group(1)) * mult)
 
 
-def _layer_order(key: str):
+def checkpoint_order(key: str):
+  """Sort key of HF tensor names in the order checkpoints are written: embeddings, then layer by layer,
+  then the rest. Converted checkpoints store their slices in this order too, so export reads them in
+  sequence."""
   m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
   return (1, int(m.group(1)), m.group(2)) if m else (0 if "embed" in key else 2, 0, key)
 
@@ -229,12 +241,12 @@ def hf_tensor_producer(plans: list[ParamPlan], get_slice, out_dtype, prefix: str
     for i, key in enumerate(p.hf_keys):
       sources.setdefault(key, []).append((p, i))
   specs = {prefix + k: (shape, out_dtype) for k, shape in sorted(
-      hf_tensor_specs(plans).items(), key=lambda kv: _layer_order(kv[0]))}
+      hf_tensor_specs(plans).items(), key=lambda kv: checkpoint_order(kv[0]))}
 
   def produce(key: str) -> np.ndarray:
-    parts = [p.layout.to_hf(np.asarray(get_slice(p, i)).astype(out_dtype))
+    parts = [p.layout.to_hf(np.asarray(get_slice(p, i)).astype(out_dtype, copy=False))
              for p, i in sorted(sources[key[len(prefix):]], key=lambda s: s[0].layout.fused_part or 0)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    return contiguous(parts[0]) if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
   return specs, produce
 

@@ -72,7 +72,7 @@ class MetaTensors:
         missing = sorted(names ^ set(part))[:3]
         raise CheckpointError(f"{f} does not hold the same tensors as {files[0]} (e.g. {missing})")
     self._build()
-    self.dtype = _numpy(self.parts[0]["tok_embeddings.weight"]).dtype  # a view: nothing is read
+    self.source_dtype = self.dtype("model.embed_tokens.weight")
 
   # --- the HF view ----------------------------------------------------------------------------
   def _find(self, *candidates: str) -> str:
@@ -90,11 +90,12 @@ class MetaTensors:
   def _add(self, key: str, read, shape, *sources: str) -> None:
     self._readers[key] = read
     self._shapes[key] = tuple(int(n) for n in shape)
+    self._sources[key] = sources[0]
     self.where[key] = os.path.basename(self.files[0]) + (f" (+{self.n - 1} shards)" if self.n > 1 else "")
     self._used.update(sources)
 
   def _build(self) -> None:
-    self._readers, self._shapes, self.where, self._used = {}, {}, {}, set()
+    self._readers, self._shapes, self._sources, self.where, self._used = {}, {}, {}, {}, set()
     p = self.params
     heads, kv_heads = p["n_heads"], p.get("n_kv_heads", p["n_heads"])
     if heads % self.n or kv_heads % self.n:
@@ -166,6 +167,12 @@ class MetaTensors:
 
   def __getitem__(self, key: str) -> np.ndarray:
     return self._readers[key]()
+
+  def read(self, key: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    return self[key][tuple(index)]
+
+  def dtype(self, key: str) -> np.dtype:
+    return _numpy(self.parts[0][self._sources[key]]).dtype  # a view: nothing is read
 
   def shape(self, key: str) -> tuple[int, ...]:
     return self._shapes[key]

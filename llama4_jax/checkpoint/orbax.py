@@ -15,10 +15,12 @@ import orbax.checkpoint as ocp
 
 from llama4_jax.config import ModelConfig
 
-# Converted checkpoints (checkpoint/convert.py) keep params as one Orbax item per parameter slice in
-# <step>/tensors/, named by `slice_item`, with a manifest of names, shapes and dtypes.
+# Converted checkpoints (checkpoint/convert.py) keep params in <step>/tensors/ as parameter slices (one
+# layer of a stacked weight, named by `slice_item`) gathered into Orbax items of a few hundred MB, with a
+# manifest of names, shapes, dtypes and where each slice lives.
 TENSORS = "tensors"
 MANIFEST = "manifest.json"
+FORMAT = 2  # 1 (before 2026-11-29) had one item per slice
 
 
 def param_name(path: tuple) -> str:
@@ -31,14 +33,39 @@ def slice_item(name: str, index: int | None) -> str:
   return name if index is None else f"{name}.{index}"
 
 
-def restore_slice(tensor_dir: str, item: str, restore_arg) -> Any:
-  """One slice of a converted checkpoint, as `restore_arg` says (numpy, or a sharded jax.Array)."""
+def read_manifest(tensor_dir: str) -> dict:
+  """The manifest of a converted checkpoint's `tensors/` directory, checked for its format."""
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
+  path = os.path.join(tensor_dir, MANIFEST)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} cannot be read ({e}): the converted checkpoint is incomplete") from None
+  if manifest.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: converted checkpoint format {manifest.get('format')}, this version "
+                          f"reads format {FORMAT}; convert the source checkpoint again")
+  return manifest
+
+
+def slice_path(tensor_dir: str, manifest: dict, name: str) -> tuple[str, str]:
+  """(directory of the Orbax item, key in it) of the slice `name`; an error if either is missing."""
+  from llama4_jax.checkpoint.safetensors_io import CheckpointError
+  if name not in manifest["slices"]:
+    raise CheckpointError(f"{tensor_dir}/{MANIFEST} does not list slice {name}")
+  item, key = manifest["slices"][name]
   path = os.path.join(tensor_dir, item)
   if not os.path.isdir(path):
-    raise CheckpointError(f"{path} is missing: the converted checkpoint is incomplete")
-  return ocp.PyTreeCheckpointer().restore(
-      path, args=ocp.args.PyTreeRestore(restore_args={"value": restore_arg}))["value"]
+    raise CheckpointError(f"{path} (holding {name}) is missing: the converted checkpoint is incomplete")
+  return path, key
+
+
+def restore_slice(tensor_dir: str, manifest: dict, name: str, restore_arg) -> Any:
+  """The slice `name` of a converted checkpoint, as `restore_arg` says (numpy, or a sharded jax.Array).
+  Only that slice is read from its item."""
+  path, key = slice_path(tensor_dir, manifest, name)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item={key: 0}, restore_args={key: restore_arg}, partial_restore=True))[key]
 
 
 def checkpoint_steps(directory: str) -> list[int]:
@@ -77,7 +104,7 @@ def read_model_config(directory: str) -> tuple[ModelConfig, int]:
 def restore_params(directory: str, abstract_params: Any) -> Any:
   """Params alone from the latest checkpoint under `directory` (for init_from), onto their shardings.
 
-  Reads training checkpoints (the `state` item) and converted ones (`tensors/`, one item per slice)."""
+  Reads training checkpoints (the `state` item) and converted ones (`tensors/`, parameter slices)."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
   tensor_dir = os.path.join(ckpt_dir, str(step), TENSORS)
@@ -92,29 +119,28 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
 
 
 def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
-  """Each parameter from its slices (one Orbax item per layer of a stacked weight), restored straight
-  onto the devices that hold it and stacked there."""
+  """Each parameter from its slices (one per layer of a stacked weight), restored straight onto the
+  devices that hold it and stacked there."""
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
   from llama4_jax.checkpoint.keys import state_path
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
-  with open(os.path.join(tensor_dir, MANIFEST)) as f:
-    manifest = json.load(f)["params"]
+  manifest = read_manifest(tensor_dir)
 
   def one(path, x):
     name = param_name(state_path(path))
-    entry = manifest.get(name)
+    entry = manifest["params"].get(name)
     if entry is None or tuple(entry["shape"]) != tuple(x.shape):
       raise CheckpointError(f"{tensor_dir}: parameter {name} is missing or has shape "
                             f"{entry and tuple(entry['shape'])}, the model needs {tuple(x.shape)}")
     if not entry["stacked"]:
-      return restore_slice(tensor_dir, name, _restore_arg(x))
+      return restore_slice(tensor_dir, manifest, name, _restore_arg(x))
     unit = x.sharding
     if isinstance(unit, NamedSharding):
       unit = NamedSharding(unit.mesh, PartitionSpec(*tuple(unit.spec)[1:]))
     unit_arg = _restore_arg(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=unit))
-    parts = [restore_slice(tensor_dir, slice_item(name, i), unit_arg) for i in range(x.shape[0])]
+    parts = [restore_slice(tensor_dir, manifest, slice_item(name, i), unit_arg) for i in range(x.shape[0])]
     return jax.jit(lambda *p: jnp.stack(p), out_shardings=x.sharding)(*parts)
 
   return jax.tree_util.tree_map_with_path(one, abstract_params)

@@ -1,9 +1,10 @@
-"""Streaming safetensors: lazy memory-mapped reads and tensor-by-tensor writes, in plain numpy.
+"""Streaming safetensors: lazy reads and tensor-by-tensor writes, in plain numpy.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes.
-Reading maps the file and slices lazily, so a tensor (or a part of one) is read only when indexed; bf16
-comes through `ml_dtypes`. Writing plans the header from shapes first, then streams each tensor's
+`read(name, index)` copies a tensor (or a slice of one) into a fresh array with positioned reads of the
+bytes it covers, a few times faster than faulting in a memory map; `f[name]` is the memory map itself.
+bf16 comes through `ml_dtypes`. Writing plans the header from shapes first, then streams each tensor's
 bytes, so memory holds one tensor at a time. Every structural problem raises `CheckpointError` naming
 the file (and tensor).
 """
@@ -26,6 +27,7 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_READ_BLOCK = 64 * 1024 * 1024  # bytes per read when a slice is not one contiguous run
 
 
 class CheckpointError(ValueError):
@@ -95,6 +97,66 @@ class SafetensorsFile:
       return np.zeros(shape, dtype)
     return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
+  def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """A fresh C-contiguous copy of `f[name][index]` (index: slices with step 1, leading dims first).
+
+    Whole leading-axis rows are one contiguous byte run, read straight into the result; a slice of the
+    inner axes reads the rows it spans in blocks of about 64 MB and keeps the part asked for.
+    """
+    dtype, shape, begin = self._entries[name]
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+    out = np.empty(tuple(max(0, s.stop - s.start) for s in index), dtype)
+    if out.size == 0:
+      return out
+    rows = index[0]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    inner = index[1:]
+    offset = self._data_start + begin + rows.start * row_bytes
+    with open(self.path, "rb", buffering=0) as f:
+      if all(s.start == 0 and s.stop == n for s, n in zip(inner, shape[1:])):
+        self._pread(f, out.reshape(-1).view(np.uint8), offset, name)
+        return out
+      step = max(1, _READ_BLOCK // max(row_bytes, 1))
+      block = np.empty((min(step, out.shape[0]),) + tuple(shape[1:]), dtype)
+      for r in range(0, out.shape[0], step):
+        k = min(step, out.shape[0] - r)
+        self._pread(f, block[:k].reshape(-1).view(np.uint8), offset + r * row_bytes, name)
+        out[r:r + k] = block[(slice(0, k),) + inner]
+    return out
+
+  def _pread(self, f, buf: np.ndarray, offset: int, name: str) -> None:
+    view, done = memoryview(buf), 0
+    while done < len(view):
+      n = os.preadv(f.fileno(), [view[done:]], offset + done)
+      if n == 0:
+        raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
+      done += n
+
+
+def contiguous(x: np.ndarray, tile: int = 256) -> np.ndarray:
+  """`np.ascontiguousarray(x)`, about twice as fast for transposed views (the layouts' `.T` and head
+  reshapes): copied in tile x tile blocks so reads and writes both stay in cache, and as unsigned
+  integers of the same width (a bf16 copy elementwise through ml_dtypes is slower)."""
+  x = np.asarray(x)
+  if x.flags.c_contiguous or x.ndim < 2 or x.size < tile * tile:
+    return np.ascontiguousarray(x)
+  out = np.empty(x.shape, x.dtype)
+  src, dst = x, out
+  try:  # trailing axes that collapse into one strided axis (a transposed head reshape)
+    flat = x.view()
+    flat.shape = (x.shape[0], -1)
+    src, dst = flat, out.reshape(x.shape[0], -1)
+  except AttributeError:
+    pass
+  if x.dtype.itemsize in (1, 2, 4, 8):
+    bits = np.dtype(f"u{x.dtype.itemsize}")
+    src, dst = src.view(bits), dst.view(bits)
+  for i in range(0, src.shape[0], tile):
+    for j in range(0, src.shape[-1], tile):
+      dst[i:i + tile, ..., j:j + tile] = src[i:i + tile, ..., j:j + tile]
+  return out
+
 
 def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                       produce: Callable[[str], np.ndarray] | Iterable[tuple[str, np.ndarray]],
@@ -120,7 +182,7 @@ def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], np.d
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for (name, (shape, dtype)), (got_name, array) in zip(specs.items(), items, strict=True):
-      array = np.ascontiguousarray(array)
+      array = contiguous(array)
       if got_name != name or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
         raise CheckpointError(f"writing {path}: expected {name} {tuple(shape)} {np.dtype(dtype)}, got "
                               f"{got_name} {array.shape} {array.dtype}")
