@@ -19,6 +19,7 @@ import numpy as np
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "dense", "ring")
 RING_LAYOUTS = ("zigzag", "contiguous")
+RING_KERNELS = ("auto", "xla", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "shared", "experts")
@@ -74,6 +75,9 @@ class ModelConfig:
   # (the same blockwise custom-VJP kernel: memory linear in length).
   attention_impl: str = "auto"
   ring_layout: str = "zigzag"  # token order over the context axis: zigzag (causal load balance) or contiguous
+  # ring attention's per-step kernel: auto = Pallas splash on TPU when each device's runs are a multiple
+  # of 128 tokens, else XLA blockwise; splash off TPU runs in Pallas interpret mode (slow, for checking)
+  ring_kernel: str = "auto"
   moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
   remat_policy: str = "none"
   scan_layers: bool = True
@@ -131,6 +135,7 @@ class ModelConfig:
           f"{self.rope_low_freq_factor}")
     for name, allowed in (("param_dtype", DTYPES), ("dtype", DTYPES),
                           ("attention_impl", ATTENTION_IMPLS), ("ring_layout", RING_LAYOUTS),
+                          ("ring_kernel", RING_KERNELS),
                           ("moe_impl", MOE_IMPLS), ("base_quant", BASE_QUANTS),
                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:

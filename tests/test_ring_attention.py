@@ -19,21 +19,21 @@ from conftest import SCOUT_LIKE
 T, B, HEADS, KV_HEADS, DIM = 64, 2, 4, 2, 8
 
 
-def make_inputs(packed, dtype=jnp.float32, seed=0):
+def make_inputs(packed, dtype=jnp.float32, seed=0, t=T):
   """q, k, v and token metadata. Packed: documents of random length (segments cross shard edges,
-  positions restart per document) and, in row 0, keys of another segment so some rows and whole
+  positions restart per document) and, in row 0, keys of a segment no query has, so some rows and whole
   blocks see no key at all."""
   rng = np.random.RandomState(seed)
-  q, k, v = (jnp.asarray(rng.randn(B, T, h, DIM), dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
-  index = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  q, k, v = (jnp.asarray(rng.randn(B, t, h, DIM), dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
+  index = np.broadcast_to(np.arange(t, dtype=np.int32), (B, t))
   if not packed:
-    return (q, k, v), (index, index.copy(), np.ones((B, T), np.int32), np.ones((B, T), np.int32))
-  seg = (np.cumsum(rng.rand(B, T) < 0.1, axis=1) + 1).astype(np.int32)
-  pos = np.zeros((B, T), np.int32)
-  for t in range(1, T):
-    pos[:, t] = np.where(seg[:, t] == seg[:, t - 1], pos[:, t - 1] + 1, 0)
+    return (q, k, v), (index, index.copy(), np.ones((B, t), np.int32), np.ones((B, t), np.int32))
+  seg = (np.cumsum(rng.rand(B, t) < 0.1, axis=1) + 1).astype(np.int32)
+  pos = np.zeros((B, t), np.int32)
+  for i in range(1, t):
+    pos[:, i] = np.where(seg[:, i] == seg[:, i - 1], pos[:, i - 1] + 1, 0)
   kv_seg = seg.copy()
-  kv_seg[0, 8:24] = 99
+  kv_seg[0, 8:24] = 10_000
   return (q, k, v), (index, pos, seg, kv_seg)
 
 
@@ -42,12 +42,13 @@ def dense(q, k, v, meta, chunk):
   return masked_attention(q, k, v, ra.visible(index, pos, seg, index, pos, kv_seg, chunk))
 
 
-def ring_vjp(qkv, meta, cotangent, n, layout, chunk, aligned):
+def ring_vjp(qkv, meta, cotangent, n, layout, chunk, aligned, kernel="auto"):
   """Ring output and (dq, dk, dv) for `cotangent`, in the original token order."""
+  t = qkv[0].shape[1]
   mesh = l4.make_mesh(fsdp=-1, context=n)
-  order = ra.zigzag_order(T, n) if layout == "zigzag" else np.arange(T)
+  order = ra.zigzag_order(t, n) if layout == "zigzag" else np.arange(t)
   inv = np.argsort(order)
-  plan = ra.make_plan(T, n, chunk, layout, aligned, block=8)
+  plan = ra.make_plan(t, n, chunk, layout, aligned, block=8, kernel=kernel)
   lay = lambda x: jnp.asarray(np.asarray(x)[:, order])  # noqa: E731
   index, pos, seg, kv_seg = (lay(m) for m in meta)
 
@@ -75,19 +76,49 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,layout,chunk,packed", CASES)
-def test_ring_matches_dense_reference(n, layout, chunk, packed):
-  qkv, meta = make_inputs(packed)
-  ct = jnp.asarray(np.random.RandomState(1).randn(B, T, HEADS, DIM), jnp.float32)
+def check_against_dense(n, layout, chunk, packed, t=T, kernel="auto"):
+  qkv, meta = make_inputs(packed, t=t)
+  ct = jnp.asarray(np.random.RandomState(1).randn(B, t, HEADS, DIM), jnp.float32)
   want, dense_vjp = jax.vjp(lambda *a: dense(*a, meta, chunk), *qkv)
   want_grads = dense_vjp(ct)
-  got, grads, plan = ring_vjp(qkv, meta, ct, n, layout, chunk, aligned=not packed)
+  got, grads, plan = ring_vjp(qkv, meta, ct, n, layout, chunk, aligned=not packed, kernel=kernel)
   assert not np.isnan(got).any() and all(not np.isnan(g).any() for g in grads)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
   for g, w in zip(grads, want_grads):
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
   if packed:  # the rows with no visible key are exactly zero
     np.testing.assert_array_equal(got[0, 8:24][np.asarray(want)[0, 8:24] == 0], 0)
+  return plan
+
+
+@pytest.mark.parametrize("n,layout,chunk,packed", CASES)
+def test_ring_matches_dense_reference(n, layout, chunk, packed):
+  assert check_against_dense(n, layout, chunk, packed).kernel == "xla"
+
+
+# The splash per-step kernel (TPU; Pallas interpret mode here): runs of 128 tokens, splash's block.
+SPLASH_CASES = [
+    (1, "contiguous", None, True, 128),   # one device: the causal kernel alone, fully masked rows
+    (2, "zigzag", None, True, 512),       # all three run-pair cases (skip, causal, full) per step
+    (4, "contiguous", 256, True, 512),    # chunked, shard 128 < C: a window of ring steps
+    (2, "zigzag", 192, False, 512),       # one document over chunk edges inside runs: chunk ids matter
+    (4, "zigzag", 192, True, 1024),       # C not aligned with the runs: the whole ring
+]
+
+
+@pytest.mark.parametrize("n,layout,chunk,packed,t", SPLASH_CASES)
+def test_splash_kernel_matches_dense_reference(n, layout, chunk, packed, t):
+  plan = check_against_dense(n, layout, chunk, packed, t, kernel="splash")
+  assert plan.kernel == "splash" and plan.block == 128 and plan.interpret
+
+
+def test_kernel_choice():
+  assert ra.make_plan(512, 2, None).kernel == "xla"  # auto: splash only on TPU
+  assert ra.make_plan(512, 2, None, kernel="splash").kernel == "splash"
+  with pytest.raises(ValueError, match="runs of 32 tokens are not a multiple of 128"):
+    ra.make_plan(128, 2, None, kernel="splash")
+  with pytest.raises(ValueError, match="ring kernel 'cudnn' is not one of"):
+    ra.make_plan(512, 2, None, kernel="cudnn")
 
 
 def test_bf16_no_worse_than_dense_bf16():
@@ -238,3 +269,26 @@ def test_memory_linear_in_length_under_grad_of_a_layer_scan():
 
   small, large = temp(4096), temp(8192)
   assert large <= 2.1 * small, (small, large)
+
+
+def test_model_splash_kernel_equals_dense(dense_model):
+  """`ring_kernel="splash"` through the model's forward (its gradients are checked above, kernel by
+  kernel): context=2, zigzag, packed documents. No padding: padding queries see padding keys of their
+  chunk at any distance under splash's segment ids, further back than the XLA kernel lets them; both
+  give garbage there, which the loss masks."""
+  t = 512
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, SCOUT_LIKE.vocab_size, (2, t)).astype(np.int32)
+  seg = np.ones((2, t), np.int32)
+  seg[0, 200:] = 2
+  seg[1, 333:] = 3
+  pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)).copy()
+  pos[0, 200:] -= 200
+  pos[1, 333:] -= 333
+  cfg = MODEL_CFG.replace(ring_kernel="splash")
+  mesh = l4.make_mesh(context=2, fsdp=4)
+  model = create_model(cfg, mesh)
+  nnx.update(model, jax.device_put(nnx.state(dense_model), model_shardings(cfg, mesh)[2]))
+
+  forward = nnx.jit(lambda m: m.forward(ids, pos, seg))
+  np.testing.assert_allclose(np.asarray(forward(model)), np.asarray(forward(dense_model)), atol=2e-5, rtol=0)

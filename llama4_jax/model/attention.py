@@ -154,7 +154,8 @@ class Attention(nnx.Module):
     dropout. Returns (out [B, T, D], cache)."""
     q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh, key)
     if ring is not None:
-      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned)
+      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned,
+                       kernel=ring.kernel)
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
       return self._out(out, key), cache
     if mode == "decode":

@@ -12,7 +12,8 @@ decides statically how far each layer's keys must travel: the whole ring for ful
 only within a group of devices, or not at all, for chunked layers whose chunks line up with the shards.
 
 The per-step kernel is XLA blockwise attention that skips blocks with no visible key at run time (the
-same rule `block_cost` uses for the load-balance model).
+same rule `block_cost` uses for the load-balance model), or on TPU the Pallas splash attention kernel
+(`ring_splash.py`; `RingPlan.kernel`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llama4_jax.sharding import logical_to_spec
 
 AXIS = "context"
 LAYOUTS = ("zigzag", "contiguous")
+KERNELS = ("auto", "xla", "splash")
 
 
 def visible(q_idx, q_pos, q_seg, k_idx, k_pos, k_seg, chunk_size: int | None):
@@ -46,11 +48,13 @@ def visible(q_idx, q_pos, q_seg, k_idx, k_pos, k_seg, chunk_size: int | None):
 @dataclasses.dataclass(frozen=True)
 class RingContext:
   """What a model forward pass tells its attention layers when ring attention is on: the token order
-  (`layout`), the true index of each token [B, T] (traced), and whether positions equal indices."""
+  (`layout`), the true index of each token [B, T] (traced), whether positions equal indices, and the
+  per-step kernel asked for (see `make_plan`)."""
   devices: int
   layout: str
   aligned: bool
   index: jax.Array
+  kernel: str = "auto"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,12 +63,17 @@ class RingContext:
 @dataclasses.dataclass(frozen=True)
 class RingPlan:
   """Static plan of one attention layer. Devices form rings of `group` consecutive devices on the
-  context axis; each device sees the K/V of `steps` of them (itself first, then d-1, d-2, ...)."""
+  context axis; each device sees the K/V of `steps` of them (itself first, then d-1, d-2, ...).
+  `kernel` is the per-step kernel: "xla" (blocks of `block` tokens) or "splash" (blocks are the runs;
+  `interpret`: Pallas interpret mode, off TPU)."""
   devices: int
   group: int
   steps: int
   chunk_size: int | None
   block: int
+  kernel: str = "xla"
+  interpret: bool = False
+  seq_len: int = 0
 
   def shift(self, k: int):
     """ppermute pairs sending device d to d + k within its group."""
@@ -82,8 +91,11 @@ def run_length(seq_len: int, devices: int, layout: str) -> int:
 
 
 def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = "zigzag",
-              aligned: bool = False, block: int = 128) -> RingPlan:
+              aligned: bool = False, block: int = 128, kernel: str = "auto") -> RingPlan:
   """The ring plan of a layer over a global sequence of `seq_len` tokens.
+
+  `kernel`: "auto" takes splash on TPU when the runs allow it (a multiple of 128 tokens), else XLA;
+  "splash" insists (interpret mode off TPU); "xla" is the blockwise XLA kernel.
 
   `aligned` says that position == token index (no packing), so chunk edges are known statically:
   then a chunked layer whose runs hold whole chunks needs no communication, and one whose chunks span
@@ -91,18 +103,38 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
   reach at most C - 1 tokens back: a few ring steps in the contiguous layout, the whole ring in zigzag.
   """
   run = run_length(seq_len, devices, layout)
-  blk = _block_size(run, block)
-  full = RingPlan(devices, devices, devices, chunk_size, blk)
+  kernel = _choose_kernel(kernel, run, seq_len, chunk_size)
+  blk = run if kernel == "splash" else _block_size(run, block)
+  with_kernel = lambda group, steps: RingPlan(  # noqa: E731
+      devices, group, steps, chunk_size, blk, kernel, kernel == "splash" and jax.default_backend() != "tpu",
+      seq_len)
   if chunk_size is None or devices == 1:
-    return full
+    return with_kernel(devices, devices)
   if aligned and run % chunk_size == 0:
-    return RingPlan(devices, 1, 1, chunk_size, blk)
+    return with_kernel(1, 1)
   if aligned and chunk_size % run == 0 and devices % (chunk_size // run) == 0:
     g = chunk_size // run
-    return RingPlan(devices, g, g, chunk_size, blk)
+    return with_kernel(g, g)
   if layout == "contiguous":
-    return RingPlan(devices, devices, min(devices, 1 + -(-(chunk_size - 1) // run)), chunk_size, blk)
-  return full
+    return with_kernel(devices, min(devices, 1 + -(-(chunk_size - 1) // run)))
+  return with_kernel(devices, devices)
+
+
+def _choose_kernel(kernel: str, run: int, seq_len: int, chunk_size: int | None) -> str:
+  from llama4_jax.model import ring_splash
+  if kernel not in KERNELS:
+    raise ValueError(f"ring kernel {kernel!r} is not one of {KERNELS}")
+  if kernel == "xla":
+    return kernel
+  ids_fit = chunk_size is None or (seq_len + 1) * (seq_len // chunk_size + 1) < 2**31
+  why = ("splash attention is not in this JAX install" if not ring_splash.available() else
+         f"each device's runs of {run} tokens are not a multiple of 128 (splash's block)" if run % 128 else
+         None if ids_fit else f"segment x chunk ids of {seq_len} tokens with C={chunk_size} overflow int32")
+  if kernel == "splash" and why:
+    raise ValueError(f"ring_kernel='splash' cannot be used: {why}; use 'xla' or 'auto'")
+  if kernel == "auto" and (why or jax.default_backend() != "tpu"):
+    return "xla"
+  return "splash"
 
 
 def _block_size(run: int, target: int) -> int:
@@ -303,9 +335,13 @@ def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
          jnp.zeros(shape, jnp.float32))
   nxt = plan.shift(1)
 
+  attend = _attend_step
+  if plan.kernel == "splash":
+    from llama4_jax.model.ring_splash import attend_step as attend
+
   def step(kv, acc, send):
     sent = jax.lax.ppermute(kv, AXIS, nxt) if send else None  # in flight during the compute
-    return sent, _attend_step(qf, qmeta, *kv[:2], kv[2], acc, plan)
+    return sent, attend(qf, qmeta, *kv[:2], kv[2], acc, plan)
 
   kv = (k, v, kmeta)
   if plan.steps > 1:
@@ -324,12 +360,15 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   qf, dof = _fold(q, kvh, plan.block), _fold(dout, kvh, plan.block)
   delta = jnp.sum(dof.astype(jnp.float32) * _fold(out, kvh, plan.block).astype(jnp.float32), axis=-1)
   nxt = plan.shift(1)
+  grad = _grad_step
+  if plan.kernel == "splash":
+    from llama4_jax.model.ring_splash import grad_step as grad
 
   def step(kv, dkv, dq, send_kv, recv):
     sent = jax.lax.ppermute(kv, AXIS, nxt) if send_kv else None
     # dk/dv of the shard held now arrive from the previous device, one hop behind their k/v.
     arrived = jax.lax.ppermute(dkv, AXIS, nxt) if recv else None
-    dq, dk, dv = _grad_step(qf, qmeta, dof, lse, delta, kv[0], kv[1], kv[2], dq, plan)
+    dq, dk, dv = grad(qf, qmeta, dof, lse, delta, kv[0], kv[1], kv[2], dq, plan)
     if arrived is not None:
       dk, dv = dk + arrived[0], dv + arrived[1]
     return sent, (dk, dv), dq
@@ -434,5 +473,5 @@ def block_cost(seq_len: int, devices: int, layout: str, plan: RingPlan) -> dict:
           "ratio": float(critical / ideal) if ideal else 1.0}
 
 
-__all__ = ["LAYOUTS", "RingContext", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
+__all__ = ["KERNELS", "LAYOUTS", "RingContext", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
            "run_length", "to_zigzag", "visible", "zigzag_order"]

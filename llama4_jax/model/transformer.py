@@ -132,7 +132,7 @@ class Llama4(nnx.Module):
     index = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
     if layout == "zigzag":
       index = to_zigzag(index, mesh)
-    return RingContext(devices, layout, aligned, index)
+    return RingContext(devices, layout, aligned, index, cfg.ring_kernel)
 
   # --- KV-cache inference -----------------------------------------------------------------------
   def init_cache(self, batch: int, max_length: int, dtype=None):

@@ -42,8 +42,8 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf."""
 
 
-_IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "moe_impl", "remat_policy",
-                "scan_layers") + ADAPTER_FIELDS
+_IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "ring_kernel", "moe_impl",
+                "remat_policy", "scan_layers") + ADAPTER_FIELDS
 
 
 def _sync(name: str) -> None:
