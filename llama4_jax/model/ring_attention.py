@@ -473,5 +473,5 @@ def block_cost(seq_len: int, devices: int, layout: str, plan: RingPlan) -> dict:
           "ratio": float(critical / ideal) if ideal else 1.0}
 
 
-__all__ = ["KERNELS", "LAYOUTS", "RingContext", "RingPlan", "block_cost", "from_zigzag", "make_plan", "ring_attention",
-           "run_length", "to_zigzag", "visible", "zigzag_order"]
+__all__ = ["KERNELS", "LAYOUTS", "RingContext", "RingPlan", "block_cost", "from_zigzag", "make_plan",
+           "ring_attention", "run_length", "to_zigzag", "visible", "zigzag_order"]

@@ -100,7 +100,7 @@ def attend_step(qf, qmeta, k, v, kmeta, acc, plan):
   causal, full = _kernels(run, groups, plan.interpret)
   scale = qf.shape[-1] ** -0.5
   q = _heads(qf, groups) * jnp.asarray(scale, qf.dtype)  # [b, runs, K, G, R, H]
-  qid, kid = segment_ids(qmeta, plan.chunk_size, plan.seq_len), segment_ids(kmeta, plan.chunk_size, plan.seq_len)
+  qid, kid = (segment_ids(m, plan.chunk_size, plan.seq_len) for m in (qmeta, kmeta))
   k_runs, v_runs, kid_runs = _runs(k, run, 1), _runs(v, run, 1), _runs(kid, run, 1)
   k_first = kmeta[0, 0, ::run]
 
@@ -143,7 +143,7 @@ def grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan):
   do = _heads(dof, groups)
   lse = jnp.where(jnp.isfinite(lse), lse, 1e30)  # rows that see no key anywhere: p = 0 everywhere
   ls, de = _heads(lse, groups), _heads(delta, groups)
-  qid, kid = segment_ids(qmeta, plan.chunk_size, plan.seq_len), segment_ids(kmeta, plan.chunk_size, plan.seq_len)
+  qid, kid = (segment_ids(m, plan.chunk_size, plan.seq_len) for m in (qmeta, kmeta))
   k_first = kmeta[0, 0, ::run]
 
   def pair(kernel, q_r, do_r, ls_r, de_r, k_r, v_r, qi, ki):
