@@ -70,7 +70,8 @@ def test_round_trip_is_bit_identical_and_loads(which, scout_ckpt, conditional_ck
 def test_dtype_conversion_and_cli(scout_ckpt, tmp_path):
   src, _ = scout_ckpt
   cmd = [sys.executable, "-m", "llama4_jax.convert"]
-  proc = subprocess.run(cmd + ["hf-to-orbax", str(src), str(tmp_path / "o"), "--dtype=bfloat16", "--compress"],
+  proc = subprocess.run(cmd + ["hf-to-orbax", str(src), str(tmp_path / "o"), "--dtype=bfloat16",
+                               "--compress"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])

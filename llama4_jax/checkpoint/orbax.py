@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from llama4_jax.config import ModelConfig
 
 # Converted checkpoints (checkpoint/convert.py) keep params in <step>/tensors/ as parameter slices (one
-# layer of a stacked weight, named by `slice_item`) gathered into Orbax items of a few hundred MB, with a
+# layer of a stacked weight, named by `slice_item`) gathered into Orbax items of about 64 MB, with a
 # manifest of names, shapes, dtypes and where each slice lives.
 TENSORS = "tensors"
 MANIFEST = "manifest.json"

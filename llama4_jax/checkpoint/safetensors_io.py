@@ -3,7 +3,7 @@
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes.
 `read(name, index)` copies a tensor (or a slice of one) into a fresh array with positioned reads of the
-bytes it covers, a few times faster than faulting in a memory map; `f[name]` is the memory map itself.
+bytes it covers (no page-by-page faults of a memory map); `f[name]` is the memory map itself.
 bf16 comes through `ml_dtypes`. Writing plans the header from shapes first, then streams each tensor's
 bytes, so memory holds one tensor at a time. Every structural problem raises `CheckpointError` naming
 the file (and tensor).
