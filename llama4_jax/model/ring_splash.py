@@ -91,18 +91,28 @@ def _runs(x, run: int, axis: int):
   return [jax.lax.slice_in_dim(x, r * run, (r + 1) * run, axis=axis) for r in range(x.shape[axis] // run)]
 
 
+def _setup(qf, qmeta, kmeta, plan):
+  """What both directions need: the run length R, query heads per kv head G, the (causal, full) kernels,
+  the scale, the scaled queries [b, runs, K, G, R, H], the splash segment ids of queries and keys, and
+  case(r, s): the `_case` of query run r against key run s."""
+  run = plan.block
+  groups = qf.shape[3] // run
+  scale = qf.shape[-1] ** -0.5
+  q = _heads(qf, groups) * jnp.asarray(scale, qf.dtype)
+  qid, kid = (segment_ids(m, plan.chunk_size, plan.seq_len) for m in (qmeta, kmeta))
+
+  def case(r, s):
+    return _case(qmeta[0, 0, r * run], kmeta[0, 0, s * run])
+
+  return run, groups, _kernels(run, groups, plan.interpret), scale, q, qid, kid, case
+
+
 def attend_step(qf, qmeta, k, v, kmeta, acc, plan):
   """`ring_attention._attend_step` with splash kernels: merges the local queries' attention over the shard
   (k [b, S, K, H], v) into acc = (o [b, runs, K, R*G, H], m, l [b, runs, K, R*G]), float32."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  run = plan.block
-  groups = qf.shape[3] // run
-  causal, full = _kernels(run, groups, plan.interpret)
-  scale = qf.shape[-1] ** -0.5
-  q = _heads(qf, groups) * jnp.asarray(scale, qf.dtype)  # [b, runs, K, G, R, H]
-  qid, kid = (segment_ids(m, plan.chunk_size, plan.seq_len) for m in (qmeta, kmeta))
+  run, groups, (causal, full), _, q, qid, kid, case = _setup(qf, qmeta, kmeta, plan)
   k_runs, v_runs, kid_runs = _runs(k, run, 1), _runs(v, run, 1), _runs(kid, run, 1)
-  k_first = kmeta[0, 0, ::run]
 
   def pair(kernel, q_r, k_r, v_r, qi, ki):  # q_r [b, K, G, R, H], k_r [b, R, K, H], ids [b, R]
     def one(q1, k1, v1, qi1, ki1):  # over kv heads: q1 [K, G, R, H], k1 [R, K, H]
@@ -121,7 +131,7 @@ def attend_step(qf, qmeta, k, v, kmeta, acc, plan):
   for r, (q_r, qi) in enumerate(zip(jnp.moveaxis(q, 1, 0), _runs(qid, run, 1))):
     o_r, m_r, l_r = o[:, r], m[:, r], l[:, r]
     for s, (k_r, v_r, ki) in enumerate(zip(k_runs, v_runs, kid_runs)):
-      out, lse = jax.lax.switch(_case(qmeta[0, 0, r * run], k_first[s]), branches, q_r, k_r, v_r, qi, ki)
+      out, lse = jax.lax.switch(case(r, s), branches, q_r, k_r, v_r, qi, ki)
       m_new = jnp.maximum(m_r, lse)
       safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       a, w = jnp.exp(m_r - safe), jnp.exp(lse - safe)
@@ -135,16 +145,10 @@ def grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan):
   """`ring_attention._grad_step` with splash's backward kernels: returns (dq accumulated into dqf,
   dk [b, S, K, H], dv) for the shard (k, v), from the ring's global log-sum-exp and delta."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  run = plan.block
-  groups = qf.shape[3] // run
-  causal, full = _kernels(run, groups, plan.interpret)
-  scale = qf.shape[-1] ** -0.5
-  q = _heads(qf, groups) * jnp.asarray(scale, qf.dtype)
+  run, groups, (causal, full), scale, q, qid, kid, case = _setup(qf, qmeta, kmeta, plan)
   do = _heads(dof, groups)
   lse = jnp.where(jnp.isfinite(lse), lse, 1e30)  # rows that see no key anywhere: p = 0 everywhere
   ls, de = _heads(lse, groups), _heads(delta, groups)
-  qid, kid = (segment_ids(m, plan.chunk_size, plan.seq_len) for m in (qmeta, kmeta))
-  k_first = kmeta[0, 0, ::run]
 
   def pair(kernel, q_r, do_r, ls_r, de_r, k_r, v_r, qi, ki):
     kw = kernel.kwargs
@@ -176,21 +180,20 @@ def grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan):
     return jnp.zeros(q_r.shape, jnp.float32), zeros, zeros
 
   branches = (skip, functools.partial(pair, causal), functools.partial(pair, full))
-  dq = _heads(dqf, groups)
-  dk_runs, dv_runs, dq_runs = [], [], []
-  q_runs = [(jnp.moveaxis(x, 1, 0)) for x in (q, do, ls, de)]
+  q_runs = [jnp.moveaxis(x, 1, 0) for x in (q, do, ls, de)]
   qid_runs = _runs(qid, run, 1)
+  dq_runs = [0.0] * q.shape[1]
+  dk_runs, dv_runs = [], []
   for s, (k_r, v_r, ki) in enumerate(zip(_runs(k, run, 1), _runs(v, run, 1), _runs(kid, run, 1))):
     dk_s = dv_s = 0.0
     for r in range(q.shape[1]):
       args = tuple(x[r] for x in q_runs) + (k_r, v_r, qid_runs[r], ki)
-      g_q, g_k, g_v = jax.lax.switch(_case(qmeta[0, 0, r * run], k_first[s]), branches, *args)
-      dq_runs.append((r, g_q))
+      g_q, g_k, g_v = jax.lax.switch(case(r, s), branches, *args)
+      dq_runs[r] = dq_runs[r] + g_q
       dk_s, dv_s = dk_s + g_k, dv_s + g_v
     dk_runs.append(dk_s)
     dv_runs.append(dv_s)
-  per_run = [sum(g for i, g in dq_runs if i == r) for r in range(q.shape[1])]
-  dq = dq + jnp.stack(per_run, axis=1)
+  dq = _heads(dqf, groups) + jnp.stack(dq_runs, axis=1)
   return _folded(dq), jnp.concatenate(dk_runs, axis=1), jnp.concatenate(dv_runs, axis=1)
 
 

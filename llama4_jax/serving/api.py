@@ -54,7 +54,6 @@ class Parsed:
   jobs: list[Job]
   stream: bool
   include_usage: bool
-  chat: bool
 
 
 # --- field readers ------------------------------------------------------------------------------------
@@ -179,7 +178,7 @@ def parse_completion(body: dict, tokenizer, context: int, stop_tokens) -> Parsed
   jobs = [Job(p, dataclasses.replace(params, seed=params.seed + i), stop) for i, p in enumerate(ids)]
   for job in jobs:
     check_length(job, context, "max_tokens")
-  return Parsed(jobs, stream, usage, chat=False)
+  return Parsed(jobs, stream, usage)
 
 
 def _is_ids(p: list) -> bool:
@@ -207,7 +206,7 @@ def parse_chat(body: dict, tokenizer, context: int, stop_tokens) -> Parsed:
   max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max(context - len(prompt), 1))
   job = Job(prompt, _sampling(body, max_tokens, stop_tokens), _stop_strings(body))
   check_length(job, context, "max_completion_tokens")
-  return Parsed([job], stream, usage, chat=True)
+  return Parsed([job], stream, usage)
 
 
 def _content(content: Any, i: int) -> str:

@@ -82,7 +82,6 @@ class EngineStats:
     self.generated_tokens = 0
     self.finished = collections.Counter()  # finish reason -> requests
     self.ttft: list[float] = []  # seconds, drained by the metrics registry
-    self.steps = 0
     self._window = window_s
     self._recent: collections.deque[tuple[float, int]] = collections.deque()
     self._lock = threading.Lock()
@@ -299,7 +298,6 @@ class Engine:
       self._tok = tok
       self._unread.append(("step", tok, list(self._active)))
       self._pos += np.array([r is not None for r in self._active], np.int32)
-      self.stats.steps += 1
     while self._unread and (self._steps_unread() > _IN_FLIGHT or self._unread[0][0] == "first"
                             or not self.active_slots()):
       self._read(self._unread.popleft())

@@ -26,11 +26,6 @@ class TextStream:
     self._sent = 0  # characters of self._text already returned
     self.stopped = False
 
-  @property
-  def text(self) -> str:
-    """Everything returned so far."""
-    return self._text[: self._sent]
-
   def push(self, token: int) -> str:
     if self.stopped:
       return ""
