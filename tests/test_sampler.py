@@ -1,5 +1,6 @@
 """The KV-cache sampler against transformers' generate, the uncached sampler, and itself."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_chunked_cache_is_a_ring_of_chunk_size(models):
   cache = model.init_cache(batch=2, max_length=256)
   cfg = model.config
   for j, layer in enumerate(model.blocks):
-    size = cache["blocks"][j]["k"].shape[2]
+    size = cache["blocks"][j]["k"].shape[3]  # [L, B, K, S, H]
     assert size == (cfg.attention_chunk_size if layer.kind.rope else 256)
   # generating far past the buffer stays equal to the uncached reference
   p = prompts_for(model.config, (7,))[0]
@@ -101,5 +102,31 @@ def test_sharded_generate_equals_single_device(scout, tmp_path):
   l4.save_pretrained(scout, tmp_path / "ckpt")
   sharded = l4.load_model(tmp_path / "ckpt", mesh=l4.make_mesh(fsdp=4, tensor=2))
   cache = sharded.init_cache(batch=4, max_length=64)
-  assert cache["blocks"][0]["k"].sharding.spec[3] == "tensor"  # [L, B, S, K, H]: kv heads split
+  assert cache["blocks"][0]["k"].sharding.spec[2] == "tensor"  # [L, B, K, S, H]: kv heads split
   assert generate(sharded, prompts, max_new_tokens=16, stop_tokens=[]) == want
+
+
+def test_argmax_equals_jnp_argmax():
+  """The two-reduction argmax: first maximum on ties, first NaN if any, int32."""
+  from llama4_jax.inference.sampling import argmax
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 1000)).astype(np.float32)
+  x[1, [7, 500]] = 9.0  # a tie: the first wins
+  x[2, [3, 900]] = np.nan
+  x[3, :] = -np.inf
+  x[4, 999] = np.inf
+  got = argmax(jnp.asarray(x))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+  assert list(np.asarray(got[1:4])) == [7, 3, 0]
+
+
+def test_scanned_blocks_keep_their_own_cache():
+  """Two scanned superblocks plus a tail layer: decode updates each block's slice of the stacked cache
+  (carried through the scan) in place; the tokens equal the uncached sampler's for a ragged batch."""
+  cfg = SCOUT_LIKE.replace(num_hidden_layers=9, attention_chunk_size=8, eos_token_id=(2,))
+  model = l4.create_model(cfg, seed=5)
+  assert model.num_blocks == 2 and len(model.tail) == 1
+  prompts = prompts_for(cfg, (3, 11))
+  out = generate(model, prompts, max_new_tokens=20, stop_tokens=[])
+  assert out == [sample_uncached(model, p, 20, window=64) for p in prompts]

@@ -11,10 +11,19 @@ import jax
 import jax.numpy as jnp
 
 
+def argmax(logits_BV):
+  """jnp.argmax over the last axis (the first maximum; the first NaN if any) as int32, in two plain
+  reductions: XLA's CPU argmax (one reduction over (value, index) pairs) is not vectorized and took
+  2.6-4.5x as long on [8, 8192] to [8, 202048] logits on a 2-core x86 machine."""
+  v = logits_BV.shape[-1]
+  hit = (logits_BV == jnp.max(logits_BV, axis=-1, keepdims=True)) | jnp.isnan(logits_BV)
+  return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
   def __call__(self, logits, key):
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +86,7 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
   per row, so a row's draw does not depend on the other rows. Top-k is applied first, then top-p on the
   renormalized rest (as transformers and the OpenAI-compatible servers do). The sort over the vocabulary
   runs only when some row samples."""
-  greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  greedy = argmax(logits_BV)
   sampling = temperature_B > 0
 
   def sampled():

@@ -7,6 +7,8 @@ segment id per document) never attend across a boundary and each chunk is counte
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,23 +75,24 @@ def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   return o.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def decode_attention(q_BNH, k_BSKH, v_BSKH, mask_BS):
-  """One query per row over a KV cache [B, S, K, H] -> [B, N, H] (float32 softmax; GQA).
+def decode_attention(q_BNH, k_BKSH, v_BKSH, mask_BS):
+  """One query per row over a KV cache [B, K, S, H] -> [B, N, H] (float32 softmax; GQA).
 
-  Written as multiply-reduces in the cache's own layout: a matmul formulation makes XLA copy the whole
-  cache into [B, K, S, H] on every decode step (and transpose the output projection's weight), which
-  cost more than the attention itself. Rows with no visible key give zeros, never NaN.
+  Two batched matmuls over (row, kv head), each head's query group as the matmul rows: the cache is kept
+  kv-head-major so XLA reads it in place. (In a [B, S, K, H] cache, matmuls made XLA copy the cache
+  every step, and multiply-reduces ran 2-4x slower than these.) Rows with no visible key give zeros,
+  never NaN.
   """
   b, n, h = q_BNH.shape
-  kv = k_BSKH.shape[2]
-  q_B1KGH = q_BNH.reshape(b, 1, kv, n // kv, h).astype(jnp.float32)
-  s_BSKG = jnp.sum(q_B1KGH * k_BSKH[:, :, :, None, :].astype(jnp.float32), axis=-1) * (h ** -0.5)
-  s_BSKG = jnp.where(mask_BS[:, :, None, None], s_BSKG, -jnp.inf)
-  m = jnp.max(s_BSKG, axis=1, keepdims=True)
-  p = jnp.exp(s_BSKG - jnp.where(jnp.isfinite(m), m, 0.0))
-  denom = jnp.sum(p, axis=1, keepdims=True)
+  kv = k_BKSH.shape[1]
+  q_BKGH = q_BNH.reshape(b, kv, n // kv, h).astype(k_BKSH.dtype)
+  s_BKGS = jnp.einsum("BKGH,BKSH->BKGS", q_BKGH, k_BKSH, preferred_element_type=jnp.float32) * (h ** -0.5)
+  s_BKGS = jnp.where(mask_BS[:, None, None, :], s_BKGS, -jnp.inf)
+  m = jnp.max(s_BKGS, axis=-1, keepdims=True)
+  p = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom == 0, 1.0, denom)
-  o_BKGH = jnp.sum(p[..., None] * v_BSKH[:, :, :, None, :].astype(jnp.float32), axis=1)
+  o_BKGH = jnp.einsum("BKGS,BKSH->BKGH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
   return o_BKGH.reshape(b, n, h).astype(q_BNH.dtype)
 
 
@@ -130,18 +133,17 @@ class Attention(nnx.Module):
     return q, k, v
 
   def _decode(self, q_B1NH, k_B1KH, v_B1KH, pos_B, cache, key=None):
-    """One token per row against the cache. The cache may hold more rows than the batch (the serving
-    engine steps only its first B): those rows are sliced out, updated and written back as one block,
-    so XLA updates the cache in place (updating it whole and then slicing made it copy every array)."""
+    """One token per row against the cache: a layer's dict, or a `StackedCache` (the scanned layers'
+    arrays and this layer's index). The cache may hold more rows than the batch (the serving engine
+    steps only its first B): only rows 0..B-1 are written and read, in place."""
     b = q_B1NH.shape[0]
-    partial = cache["pos"].shape[0] != b
-    rows = {n: a[:b] for n, a in cache.items()} if partial else cache
-    rows = store_decode(rows, k_B1KH, v_B1KH, pos_B)
+    stacked = isinstance(cache, StackedCache)
+    arrays, at = (cache.arrays, (cache.index,)) if stacked else (cache, ())
+    arrays = store_decode(arrays, k_B1KH, v_B1KH, pos_B, at)
+    rows = {n: a[at][:b] for n, a in arrays.items()}
     mask = cache_mask(rows["pos"], pos_B, self.chunk_size)
     out = self._out(decode_attention(q_B1NH[:, 0], rows["k"], rows["v"], mask)[:, None], key)
-    if partial:
-      rows = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], rows[n], 0, axis=0) for n in cache}
-    return out, rows
+    return out, StackedCache(arrays, cache.index) if stacked else arrays
 
   def _out(self, out_BTNH, key=None):
     return weight(self, "o")("BTNH,NHD->BTD", out_BTNH, key, "o")
@@ -168,13 +170,13 @@ class Attention(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# KV cache: per layer {"k", "v": [B, S, K, H], "pos": [B, S] int32 (-1 = empty)}. Token at position p
+# KV cache: per layer {"k", "v": [B, K, S, H], "pos": [B, S] int32 (-1 = empty)}. Token at position p
 # lives in slot p % S. Chunked (RoPE) layers get S = min(C, max length): a ring buffer that always holds
 # the current chunk; NoPE layers get S = max length.
 
 def init_kv_cache(batch: int, size: int, kv_heads: int, head_dim: int, dtype):
-  return {"k": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
-          "v": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+  return {"k": jnp.zeros((batch, kv_heads, size, head_dim), dtype),
+          "v": jnp.zeros((batch, kv_heads, size, head_dim), dtype),
           "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
@@ -187,19 +189,30 @@ def store_prefill(cache, k_BTKH, v_BTKH, lengths_B):
   src = last - jnp.mod(last - slots[None, :], size)  # [B, S] prompt position per slot, < 0 if none
   valid = src >= 0
   idx = jnp.clip(src, 0, k_BTKH.shape[1] - 1)
-  take = lambda x: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)  # noqa: E731
-  keep = valid[:, :, None, None]
+  take = lambda x: jnp.take_along_axis(x.transpose(0, 2, 1, 3), idx[:, None, :, None], axis=2)  # noqa: E731
+  keep = valid[:, None, :, None]
   return {"k": jnp.where(keep, take(k_BTKH), 0).astype(cache["k"].dtype),
           "v": jnp.where(keep, take(v_BTKH), 0).astype(cache["v"].dtype),
           "pos": jnp.where(valid, src, -1).astype(jnp.int32)}
 
 
-def store_decode(cache, k_B1KH, v_B1KH, pos_B):
-  size = cache["pos"].shape[1]
+class StackedCache(NamedTuple):
+  """One scanned layer's view of the stacked cache: `arrays` [L, ...] (carried through the scan, so
+  decode updates them in place; as scan inputs and outputs XLA copied the whole cache every step) and
+  this layer's `index` in them."""
+  arrays: dict
+  index: jax.Array
+
+
+def store_decode(cache, k_B1KH, v_B1KH, pos_B, at=()):
+  """Writes rows 0..B-1's new key and value at slot pos % S of cache[at] (the cache may hold more rows)."""
+  size = cache["pos"].shape[-1]
   rows, slot = jnp.arange(pos_B.shape[0]), pos_B % size
-  return {"k": cache["k"].at[rows, slot].set(k_B1KH[:, 0].astype(cache["k"].dtype)),
-          "v": cache["v"].at[rows, slot].set(v_B1KH[:, 0].astype(cache["v"].dtype)),
-          "pos": cache["pos"].at[rows, slot].set(pos_B)}
+  put = lambda a, new, tail: a.at[at + (rows, ..., slot) + tail].set(  # noqa: E731
+      new.astype(a.dtype), mode="promise_in_bounds", unique_indices=True)
+  return {"k": put(cache["k"], k_B1KH[:, 0], (slice(None),)),
+          "v": put(cache["v"], v_B1KH[:, 0], (slice(None),)),
+          "pos": put(cache["pos"], pos_B, ())}
 
 
 def cache_mask(kpos_BS, qpos_B, chunk_size: int | None):

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from llama4_jax.config import LayerKind, ModelConfig
-from llama4_jax.model.attention import Attention, init_kv_cache
+from llama4_jax.model.attention import Attention, StackedCache, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
 from llama4_jax.model.lora import dropout_key
 from llama4_jax.model.moe import MoE
@@ -144,7 +144,9 @@ class Llama4(nnx.Module):
     def one(kind, stack=()):
       c = init_kv_cache(batch, cfg.kv_cache_length(kind.rope, max_length), cfg.num_key_value_heads,
                         cfg.head_dim, dtype)
-      c = {k: constrain(v, self.mesh, ("batch", None, "kv_heads", None)[: v.ndim]) for k, v in c.items()}
+      axes = {"k": ("batch", "kv_heads", None, None), "v": ("batch", "kv_heads", None, None),
+              "pos": ("batch", None)}
+      c = {k: constrain(v, self.mesh, axes[k]) for k, v in c.items()}
       return jax.tree.map(lambda x: jnp.broadcast_to(x, stack + x.shape), c)
 
     return {"blocks": [one(layer.kind, (self.num_blocks,)) for layer in self.blocks],
@@ -188,25 +190,32 @@ class Llama4(nnx.Module):
     new_cache = None if cache is None else {"blocks": [], "tail": []}
     if self.num_blocks:
       graphdef, stacked = nnx.split(self.blocks)
+      carried = mode == "decode"  # decode updates the stacked cache in place: it rides in the carry
 
-      def superblock(h, xs):
+      def superblock(carry, xs):
+        h, carried_caches = carry
         layer_state, layer_caches, block = xs
+        layer_caches = carried_caches if carried else layer_caches
         total, caches = jnp.zeros((), jnp.float32), []
         for j, layer in enumerate(nnx.merge(graphdef, layer_state)):
+          c = None if layer_caches is None else layer_caches[j]
           h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
-                          None if layer_caches is None else layer_caches[j], mode, ring,
+                          StackedCache(c, block) if carried else c, mode, ring,
                           dropout_key(key, block * self.period + j))
-          total, caches = total + a, caches + [c]
-        return h, (total, None if layer_caches is None else caches)
+          total, caches = total + a, caches + [c.arrays if carried else c]
+        if carried:
+          return (h, caches), (total, None)
+        return (h, None), (total, None if layer_caches is None else caches)
 
       if cfg.remat_policy != "none" and cache is None:
         superblock = jax.checkpoint(superblock, policy=_REMAT[cfg.remat_policy](), prevent_cse=False)
-      h, (block_aux, block_caches) = jax.lax.scan(
-          superblock, h, (stacked, None if cache is None else cache["blocks"],
-                          jnp.arange(self.num_blocks)))
+      blocks_in = None if cache is None else cache["blocks"]
+      (h, carried_out), (block_aux, block_caches) = jax.lax.scan(
+          superblock, (h, blocks_in if carried else None),
+          (stacked, None if carried else blocks_in, jnp.arange(self.num_blocks)))
       aux = aux + block_aux.sum()
       if cache is not None:
-        new_cache["blocks"] = block_caches
+        new_cache["blocks"] = carried_out if carried else block_caches
     for j, layer in enumerate(self.tail):
       h, a, c = layer(h, positions, segment_ids, rope_cos_sin, mesh,
                       None if cache is None else cache["tail"][j], mode, ring,
