@@ -1,5 +1,8 @@
 """The KV-cache sampler against transformers' generate, the uncached sampler, and itself."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +133,15 @@ def test_scanned_blocks_keep_their_own_cache():
   prompts = prompts_for(cfg, (3, 11))
   out = generate(model, prompts, max_new_tokens=20, stop_tokens=[])
   assert out == [sample_uncached(model, p, 20, window=64) for p in prompts]
+  # the compiled decode step (all rows, and the serving engine's first row of 4) copies no cache array
+  from llama4_jax.inference.static import split_model
+  from llama4_jax.serving.engine import _decode_step
+  static, leaves = split_model(model)
+  cache = model.init_cache(batch=4, max_length=64)
+  cache_shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(cache)}
+  v = lambda x: np.full(4, x)  # noqa: E731
+  for rows in (1, 4):
+    hlo = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
+                             v(1.0), rows=rows).compile().as_text()
+    copied = set(re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo))
+    assert not copied & cache_shapes, (rows, copied & cache_shapes)
