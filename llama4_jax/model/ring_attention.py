@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from llama4_jax.config import RING_KERNELS as KERNELS
+from llama4_jax.config import RING_LAYOUTS as LAYOUTS
 from llama4_jax.sharding import logical_to_spec
 
 AXIS = "context"
-LAYOUTS = ("zigzag", "contiguous")
-KERNELS = ("auto", "xla", "splash")
 
 
 def visible(q_idx, q_pos, q_seg, k_idx, k_pos, k_seg, chunk_size: int | None):
