@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import BASE_QUANTS, LORA_TARGETS  # noqa: F401  (re-exported)
+from llama4_jax.model.ops import dot
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 SCALE_SUFFIX = "_scale"
@@ -90,8 +91,8 @@ def contract(eq: str, x, w):
   xs, ws = ins.split(",")
   batch = [c for c in xs if c in ws and c in out]
   contracted = [c for c in ws if c in xs and c not in out]
-  y = jax.lax.dot_general(x, w, (([xs.index(c) for c in contracted], [ws.index(c) for c in contracted]),
-                                 ([xs.index(c) for c in batch], [ws.index(c) for c in batch])))
+  y = dot(x, w, (([xs.index(c) for c in contracted], [ws.index(c) for c in contracted]),
+                 ([xs.index(c) for c in batch], [ws.index(c) for c in batch])))
   got = "".join(batch) + "".join(c for c in xs if c not in ws) + "".join(c for c in ws if c not in xs)
   return y if got == out else jnp.transpose(y, [got.index(c) for c in out])
 
@@ -192,7 +193,7 @@ class Weight:
     w = self.kernel[idx_Nk].astype(dt)
     if self.scale is not None:
       w = w * self.scale[idx_Nk][:, :, None, :].astype(dt)
-    y = jnp.einsum("NkD,NkDF->NkF", x_NkD, w)
+    y = dot(x_NkD, w, (((2,), (2,)), ((0, 1), (0, 1))))
     if self.lora_a is None:
       return y
     z = jnp.einsum("NkD,NkDr->Nkr", self._drop(x_NkD, key, tag), self.lora_a[idx_Nk].astype(dt))

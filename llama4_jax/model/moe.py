@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import SwiGLU, param
 from llama4_jax.model.lora import declare_linear, weight
+from llama4_jax.model.ops import dot
 
 
 def _block_size(rows: int, groups: int) -> int:
@@ -139,7 +140,7 @@ class MoE(nnx.Module):
   def route(self, x_D):
     """Router logits [..., E], chosen experts [..., k] and their sigmoid scores [..., k] (in x's dtype)
     for tokens x [..., D] (any leading shape: flattening a sequence-sharded [B, T] would gather it)."""
-    logits = jnp.einsum("...D,DE->...E", x_D, self.router[...].astype(x_D.dtype))
+    logits = dot(x_D, self.router[...].astype(x_D.dtype), (((x_D.ndim - 1,), (0,)), ((), ())))
     if self.top_k == 1:  # Llama 4's setting; argmax is several times faster than top_k on CPU
       top_idx = jnp.argmax(logits, axis=-1)[..., None]
       top_logits = jnp.max(logits, axis=-1, keepdims=True)  # the logit at argmax, without a gather

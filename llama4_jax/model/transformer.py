@@ -19,6 +19,7 @@ from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, StackedCache, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
 from llama4_jax.model.lora import dropout_key
+from llama4_jax.model.ops import dot
 from llama4_jax.model.moe import MoE
 from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag
 from llama4_jax.sharding import constrain, state_shardings
@@ -177,8 +178,7 @@ class Llama4(nnx.Module):
 
   def _logits(self, h):
     h = self.final_norm(h)
-    logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = dot(h, self.lm_head[...].astype(h.dtype), (((2,), (0,)), ((), ())), jnp.float32)  # [B, T, V]
     return constrain(logits, self.mesh, ("batch", "seq", "vocab"))
 
   def _layers(self, h, positions, segment_ids, cache=None, mode=None, ring=None, key=None):
