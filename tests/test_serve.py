@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -318,3 +319,20 @@ def test_serve_cli(tmp_path, model, tokenizer):
   finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]
+
+
+def test_close_ends_idle_connections(model, tokenizer):
+  """close() wakes and joins the handler thread of an idle keep-alive connection: one left blocked in a
+  socket read when the interpreter exited aborted the process ("FATAL: exception not rethrown")."""
+  before = set(threading.enumerate())  # (other servers' handler threads included)
+  srv = Server(model, tokenizer, NAME, port=0, slots=1, max_length=CONTEXT, warmup=False).start()
+  conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+  conn.request("GET", "/health")
+  assert conn.getresponse().read()  # the connection stays open (HTTP/1.1 keep-alive)
+  def handlers():
+    return [t for t in set(threading.enumerate()) - before if "process_request" in t.name]
+
+  assert handlers()
+  srv.close()
+  assert not handlers()
+  conn.close()

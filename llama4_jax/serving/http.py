@@ -283,9 +283,38 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
-  daemon_threads = True
+  """Handler threads are joined on close (`block_on_close`), after `end_connections` has woken those
+  waiting on an idle keep-alive connection: a handler thread left blocked in a socket read when the
+  interpreter exits can abort the process (glibc: "FATAL: exception not rethrown")."""
+  daemon_threads = False
+  block_on_close = True
   allow_reuse_address = True
   request_queue_size = 512  # the listen backlog: bursts of connections are not refused
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._connections: set[socket.socket] = set()
+    self._connections_lock = threading.Lock()
+
+  def process_request(self, request, client_address):
+    with self._connections_lock:
+      self._connections.add(request)
+    super().process_request(request, client_address)
+
+  def shutdown_request(self, request):
+    with self._connections_lock:
+      self._connections.discard(request)
+    super().shutdown_request(request)
+
+  def end_connections(self) -> None:
+    """Shuts down every open connection's socket, so its handler thread returns."""
+    with self._connections_lock:
+      connections = list(self._connections)
+    for sock in connections:
+      try:
+        sock.shutdown(socket.SHUT_RDWR)
+      except OSError:  # already closed by the client
+        pass
 
   def handle_error(self, request, client_address):
     if isinstance(sys.exc_info()[1], ConnectionError):  # a client hung up between requests: routine
@@ -338,10 +367,12 @@ class Server:
       self.close()
 
   def close(self) -> None:
+    """Stops accepting, fails what is in flight, ends open connections and joins their threads."""
     if self._thread is not None:  # serve_forever runs in our thread: stop it
       self._http.shutdown()
-    self._http.server_close()
     self.engine.shutdown()
+    self._http.end_connections()
+    self._http.server_close()
 
 
 def stop_tokens(model, tokenizer) -> tuple[int, ...]:
