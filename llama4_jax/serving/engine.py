@@ -33,7 +33,7 @@ from llama4_jax.inference.sampling import sample_rows
 from llama4_jax.inference.static import merge_model, split_model
 
 _IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
-_MIN_BUCKET = 64  # prompts are padded to a power of two >= this: few prefill shapes get compiled
+_MIN_BUCKET = 16  # prompts are padded to a power of two >= this: few prefill shapes get compiled
 
 
 class QueueFull(Exception):
@@ -246,7 +246,7 @@ class Engine:
       self._thread.join(timeout)
 
   def buckets(self) -> list[int]:
-    """The padded prompt widths that get compiled: powers of two from 64 up to the context."""
+    """The padded prompt widths that get compiled: powers of two from 16 up to the context."""
     return _powers_of_two(_MIN_BUCKET, self.max_length)
 
   def _bucket(self, n: int) -> int:
