@@ -283,38 +283,41 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
-  """Handler threads are joined on close (`block_on_close`), after `end_connections` has woken those
-  waiting on an idle keep-alive connection: a handler thread left blocked in a socket read when the
-  interpreter exits can abort the process (glibc: "FATAL: exception not rethrown")."""
-  daemon_threads = False
-  block_on_close = True
+  """One daemon thread per connection (a process that never calls `close` still exits), which `close`
+  wakes and joins (`end_connections`): a handler thread left blocked in a read on an idle keep-alive
+  connection when the interpreter exits can abort the process (glibc: "FATAL: exception not rethrown")."""
+  daemon_threads = True
   allow_reuse_address = True
   request_queue_size = 512  # the listen backlog: bursts of connections are not refused
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self._connections: set[socket.socket] = set()
+    self._connections: dict[socket.socket, threading.Thread] = {}
     self._connections_lock = threading.Lock()
 
   def process_request(self, request, client_address):
+    thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                              name=f"llama4_jax-http-{client_address[1]}", daemon=True)
     with self._connections_lock:
-      self._connections.add(request)
-    super().process_request(request, client_address)
+      self._connections[request] = thread
+    thread.start()
 
   def shutdown_request(self, request):
     with self._connections_lock:
-      self._connections.discard(request)
+      self._connections.pop(request, None)
     super().shutdown_request(request)
 
-  def end_connections(self) -> None:
-    """Shuts down every open connection's socket, so its handler thread returns."""
+  def end_connections(self, timeout: float = 10.0) -> None:
+    """Shuts down every open connection's socket and joins its handler thread."""
     with self._connections_lock:
-      connections = list(self._connections)
-    for sock in connections:
+      connections = list(self._connections.items())
+    for sock, _ in connections:
       try:
         sock.shutdown(socket.SHUT_RDWR)
       except OSError:  # already closed by the client
         pass
+    for _, thread in connections:
+      thread.join(timeout)
 
   def handle_error(self, request, client_address):
     if isinstance(sys.exc_info()[1], ConnectionError):  # a client hung up between requests: routine
@@ -370,6 +373,7 @@ class Server:
     """Stops accepting, fails what is in flight, ends open connections and joins their threads."""
     if self._thread is not None:  # serve_forever runs in our thread: stop it
       self._http.shutdown()
+      self._thread.join()
     self.engine.shutdown()
     self._http.end_connections()
     self._http.server_close()
