@@ -1,11 +1,13 @@
 """The serving decode step of a deep model against its KV cache length: does a step cost what it reads?
 
-    python benchmarks/decode_cache.py [--layers 16] [--lengths 256 4096]
+    python benchmarks/decode_cache.py [--layers 16] [--lengths 256 4096] [--model moe_100m] [--dtype bfloat16]
 
 A 16-layer tiny Llama 4 (four scanned superblocks of four layers), 8 decode slots; the engine's jitted
 step (`llama4_jax.serving.engine._decode_step`) is timed at 1 and 8 busy rows for each cache length
 (best of 7 runs of 50 steps), and its compiled HLO is searched for copies of whole cache arrays (there
-should be none: the stacked cache rides in the layer scan's carry and is updated in place). Prints JSON.
+should be none: the stacked cache rides in the layer scan's carry and is updated in place). `--model
+moe_100m --dtype bfloat16` times the ~100M MoE's step instead (one superblock plus two layers: XLA still
+copies its cache arrays, see README "Not yet"). Prints JSON.
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ def main():
   p.add_argument("--layers", type=int, default=16)
   p.add_argument("--slots", type=int, default=8)
   p.add_argument("--lengths", type=int, nargs="+", default=[256, 4096])
+  p.add_argument("--model", choices=["tiny", "moe_100m"], default="tiny",
+                 help="moe_100m: the ~100M-parameter MoE of benchmarks/common.py (--layers is ignored)")
+  p.add_argument("--dtype", default="float32", help="parameter and compute dtype, e.g. bfloat16")
   a = p.parse_args()
   import jax
   import llama4_jax as l4
-  from common import emit, machine
+  from common import MOE_100M, emit, machine
   from llama4_jax.inference.static import split_model
   from llama4_jax.serving.engine import _decode_step, _empty_state
 
-  model = l4.create_model(l4.get_config("tiny", num_hidden_layers=a.layers))
+  cfg = MOE_100M if a.model == "moe_100m" else l4.get_config("tiny", num_hidden_layers=a.layers)
+  model = l4.create_model(cfg.replace(param_dtype=a.dtype, dtype=a.dtype))
   static, leaves = split_model(model)
   s = a.slots
   results = []
@@ -63,7 +69,8 @@ def main():
       row[f"rows_{rows}"] = {"step_ms": step_ms(_decode_step, args, rows), "cache_copies_in_hlo": len(copies)}
     results.append(row)
     print(row, file=sys.stderr, flush=True)
-  emit({"benchmark": "decode_cache", "layers": a.layers, "superblocks": model.num_blocks, "slots": s,
+  emit({"benchmark": "decode_cache", "model": a.model, "dtype": a.dtype,
+        "layers": model.config.num_hidden_layers, "superblocks": model.num_blocks, "slots": s,
         "params": model.config.num_params(), "results": results, "machine": machine()})
 
 

@@ -16,7 +16,6 @@ from flax import nnx
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import apply_rope, rms_normalize
 from llama4_jax.model.lora import declare_linear, weight
-from llama4_jax.model.ops import scatter_set
 from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
 from llama4_jax.sharding import constrain
 
@@ -209,7 +208,8 @@ def store_decode(cache, k_B1KH, v_B1KH, pos_B, at=()):
   """Writes rows 0..B-1's new key and value at slot pos % S of cache[at] (the cache may hold more rows)."""
   size = cache["pos"].shape[-1]
   rows, slot = jnp.arange(pos_B.shape[0]), pos_B % size
-  put = lambda a, new, tail: scatter_set(a, at + (rows, ..., slot) + tail, new)  # noqa: E731
+  put = lambda a, new, tail: a.at[at + (rows, ..., slot) + tail].set(  # noqa: E731
+      new.astype(a.dtype), mode="promise_in_bounds", unique_indices=True)
   return {"k": put(cache["k"], k_B1KH[:, 0], (slice(None),)),
           "v": put(cache["v"], v_B1KH[:, 0], (slice(None),)),
           "pos": put(cache["pos"], pos_B, ())}

@@ -19,7 +19,7 @@ from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, StackedCache, init_kv_cache
 from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
 from llama4_jax.model.lora import dropout_key
-from llama4_jax.model.ops import dot
+from llama4_jax.model.ops import dot, kv_cache_dtype
 from llama4_jax.model.moe import MoE
 from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag
 from llama4_jax.sharding import constrain, state_shardings
@@ -138,9 +138,10 @@ class Llama4(nnx.Module):
   # --- KV-cache inference -----------------------------------------------------------------------
   def init_cache(self, batch: int, max_length: int, dtype=None):
     """Zeroed KV cache for `batch` rows of up to `max_length` tokens: a ring buffer of
-    min(C, max_length) entries for chunked layers, `max_length` for NoPE layers."""
+    min(C, max_length) entries for chunked layers, `max_length` for NoPE layers. dtype: by default the
+    compute dtype (float32 on CPU for bf16, see `ops.kv_cache_dtype`)."""
     cfg = self.config
-    dtype = dtype or dtype_of(cfg.dtype)
+    dtype = dtype or kv_cache_dtype(dtype_of(cfg.dtype))
 
     def one(kind, stack=()):
       c = init_kv_cache(batch, cfg.kv_cache_length(kind.rope, max_length), cfg.num_key_value_heads,
