@@ -6,8 +6,7 @@ A 16-layer tiny Llama 4 (four scanned superblocks of four layers), 8 decode slot
 step (`llama4_jax.serving.engine._decode_step`) is timed at 1 and 8 busy rows for each cache length
 (best of 7 runs of 50 steps), and its compiled HLO is searched for copies of whole cache arrays (there
 should be none: the stacked cache rides in the layer scan's carry and is updated in place). `--model
-moe_100m --dtype bfloat16` times the ~100M MoE's step instead (one superblock plus two layers: XLA still
-copies its cache arrays, see README "Not yet"). Prints JSON.
+moe_100m --dtype bfloat16` times the ~100M MoE's step instead (one superblock plus two layers). Prints JSON.
 """
 
 from __future__ import annotations
