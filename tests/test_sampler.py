@@ -124,6 +124,12 @@ def test_argmax_equals_jnp_argmax():
   assert list(np.asarray(got[1:4])) == [7, 3, 0]
 
 
+def copied_cache_shapes(hlo: str, cache) -> set:
+  """Shapes of the cache arrays that a compiled program copies whole (`copy` instructions in its HLO)."""
+  shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(cache)}
+  return set(re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo)) & shapes
+
+
 def test_scanned_blocks_keep_their_own_cache():
   """Two scanned superblocks plus a tail layer: decode updates each block's slice of the stacked cache
   (carried through the scan) in place; the tokens equal the uncached sampler's for a ragged batch."""
@@ -138,13 +144,11 @@ def test_scanned_blocks_keep_their_own_cache():
   from llama4_jax.serving.engine import _decode_step
   static, leaves = split_model(model)
   cache = model.init_cache(batch=4, max_length=64)
-  cache_shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(cache)}
   v = lambda x: np.full(4, x)  # noqa: E731
   for rows in (1, 4):
     hlo = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
                              v(1.0), rows=rows).compile().as_text()
-    copied = set(re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo))
-    assert not copied & cache_shapes, (rows, copied & cache_shapes)
+    assert not copied_cache_shapes(hlo, cache), rows
 
 
 def test_bf16_decode_multiplies_bf16_weights():
@@ -168,9 +172,7 @@ def test_bf16_decode_multiplies_bf16_weights():
       compiled = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0),
                                     v(0), v(1.0), rows=rows).compile()
       temp[dt, rows] = compiled.memory_analysis().temp_size_in_bytes
-      cache_shapes = {str(list(a.shape)).replace(" ", "") for a in jax.tree.leaves(cache)}
-      copied = set(re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", compiled.as_text()))
-      assert not copied & cache_shapes, (dt, rows, copied & cache_shapes)
+      assert not copied_cache_shapes(compiled.as_text(), cache), (dt, rows)
   for rows in (1, 4):
     assert temp["bfloat16", rows] <= temp["float32", rows], temp
   model = models["bfloat16"]

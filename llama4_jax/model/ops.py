@@ -4,8 +4,8 @@ XLA CPU has few native bf16 kernels. Where it has none, it converts the operands
 for a weight or a KV cache that means a full-size f32 copy on every call. Measured on the ~100M-parameter
 benchmark MoE (`benchmarks/decode_cache.py --model moe_100m --dtype bfloat16`), a batch-1 serving decode
 step of the bf16 model took 37 ms against 7 ms for the same model in f32, almost all of it converting
-weights. These helpers ask XLA for the forms it
-runs natively; on other backends, and for float32, they are the plain JAX calls.
+weights. These helpers ask XLA for the forms it runs natively; on other backends, and for float32, they
+are the plain JAX calls.
 """
 
 from __future__ import annotations
