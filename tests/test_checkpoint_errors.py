@@ -106,7 +106,9 @@ def test_safetensors_writer_round_trip_bf16(tmp_path):
 
 def test_safetensors_read_slices_and_contiguous_copies(tmp_path, monkeypatch):
   """`read` (positioned reads, in blocks for inner slices) equals the memory map's slice; `contiguous`
-  (tiled copies of transposed views, as unsigned bits) equals np.ascontiguousarray."""
+  (transposed views copied as 16-byte words, other views in tiles, as unsigned bits) equals
+  np.ascontiguousarray, bit for bit, for 1-8 byte dtypes, collapsing head reshapes, widths that are not a
+  whole number of words, and views spanning several blocks."""
   import ml_dtypes
 
   from llama4_jax.checkpoint import safetensors_io
@@ -122,11 +124,15 @@ def test_safetensors_read_slices_and_contiguous_copies(tmp_path, monkeypatch):
     assert got.flags.c_contiguous and got.dtype == a.dtype
     np.testing.assert_array_equal(got.view(np.uint16), np.asarray(f["a"][index]).view(np.uint16))
   def b():  # a fresh base for each view (a freed copy of one view must not hold the next one's answer)
-    return rng.standard_normal((700, 520)).astype(ml_dtypes.bfloat16)
+    return rng.standard_normal((704, 520)).astype(ml_dtypes.bfloat16)
 
-  heads_in = b().reshape(4, 175, 520).transpose(2, 0, 1)  # [N*H, D] -> [D, N, H]: trailing axes collapse
-  for view in (heads_in, b().T, b().reshape(700, 4, 130).transpose(1, 2, 0), b()[::2],
-               b().astype(np.float32).T):
+  heads_in = b().reshape(4, 176, 520).transpose(2, 0, 1)  # [N*H, D] -> [D, N, H]: trailing axes collapse
+  heads_out = b().T.reshape(4, 130, 704)  # [D, N*H] -> [N, H, D]: leading axes collapse
+  big = rng.standard_normal((1312, 2056)).astype(ml_dtypes.bfloat16)  # several blocks of words
+  for view in (heads_in, heads_out, b().T, b().reshape(704, 4, 130).transpose(1, 2, 0), b()[::2],
+               b().astype(np.float32).T, b()[:702].T, big.T, big.T[3:1100],
+               big.view(np.int8)[:, :4100].T, big.astype(np.float64).T):
     got = contiguous(view)
     assert got.flags.c_contiguous and got.dtype == view.dtype and got.shape == view.shape
-    np.testing.assert_array_equal(got, np.ascontiguousarray(view))
+    want = np.ascontiguousarray(view)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
