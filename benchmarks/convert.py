@@ -7,9 +7,12 @@ sharded at 1 GB), written streaming. Each conversion runs in a fresh process (`p
 llama4_jax.convert`), whose peak RSS is read from the kernel (ru_maxrss of the child) and compared with
 the same interpreter importing the library and exiting (the baseline). Throughput is reported for the
 whole process (imports included) and for the conversion alone (the converter's own summary). References,
-page cache warm as for the conversions: reading the files with `cat > /dev/null`, and copying them with
-`cp` (read + write of the same bytes: what any conversion that writes its output must at least spend).
-Prints JSON.
+page cache warm as for the conversions: reading the files with `cat > /dev/null`, writing as many bytes
+into the same file system with `dd` (what writing the output costs there, whatever the conversion does),
+and copying them with `cp` (read + write of the same bytes: what any conversion that writes its output
+must at least spend). `--dir` on a tmpfs (`/dev/shm/...`) takes the disk out of the figures: on a disk
+that cannot absorb the writes, every conversion runs at its write speed once the kernel's dirty-page
+allowance is full. Prints JSON.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ def _converted(nbytes: int, run: tuple[float, int, list[str]], baseline: int) ->
           "peak_rss_above_baseline_mb": round((rss - baseline) / 1e6)}
 
 
+def filesystem(path: str) -> str:
+  """The type of the file system holding `path` (the longest mount point above it in /proc/mounts)."""
+  path, best = os.path.realpath(path), ("", "unknown")
+  try:
+    with open("/proc/mounts") as f:
+      for line in f:
+        _, mount, kind = line.split()[:3]
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
+          best = (mount, kind)
+  except OSError:
+    pass
+  return best[1]
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sizes", default="0.5,1,2")
@@ -94,6 +111,10 @@ def main():
     cat_s = child_peak(["sh", "-c", "cat " + " ".join(files) + " > /dev/null"])[0]
     cp_s = child_peak(["cp", "-r", os.path.join(root, "hf"), os.path.join(root, "copy")])[0]
     shutil.rmtree(os.path.join(root, "copy"))
+    blocks = -(-nbytes // (16 << 20))
+    dd_s = child_peak(["dd", "if=/dev/zero", f"of={os.path.join(root, 'dd')}", "bs=16M", f"count={blocks}",
+                       "status=none"])[0]
+    os.remove(os.path.join(root, "dd"))
     conv = [sys.executable, "-m", "llama4_jax.convert"]
     to_orbax = child_peak(conv + ["hf-to-orbax", os.path.join(root, "hf"), os.path.join(root, "orbax"),
                                   "--quiet"])
@@ -102,13 +123,15 @@ def main():
     results.append({
         "checkpoint_gb": round(nbytes / 1e9, 3),
         "read_gb_per_s_cat": round(nbytes / 1e9 / cat_s, 2),
+        "write_gb_per_s_dd": round(blocks * (16 << 20) / 1e9 / dd_s, 2),
         "copy_gb_per_s_cp": round(nbytes / 1e9 / cp_s, 2),
         "hf_to_orbax": _converted(nbytes, to_orbax, baseline),
         "orbax_to_hf": _converted(nbytes, to_hf, baseline),
     })
     shutil.rmtree(root, ignore_errors=True)
   from common import emit, machine
-  emit({"benchmark": "convert", "baseline_rss_mb": round(baseline / 1e6), "results": results,
+  emit({"benchmark": "convert", "dir": args.dir, "filesystem": filesystem(args.dir),
+        "baseline_rss_mb": round(baseline / 1e6), "results": results,
         "machine": machine()})
 
 

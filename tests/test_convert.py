@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -49,7 +50,19 @@ def test_round_trip_is_bit_identical_and_loads(which, scout_ckpt, conditional_ck
   summary = hf_to_orbax(src, tmp_path / "orbax", progress=False)
   assert summary["tensors"] > 0 and summary["bytes"] > 0
   assert len(orbax_items(tmp_path / "orbax")) >= 4
+  import orbax.checkpoint as ocp
+  restored, real = [], ocp.PyTreeCheckpointer.restore
+  def restore(self, path, *args, **kwargs):
+    restored.append((os.path.basename(path), threading.current_thread().name))
+    return real(self, path, *args, **kwargs)
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
   orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", max_shard_size="40KB", progress=False)
+  # each item restored once, all but the first read ahead on a thread, which is gone at the end
+  items = sorted(orbax_items(tmp_path / "orbax"))
+  assert sorted(item for item, _ in restored) == items
+  assert sorted(item for item, thread in restored if thread.startswith("orbax-read-ahead")) == items[1:]
+  assert not [t for t in threading.enumerate() if t.name.startswith("orbax-read-ahead")]
+  monkeypatch.undo()
   assert_same_tensors(src, tmp_path / "hf")
   assert (l4.from_hf_config(str(tmp_path / "hf")) == l4.from_hf_config(str(src)))
   ids = random_ids(cfg)

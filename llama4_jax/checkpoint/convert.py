@@ -20,6 +20,7 @@ into a temporary sibling and renamed at the end: a failure leaves no partial DST
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -270,8 +271,10 @@ class _GroupWriter:
 class OrbaxSlices:
   """Parameter slices of a checkpoint of this project: `get(plan, i)` -> numpy array of one slice.
 
-  Converted checkpoints store slices gathered into Orbax items; training checkpoints store stacked leaves in
-  the `state` item, restored here one leaf at a time (so a stacked weight is in memory at once).
+  Converted checkpoints store slices gathered into Orbax items, read here in the order they were written:
+  while one item is in use, the next one is restored on a thread (at most two items in memory). Training
+  checkpoints store stacked leaves in the `state` item, restored one leaf at a time (so a stacked weight is
+  in memory at once).
   """
 
   def __init__(self, directory: str):
@@ -287,19 +290,44 @@ class OrbaxSlices:
       self.manifest = read_manifest(self.tensor_dir)
     self._leaf: tuple[tuple, np.ndarray] | None = None
     self._group: tuple[str, dict] | None = None
+    items = sorted({item for item, _ in self.manifest.get("slices", {}).values()})
+    self._after = dict(zip(items, items[1:]))  # item -> the one written after it
+    self._ahead: tuple[str, Any] | None = None  # (item directory, future of its restore)
+    self._pool = None
 
   def get(self, p: ParamPlan, i: int) -> np.ndarray:
-    import orbax.checkpoint as ocp
     if self.converted:  # slices are asked for in the order they were written: read an item at a time
       path, key = slice_path(self.tensor_dir, self.manifest, _slice_name(p, i))
       if self._group is None or self._group[0] != path:
         self._group = None  # free the last item before reading the next
-        self._group = (path, ocp.PyTreeCheckpointer().restore(path))
+        self._group = (path, self._restore_item(path))
       return self._group[1][key]
     if self._leaf is None or self._leaf[0] != p.path:
       self._leaf = (p.path, self._restore_leaf(p))
     leaf = self._leaf[1]
     return leaf[i] if p.stacked else leaf
+
+  def _restore_item(self, path: str) -> dict:
+    """The Orbax item at `path` (taken from the read-ahead if it is the one restored there), then starts
+    restoring the item after it."""
+    import orbax.checkpoint as ocp
+    from concurrent.futures import ThreadPoolExecutor
+    ahead, self._ahead = self._ahead, None
+    group = ahead[1].result() if ahead is not None and ahead[0] == path else None
+    if group is None:
+      group = ocp.PyTreeCheckpointer().restore(path)
+    following = self._after.get(os.path.basename(path))
+    if following is not None:
+      self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="orbax-read-ahead")
+      nxt = os.path.join(self.tensor_dir, following)
+      self._ahead = (nxt, self._pool.submit(lambda: ocp.PyTreeCheckpointer().restore(nxt)))
+    return group
+
+  def close(self) -> None:
+    """Waits for a read-ahead still running (so no thread outlives the conversion)."""
+    self._ahead = None
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def _restore_leaf(self, p: ParamPlan) -> np.ndarray:
     import orbax.checkpoint as ocp
@@ -364,7 +392,8 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
 
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
   report = Progress("orbax-to-hf", total, len(specs), progress)
-  with atomic_directory(dst, overwrite) as tmp, _Prefetch(produce, list(specs)) as ahead:
+  with (atomic_directory(dst, overwrite) as tmp, contextlib.closing(slices),
+        _Prefetch(produce, list(specs)) as ahead):
     write_sharded(tmp, specs, ahead, max_shard_size, on_tensor=lambda k, n: report.update(n))
     hf_cfg = dict(hf_cfg)
     if "text_config" in hf_cfg:
