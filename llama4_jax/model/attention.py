@@ -205,13 +205,22 @@ class StackedCache(NamedTuple):
 
 
 def store_decode(cache, k_B1KH, v_B1KH, pos_B, at=()):
-  """Writes rows 0..B-1's new key and value at slot pos % S of cache[at] (the cache may hold more rows)."""
+  """Writes rows 0..B-1's new key and value at slot pos % S of cache[at] (the cache may hold more rows).
+
+  On CPU a single row is written as two identical updates of the same place: XLA CPU rewrites a scatter of
+  one update as a dynamic-update-slice, which it then duplicated into the attention's read of the cache,
+  copying every cache array four times a step (a 4,096-token cache of the ~100M MoE: 22 ms a step, 9 ms
+  with the two updates)."""
   size = cache["pos"].shape[-1]
   rows, slot = jnp.arange(pos_B.shape[0]), pos_B % size
+  k_BKH, v_BKH, unique = k_B1KH[:, 0], v_B1KH[:, 0], True
+  if pos_B.shape[0] == 1 and jax.default_backend() == "cpu":
+    rows, slot, k_BKH, v_BKH, pos_B = (jnp.concatenate([x, x]) for x in (rows, slot, k_BKH, v_BKH, pos_B))
+    unique = False
   put = lambda a, new, tail: a.at[at + (rows, ..., slot) + tail].set(  # noqa: E731
-      new.astype(a.dtype), mode="promise_in_bounds", unique_indices=True)
-  return {"k": put(cache["k"], k_B1KH[:, 0], (slice(None),)),
-          "v": put(cache["v"], v_B1KH[:, 0], (slice(None),)),
+      new.astype(a.dtype), mode="promise_in_bounds", unique_indices=unique)
+  return {"k": put(cache["k"], k_BKH, (slice(None),)),
+          "v": put(cache["v"], v_BKH, (slice(None),)),
           "pos": put(cache["pos"], pos_B, ())}
 
 
