@@ -235,6 +235,7 @@ def test_disconnects_and_errors_free_every_slot(server):
   wait_idle(server.engine)
   # every one, streaming or not, decoding or queued, was cancelled (120 tokens take longer than this)
   assert server.engine.stats.finished["cancelled"] - cancelled == len(socks)
+  assert not server.engine._pos.any()  # freed slots are back at position 0 (they widen no cache read)
   assert complete(server, [9, 8, 7], 20)["choices"][0]["text"] == before
   metrics = get(server, "/metrics")[1]
   assert re.search(r'finished_requests_total\{reason="cancelled"\} [1-9]', metrics)

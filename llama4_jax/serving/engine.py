@@ -380,6 +380,7 @@ class Engine:
     self._finish(self._active[slot], reason)
     self._active[slot] = None
     self._temperature[slot] = 0.0  # idle rows stay greedy, so they never trigger the sampling sort
+    self._pos[slot] = 0  # and early in their row: decode attention reads as far as the furthest row
 
   def _finish(self, request: Request, reason: str) -> None:
     self.stats.finished[reason] += 1
