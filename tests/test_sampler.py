@@ -98,8 +98,11 @@ def test_bad_prompts(scout):
     generate(model, [[5] * 10], 5000)
 
 
-def test_sharded_generate_equals_single_device(scout, tmp_path):
-  """Model and KV cache sharded over 8 devices (kv heads over tensor) give the same tokens."""
+def test_sharded_generate_equals_single_device(scout, tmp_path, monkeypatch):
+  """Model and KV cache sharded over 8 devices (kv heads over tensor) give the same tokens, with decode
+  attention choosing among several read widths (8, 16, 32, 64 slots) on the sharded cache."""
+  from llama4_jax.model import attention
+  monkeypatch.setattr(attention, "MIN_READ_WIDTH", 8)
   prompts = prompts_for(scout.config, (5, 9, 13, 17))
   want = generate(scout, prompts, max_new_tokens=16, stop_tokens=[])
   l4.save_pretrained(scout, tmp_path / "ckpt")
