@@ -136,6 +136,14 @@ def test_openai_client(server):
   assert deltas[0].choices[0].delta.role == "assistant"
   assert "".join(d.choices[0].delta.content or "" for d in deltas) == reply.content
   assert deltas[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+  both = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, n=2)
+  assert [c.message.content for c in both.choices] == [reply.content] * 2
+  assert both.usage.prompt_tokens == chat.usage.prompt_tokens
+  streamed = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                                 temperature=0, n=2, stream=True))
+  for i in (0, 1):
+    text = "".join(d.choices[0].delta.content or "" for d in streamed if d.choices[0].index == i)
+    assert text == reply.content
   with pytest.raises(openai.NotFoundError):
     client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
 
@@ -153,6 +161,16 @@ def test_sampling_parameters(server):
     a, b, c, d = pool.map(lambda kw: sampled(**kw), [dict(seed=1), dict(seed=1), dict(seed=2),
                                                       dict(seed=1, top_p=0.5, top_k=20)])
   assert a == b and a != c and a != d
+  # n choices: choice k draws with seed + k (so choices 0 and 1 of seed 1 are the seed-1 and seed-2 texts);
+  # prompt-major over several prompts; the prompt's tokens are counted once
+  body = dict(model=NAME, prompt=prompt, max_tokens=24, temperature=1.0, seed=1, n=2)
+  out = post(server, "/v1/completions", body)[1]
+  assert [ch["index"] for ch in out["choices"]] == [0, 1]
+  assert [ch["text"] for ch in out["choices"]] == [a, c]
+  assert out["usage"]["prompt_tokens"] == len(prompt)
+  two = post(server, "/v1/completions", dict(body, prompt=[prompt, [9, 8, 7]], temperature=0))[1]
+  assert len(two["choices"]) == 4 and [ch["text"] for ch in two["choices"][:2]] == [greedy, greedy]
+  assert two["usage"]["prompt_tokens"] == len(prompt) + 3
   # a stop string ends the text before it, streamed or not
   stop = greedy[len(greedy) // 2: len(greedy) // 2 + 3]
   cut = complete(server, prompt, 24, stop=[stop, "never"])
@@ -184,7 +202,8 @@ def stream_text(server, body):
     (dict(model=NAME, prompt="x", max_tokens=0), 400, "invalid_value"),
     (dict(model=NAME, prompt="x", max_tokens="8"), 400, "invalid_value"),
     (dict(model=NAME, prompt="x", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
-    (dict(model=NAME, prompt="x", n=2), 400, "unsupported_parameter"),
+    (dict(model=NAME, prompt="x", n=0), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", n=129), 400, "invalid_value"),
     (dict(model=NAME, prompt="x", logprobs=2), 400, "unsupported_parameter"),
     (dict(model=NAME, prompt=[]), 400, "invalid_value"),
     (dict(model=NAME, prompt=[1, 10**6]), 400, None),
@@ -253,6 +272,8 @@ def test_queue_bound_gives_429(model, tokenizer):
                warmup=False).start(engine=False)
   try:
     body = dict(model=NAME, prompt=[3, 4], max_tokens=4, temperature=0)
+    status, out = post(srv, "/v1/completions", dict(body, n=4))  # more choices than could ever be queued
+    assert status == 400 and out["error"]["param"] == "n" and srv.engine.queue_depth() == 0
     waiting = [_open_request(srv, body) for _ in range(3)]  # 2 free slots + 1 queue place
     deadline = time.monotonic() + 10
     while srv.engine.queue_depth() < 3 and time.monotonic() < deadline:

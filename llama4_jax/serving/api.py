@@ -3,8 +3,9 @@
 
 Requests are checked field by field; anything wrong raises `APIError` with the status and the error
 object OpenAI's API returns (`{"error": {"message", "type", "param", "code"}}`), so clients report it as
-they would OpenAI's own. Fields this server cannot honour (logprobs, echo, n > 1, penalties, logit_bias)
-are refused with 400 rather than silently ignored; unknown fields are ignored, as OpenAI does.
+they would OpenAI's own. Fields this server cannot honour (logprobs, echo, penalties, logit_bias) are
+refused with 400 rather than silently ignored; unknown fields are ignored, as OpenAI does. `n` choices of
+a prompt are n requests to the engine, choice k drawing with seed + k.
 Beyond OpenAI's fields, `top_k` is accepted (as vLLM does).
 """
 
@@ -54,6 +55,7 @@ class Parsed:
   jobs: list[Job]
   stream: bool
   include_usage: bool
+  prompt_tokens: int  # each prompt counted once, however many choices it has (as OpenAI reports usage)
 
 
 # --- field readers ------------------------------------------------------------------------------------
@@ -87,8 +89,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
   def refuse(name, why):
     raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name,
                    code="unsupported_parameter")
-  if _get(body, "n", int, 1) != 1:
-    refuse("n", "one choice per prompt; send several requests instead")
   if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
     refuse("logprobs", "no log-probabilities are returned")
   for name in ("presence_penalty", "frequency_penalty"):
@@ -149,6 +149,23 @@ def _max_tokens(body, names, default):
   return default
 
 
+MAX_CHOICES = 128  # the most `n` choices a request may ask for (OpenAI's bound)
+
+
+def _choices(body: dict) -> int:
+  n = _get(body, "n", int, 1)
+  n = 1 if n is None else n
+  if not 1 <= n <= MAX_CHOICES:
+    raise invalid("n", f"'n'={n} must be in [1, {MAX_CHOICES}]")
+  return n
+
+
+def _jobs(prompts: list[list[int]], n: int, params: SamplingParams, stop) -> list[Job]:
+  """n choices per prompt, prompt-major (choice index = prompt index * n + k), choice i seeded seed + i."""
+  return [Job(p, dataclasses.replace(params, seed=params.seed + i), stop)
+          for i, p in enumerate(p for p in prompts for _ in range(n))]
+
+
 # --- requests --------------------------------------------------------------------------------------------
 def parse_completion(body: dict, tokenizer, context: int, stop_tokens) -> Parsed:
   """A /v1/completions request. `prompt` is a string, an array of strings, an array of token ids, or an
@@ -175,10 +192,10 @@ def parse_completion(body: dict, tokenizer, context: int, stop_tokens) -> Parsed
   stream, usage = _stream_flags(body)
   params = _sampling(body, max_tokens, stop_tokens)
   stop = _stop_strings(body)
-  jobs = [Job(p, dataclasses.replace(params, seed=params.seed + i), stop) for i, p in enumerate(ids)]
+  jobs = _jobs(ids, _choices(body), params, stop)
   for job in jobs:
     check_length(job, context, "max_tokens")
-  return Parsed(jobs, stream, usage)
+  return Parsed(jobs, stream, usage, sum(len(p) for p in ids))
 
 
 def _is_ids(p: list) -> bool:
@@ -204,9 +221,9 @@ def parse_chat(body: dict, tokenizer, context: int, stop_tokens) -> Parsed:
     raise APIError(400, f"this model's tokenizer cannot render a chat: {e}", param="messages") from e
   stream, usage = _stream_flags(body)
   max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max(context - len(prompt), 1))
-  job = Job(prompt, _sampling(body, max_tokens, stop_tokens), _stop_strings(body))
-  check_length(job, context, "max_completion_tokens")
-  return Parsed([job], stream, usage)
+  jobs = _jobs([prompt], _choices(body), _sampling(body, max_tokens, stop_tokens), _stop_strings(body))
+  check_length(jobs[0], context, "max_completion_tokens")
+  return Parsed(jobs, stream, usage, len(prompt))
 
 
 def _content(content: Any, i: int) -> str:

@@ -50,6 +50,10 @@ class Generation:
     self.reasons: list[str | None] = [None] * len(self.requests)
 
   def submit(self) -> None:
+    room = self._engine.slots + self._engine.max_queue
+    if len(self.requests) > room:  # could never all be queued: a retry would not help
+      raise api.APIError(400, f"this call asks for {len(self.requests)} choices (prompts x n); the server "
+                         f"holds at most {room} requests at once (--slots + --max_queue)", param="n")
     try:
       for r in self.requests:
         self._engine.submit(r)
@@ -102,7 +106,7 @@ class Generation:
         self.cancel()
 
   def usage(self) -> dict:
-    return api.usage(sum(len(r.prompt) for r in self.requests), sum(self.tokens))
+    return api.usage(self.parsed.prompt_tokens, sum(self.tokens))
 
 
 class _Handler(BaseHTTPRequestHandler):
