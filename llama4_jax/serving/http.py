@@ -38,7 +38,7 @@ class ClientGone(Exception):
 
 
 class Generation:
-  """The requests of one HTTP call (one per prompt), and their text as it is produced."""
+  """The requests of one HTTP call (one per choice: n per prompt), and their text as it is produced."""
 
   def __init__(self, engine: Engine, tokenizer, parsed: api.Parsed):
     self.parsed = parsed
