@@ -5,9 +5,9 @@
 A 16-layer tiny Llama 4 (four scanned superblocks of four layers), 8 decode slots; the engine's jitted
 step (`llama4_jax.serving.engine._decode_step`) is timed at 1 and 8 busy rows for each cache length
 (best of 7 runs of 50 steps), with every row at position length / 2 and at position `--fill`, and its
-compiled HLO is searched for copies of whole cache arrays (there
-should be none: the stacked cache rides in the layer scan's carry and is updated in place). `--model
-moe_100m --dtype bfloat16` times the ~100M MoE's step instead (one superblock plus two layers). Prints JSON.
+compiled HLO is searched for copies of whole cache arrays (there should be none: the stacked cache rides
+in the layer scan's carry and is updated in place). `--model moe_100m --dtype bfloat16` times the ~100M
+MoE's step instead (one superblock plus two layers). Prints JSON.
 """
 
 from __future__ import annotations

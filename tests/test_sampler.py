@@ -133,6 +133,16 @@ def copied_cache_shapes(hlo: str, cache) -> set:
   return set(re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo)) & shapes
 
 
+def compiled_step(model, cache, slots: int, rows: int):
+  """The serving engine's greedy decode step of the first `rows` of `cache`'s `slots` rows, compiled."""
+  from llama4_jax.inference.static import split_model
+  from llama4_jax.serving.engine import _decode_step
+  v = lambda x: np.full(slots, x)  # noqa: E731
+  static, leaves = split_model(model)
+  return _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
+                            v(1.0), rows=rows).compile()
+
+
 def test_scanned_blocks_keep_their_own_cache():
   """Two scanned superblocks plus a tail layer: decode updates each block's slice of the stacked cache
   (carried through the scan) in place; the tokens equal the uncached sampler's for a ragged batch."""
@@ -143,15 +153,9 @@ def test_scanned_blocks_keep_their_own_cache():
   out = generate(model, prompts, max_new_tokens=20, stop_tokens=[])
   assert out == [sample_uncached(model, p, 20, window=64) for p in prompts]
   # the compiled decode step (all rows, and the serving engine's first row of 4) copies no cache array
-  from llama4_jax.inference.static import split_model
-  from llama4_jax.serving.engine import _decode_step
-  static, leaves = split_model(model)
   cache = model.init_cache(batch=4, max_length=64)
-  v = lambda x: np.full(4, x)  # noqa: E731
   for rows in (1, 4):
-    hlo = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
-                             v(1.0), rows=rows).compile().as_text()
-    assert not copied_cache_shapes(hlo, cache), rows
+    assert not copied_cache_shapes(compiled_step(model, cache, 4, rows).as_text(), cache), rows
 
 
 def test_one_row_cache_is_written_in_place():
@@ -159,17 +163,11 @@ def test_one_row_cache_is_written_in_place():
   it through a dynamic-update-slice that it duplicated into the attention's read, copying every cache array
   four times a step (a 4,096-token cache of the ~100M MoE: 22 ms a step instead of 9). The compiled step
   of a one-superblock and of a two-superblock model copies no cache array; the tokens stay right."""
-  from llama4_jax.inference.static import split_model
-  from llama4_jax.serving.engine import _decode_step
-  v = lambda x: np.full(1, x)  # noqa: E731
   for layers in (5, 9):
     cfg = SCOUT_LIKE.replace(num_hidden_layers=layers, attention_chunk_size=8, eos_token_id=(2,))
     model = l4.create_model(cfg, seed=3)
-    static, leaves = split_model(model)
     cache = model.init_cache(batch=1, max_length=64)
-    hlo = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
-                             v(1.0), rows=1).compile().as_text()
-    assert not copied_cache_shapes(hlo, cache), layers
+    assert not copied_cache_shapes(compiled_step(model, cache, 1, 1).as_text(), cache), layers
   prompt = prompts_for(cfg, (6,))[0]
   assert list(generate_stream(model, prompt, 20, stop_tokens=[])) == sample_uncached(model, prompt, 20,
                                                                                      window=64)
@@ -209,20 +207,15 @@ def test_bf16_decode_multiplies_bf16_weights():
   step of the ~100M benchmark model took 5x the f32 model's), and it wrote into and read a bf16 cache by
   converting it whole. With `ops.dot` and `ops.kv_cache_dtype` the bf16 step copies no cache array and
   needs no more scratch memory than the f32 one; greedy decoding still equals the uncached sampler."""
-  from llama4_jax.inference.static import split_model
-  from llama4_jax.serving.engine import _decode_step
-  v = lambda x: np.full(4, x)  # noqa: E731
   temp, models = {}, {}
   for dt in ("float32", "bfloat16"):
     # a larger vocabulary than the other tests', so that a converted weight shows in the temp memory
     cfg = SCOUT_LIKE.replace(param_dtype=dt, dtype=dt, eos_token_id=(2,), vocab_size=8192)
     models[dt] = model = l4.create_model(cfg, seed=1)
-    static, leaves = split_model(model)
     for rows in (1, 4):
       cache = model.init_cache(batch=4, max_length=64)
       assert all(a.dtype in (jnp.float32, jnp.int32) for a in jax.tree.leaves(cache))
-      compiled = _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0),
-                                    v(0), v(1.0), rows=rows).compile()
+      compiled = compiled_step(model, cache, 4, rows)
       temp[dt, rows] = compiled.memory_analysis().temp_size_in_bytes
       assert not copied_cache_shapes(compiled.as_text(), cache), (dt, rows)
   for rows in (1, 4):

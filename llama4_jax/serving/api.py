@@ -154,7 +154,6 @@ MAX_CHOICES = 128  # the most `n` choices a request may ask for (OpenAI's bound)
 
 def _choices(body: dict) -> int:
   n = _get(body, "n", int, 1)
-  n = 1 if n is None else n
   if not 1 <= n <= MAX_CHOICES:
     raise invalid("n", f"'n'={n} must be in [1, {MAX_CHOICES}]")
   return n
