@@ -59,6 +59,19 @@ def make_checkpoint(directory: str, gigabytes: float) -> int:
   return total
 
 
+def make_training_checkpoint(hf_dir: str, workdir: str) -> None:
+  """The HF checkpoint's weights saved as a training run saves them (`train.checkpointing`: the `state`
+  item, stacked leaves in chunks of one superblock), in `workdir`/checkpoints/0."""
+  from flax import nnx
+
+  import llama4_jax as l4
+  from llama4_jax.train.checkpointing import Checkpointer
+  model = l4.load_model(hf_dir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, None, {}, model.config, force=True)
+  ckpt.close()
+
+
 def child_peak(cmd: list[str]) -> tuple[float, int, list[str]]:
   """Seconds, peak RSS and stdout lines of one child alone: run it under a fresh Python that reports its
   child's ru_maxrss."""
@@ -120,6 +133,11 @@ def main():
                                   "--quiet"])
     to_hf = child_peak(conv + ["orbax-to-hf", os.path.join(root, "orbax"), os.path.join(root, "hf2"),
                                "--quiet", "--max-shard-size=1GB"])
+    for done in ("orbax", "hf2"):  # (room on a tmpfs)
+      shutil.rmtree(os.path.join(root, done))
+    make_training_checkpoint(os.path.join(root, "hf"), os.path.join(root, "train"))
+    from_training = child_peak(conv + ["orbax-to-hf", os.path.join(root, "train"), os.path.join(root, "hf3"),
+                                       "--quiet", "--max-shard-size=1GB"])
     results.append({
         "checkpoint_gb": round(nbytes / 1e9, 3),
         "read_gb_per_s_cat": round(nbytes / 1e9 / cat_s, 2),
@@ -127,6 +145,7 @@ def main():
         "copy_gb_per_s_cp": round(nbytes / 1e9 / cp_s, 2),
         "hf_to_orbax": _converted(nbytes, to_orbax, baseline),
         "orbax_to_hf": _converted(nbytes, to_hf, baseline),
+        "training_workdir_to_hf": _converted(nbytes, from_training, baseline),
     })
     shutil.rmtree(root, ignore_errors=True)
   from common import emit, machine

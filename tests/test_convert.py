@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -264,3 +266,51 @@ def test_incomplete_or_outdated_orbax_fails_cleanly(scout_ckpt, tmp_path, monkey
   (tensors / "manifest.json").write_text(json.dumps(dict(manifest, format=1)))
   with pytest.raises(CheckpointError, match="format 1, this version reads format 2; convert the source"):
     l4.load_model(tmp_path / "orbax")
+
+
+@pytest.mark.parametrize("layout", ["layer_chunks", "before_layer_chunks"])
+def test_training_checkpoint_exports_a_layer_at_a_time(layout, tmp_path, monkeypatch):
+  """A training checkpoint of two superblocks: its stacked leaves are stored a superblock per chunk, and
+  orbax-to-hf reads them one superblock at a time (from checkpoints written before that layout too, with a
+  warning: there each read decodes the whole leaf); either way the export equals `save_pretrained`."""
+  import dataclasses
+
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from llama4_jax.checkpoint.keys import plan
+  from llama4_jax.checkpoint.orbax import StateLeaves
+  from llama4_jax.train import checkpointing
+  cfg = dataclasses.replace(MAVERICK_LIKE, num_hidden_layers=8)
+  model = l4.create_model(cfg, seed=3)
+  stacked = {("params", *map(str, p.path)) for p in plan(model) if p.stacked}
+  assert {p.shape[0] for p in plan(model) if p.stacked} == {2}
+  if layout == "before_layer_chunks":
+    monkeypatch.setattr(checkpointing, "layer_chunks", lambda state: jax.tree.map(lambda _: ocp.SaveArgs(),
+                                                                                  state))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "work" / "checkpoints"), keep=1, async_save=False)
+  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, None, {}, cfg, force=True)
+  ckpt.close()
+  leaves = StateLeaves(str(tmp_path / "work" / "checkpoints" / "0" / "state"))
+  assert all(leaves.layer_chunked(path) == (layout == "layer_chunks") for path in stacked)
+  reads, real_read = [], StateLeaves.read
+  monkeypatch.setattr(StateLeaves, "read", lambda self, path, index=None: (
+      reads.append((tuple(map(str, path)), index)), real_read(self, path, index))[1])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    orbax_to_hf(tmp_path / "work", tmp_path / "exported", progress=False)
+  l4.save_pretrained(model, tmp_path / "reference")
+  assert_same_tensors(tmp_path / "reference", tmp_path / "exported")
+  stacked_reads = [index for path, index in reads if path in stacked]
+  assert sorted(stacked_reads) == sorted([0, 1] * len(stacked)), "a stack was read whole or twice"
+  old_layout = [w for w in caught if "before training checkpoints stored a layer per chunk" in str(w.message)]
+  assert len(old_layout) == (layout == "before_layer_chunks")
+  if layout == "layer_chunks":  # damaged: chunk data gone, then the metadata
+    state = tmp_path / "work" / "checkpoints" / "0" / "state"
+    damage = [lambda: [p.unlink() for p in state.rglob("d/*")], lambda: (state / "_METADATA").unlink()]
+    for harm, match in zip(damage, ("cannot be (opened|read) .*: the checkpoint is incomplete or damaged",
+                                    "_METADATA cannot be read .*: the checkpoint is incomplete")):
+      harm()
+      with pytest.raises(CheckpointError, match=match):
+        orbax_to_hf(tmp_path / "work", tmp_path / "damaged", progress=False)
+      assert not os.path.exists(tmp_path / "damaged")

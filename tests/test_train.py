@@ -178,7 +178,7 @@ def test_init_from_orbax_and_hugging_face(trained, corpus, tmp_path):
   model = l4.load_model(str(workdir))
   assert model.config.hidden_size == 64
   l4.save_pretrained(model, tmp_path / "hf")
-  # the converter's export of the same workdir (one leaf at a time) gives the very same tensors
+  # the converter's export of the same workdir (a layer at a time) gives the very same tensors
   from llama4_jax.checkpoint.convert import orbax_to_hf
   from test_convert import assert_same_tensors
   orbax_to_hf(workdir, tmp_path / "exported", progress=False)

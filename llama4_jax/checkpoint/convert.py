@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_ten
                                       checkpoint_order, generation_config, hf_tensor_producer,
                                       text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
-from llama4_jax.checkpoint.orbax import (FORMAT, MANIFEST, TENSORS, param_name, read_manifest,
-                                        slice_item, slice_path)
+from llama4_jax.checkpoint.orbax import (FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
+                                        read_manifest, slice_item, slice_path)
 from llama4_jax.checkpoint.safetensors_io import CheckpointError, contiguous, write_safetensors
 from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
@@ -273,8 +274,9 @@ class OrbaxSlices:
 
   Converted checkpoints store slices gathered into Orbax items, read here in the order they were written:
   while one item is in use, the next one is restored on a thread (at most two items in memory). Training
-  checkpoints store stacked leaves in the `state` item, restored one leaf at a time (so a stacked weight is
-  in memory at once).
+  checkpoints store stacked leaves in the `state` item in chunks of one superblock: each slice is read
+  alone (`StateLeaves`); in a training checkpoint written before that layout, each slice read decodes its
+  whole stacked leaf.
   """
 
   def __init__(self, directory: str):
@@ -288,7 +290,8 @@ class OrbaxSlices:
     self.manifest = {"text_prefix": ""}
     if self.converted:
       self.manifest = read_manifest(self.tensor_dir)
-    self._leaf: tuple[tuple, np.ndarray] | None = None
+    self._leaves = None if self.converted else StateLeaves(os.path.join(self.step_dir, "state"))
+    self._warned = False
     self._group: tuple[str, dict] | None = None
     items = sorted({item for item, _ in self.manifest.get("slices", {}).values()})
     self._after = dict(zip(items, items[1:]))  # item -> the one written after it
@@ -302,10 +305,13 @@ class OrbaxSlices:
         self._group = None  # free the last item before reading the next
         self._group = (path, self._restore_item(path))
       return self._group[1][key]
-    if self._leaf is None or self._leaf[0] != p.path:
-      self._leaf = (p.path, self._restore_leaf(p))
-    leaf = self._leaf[1]
-    return leaf[i] if p.stacked else leaf
+    path = ("params", *p.path)
+    if p.stacked and not self._warned and not self._leaves.layer_chunked(path):
+      self._warned = True
+      warnings.warn(f"{self.step_dir} was written before training checkpoints stored a layer per chunk: "
+                    "each layer read decodes its whole stacked weight (slow, and a whole stack in memory "
+                    "while it lasts); resave it with this version to export it a layer at a time")
+    return self._leaves.read(path, i if p.stacked else None)
 
   def _restore_item(self, path: str) -> dict:
     """The Orbax item at `path` (taken from the read-ahead if it is the one restored there), then starts
@@ -328,23 +334,6 @@ class OrbaxSlices:
     self._ahead = None
     if self._pool is not None:
       self._pool.shutdown(wait=True, cancel_futures=True)
-
-  def _restore_leaf(self, p: ParamPlan) -> np.ndarray:
-    import orbax.checkpoint as ocp
-    tree: dict = {}
-    node = tree
-    for k in p.path[:-1]:
-      node = node.setdefault(k if isinstance(k, str) else int(k), {})
-    node[p.path[-1]] = 0
-    target = {"params": tree}
-    args = __import__("jax").tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    with ocp.CheckpointManager(os.path.abspath(self.ckpt_dir)) as manager:
-      restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=args, partial_restore=True)))
-    node = restored["state"]["params"]
-    for k in p.path:
-      node = node[k if isinstance(k, str) else int(k)]
-    return np.asarray(node)
 
 
 # ------------------------------------------------------------------------------------------------

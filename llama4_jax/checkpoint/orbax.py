@@ -68,6 +68,68 @@ def restore_slice(tensor_dir: str, manifest: dict, name: str, restore_arg) -> An
       item={key: 0}, restore_args={key: restore_arg}, partial_restore=True))[key]
 
 
+def _ts_error(e: Exception) -> str:
+  """TensorStore's message without the spec it appends."""
+  return str(e).split(" [tensorstore_spec=")[0]
+
+
+class StateLeaves:
+  """Leaves of a training checkpoint's `state` item, read straight from its TensorStore arrays: `read(path,
+  index)` gives leaf[index] (or the whole leaf for index None) as numpy, reading only the chunks that hold
+  it. Checkpoints written by `train.checkpointing` keep stacked leaves in chunks of one superblock, so one
+  layer of a weight costs one layer's bytes; older ones (a chunk per device shard) are read whole.
+  """
+
+  def __init__(self, state_dir: str):
+    from llama4_jax.checkpoint.safetensors_io import CheckpointError
+    self.dir = os.path.abspath(state_dir)
+    try:
+      with open(os.path.join(self.dir, "_METADATA")) as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{self.dir}/_METADATA cannot be read ({e}): the checkpoint is incomplete") from None
+    self.names = {tuple(k["key"] for k in leaf["key_metadata"]): ".".join(k["key"] for k in leaf["key_metadata"])
+                  for leaf in meta["tree_metadata"].values()}
+    self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+    self._open: tuple[tuple, Any] | None = None  # (path, TensorStore) of the last leaf read
+
+  def store(self, path: tuple):
+    """The TensorStore of the leaf at `path` (keys below `state`, e.g. ('params', 'blocks', 0, ...))."""
+    import tensorstore as ts
+
+    from llama4_jax.checkpoint.safetensors_io import CheckpointError
+    path = tuple(str(k) for k in path)
+    if self._open is None or self._open[0] != path:
+      if path not in self.names:
+        raise CheckpointError(f"{self.dir} has no leaf {'.'.join(path)}: the checkpoint was written for "
+                              "another model (or is incomplete)")
+      name = self.names[path]
+      kvstore = ({"driver": "ocdbt", "base": f"file://{self.dir}/", "path": name} if self.ocdbt else
+                 {"driver": "file", "path": os.path.join(self.dir, name)})
+      spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": kvstore}
+      try:
+        self._open = (path, ts.open(spec, open=True, read=True).result())
+      except ValueError as e:
+        raise CheckpointError(f"{self.dir}: leaf {name} cannot be opened ({_ts_error(e)}): the checkpoint "
+                              "is incomplete or damaged") from None
+    return self._open[1]
+
+  def layer_chunked(self, path: tuple) -> bool:
+    """Whether the leaf's chunks hold one index of axis 0 (one superblock) each."""
+    store = self.store(path)
+    return store.rank > 0 and store.chunk_layout.read_chunk.shape[0] == 1
+
+  def read(self, path: tuple, index: int | None = None):
+    from llama4_jax.checkpoint.safetensors_io import CheckpointError
+    store = self.store(path)
+    try:
+      return (store if index is None else store[index]).read().result()
+    except ValueError as e:  # TensorStore's error for missing or corrupt chunks
+      where = "" if index is None else f"[{index}]"
+      raise CheckpointError(f"{self.dir}: leaf {'.'.join(map(str, path))}{where} cannot be read "
+                            f"({_ts_error(e)}): the checkpoint is incomplete or damaged") from None
+
+
 def checkpoint_steps(directory: str) -> list[int]:
   """Completed checkpoint steps in an Orbax directory (in-progress saves carry a temporary suffix)."""
   if not os.path.isdir(directory):

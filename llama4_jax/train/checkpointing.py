@@ -5,6 +5,10 @@ complete, so a save cut off mid-write is never listed as the latest step. Restor
 carrying the *current* run's shardings, so a checkpoint restores onto any mesh. The data iterator state is
 one JSON file per process (grain's handler); the run and model configs are stored as JSON for inspection
 and for `init_from`.
+
+Stacked leaves (everything under `blocks`, whose axis 0 runs over superblocks) are stored in chunks of one
+superblock (`layer_chunks`), so a reader can take one layer of a weight without reading the others:
+`orbax-to-hf` exports a training workdir a layer at a time, within a few tensors of memory.
 """
 
 from __future__ import annotations
@@ -13,9 +17,25 @@ import dataclasses
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from llama4_jax.config import ModelConfig
+
+STACKED = "blocks"  # the state key under which every leaf is stacked over superblocks on axis 0
+
+
+def _key_name(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def layer_chunks(state):
+  """Orbax save args for `state`: leaves under `blocks` of rank >= 2 are stored in chunks of one index of
+  axis 0 (one superblock), the rest as Orbax chooses (a chunk per device shard)."""
+  def one(path, x):
+    stacked = STACKED in (_key_name(k) for k in path) and getattr(x, "ndim", 0) >= 2
+    return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
+  return jax.tree_util.tree_map_with_path(one, state)
 
 
 class Checkpointer:
@@ -32,7 +52,7 @@ class Checkpointer:
            model_config: ModelConfig, force: bool = False, extra: dict | None = None) -> bool:
     """`extra`: more config metadata, e.g. {"frozen_base": path} when `state` holds adapters only."""
     items = {
-        "state": ocp.args.StandardSave(state),
+        "state": ocp.args.StandardSave(state, save_args=layer_chunks(state)),
         "config": ocp.args.JsonSave({"run": run_config, "model": dataclasses.asdict(model_config),
                                      **(extra or {})}),
     }
