@@ -110,6 +110,12 @@ def test_two_processes_equal_one(reference_losses, tmp_path):
   run(mh, dict(env, PYTHON=cmd[0]), timeout=400)
   got = read_metrics(tmp_path)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
+  # the checkpoint both processes wrote exports a layer at a time as it loads
+  from llama4_jax.checkpoint.convert import orbax_to_hf
+  from test_convert import assert_same_tensors
+  l4.save_pretrained(l4.load_model(str(tmp_path)), tmp_path / "loaded")
+  orbax_to_hf(tmp_path, tmp_path / "exported", progress=False)
+  assert_same_tensors(tmp_path / "loaded", tmp_path / "exported")
 
 
 def test_sigterm_saves_and_exits_cleanly(reference_losses, tmp_path):
