@@ -72,6 +72,19 @@ def make_training_checkpoint(hf_dir: str, workdir: str) -> None:
   ckpt.close()
 
 
+def make_lora_checkpoint(hf_dir: str, out: str, rank: int = 16) -> None:
+  """Rank-`rank` adapters on every linear weight of the HF checkpoint's model (B random, so the merge
+  changes every adapted weight), saved with `save_adapters` naming `hf_dir` as their frozen base."""
+  import jax
+  from flax import nnx
+
+  import llama4_jax as l4
+  model = l4.adapt_model(l4.load_model(hf_dir), lora_rank=rank, lora_targets="q,k,v,o,mlp,shared,experts")
+  nnx.update(model, jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 1e-3 if "lora_b" in jax.tree_util.keystr(p) else v, nnx.state(model)))
+  l4.save_adapters(model, out, base=hf_dir)
+
+
 def child_peak(cmd: list[str]) -> tuple[float, int, list[str]]:
   """Seconds, peak RSS and stdout lines of one child alone: run it under a fresh Python that reports its
   child's ru_maxrss."""
@@ -138,6 +151,10 @@ def main():
     make_training_checkpoint(os.path.join(root, "hf"), os.path.join(root, "train"))
     from_training = child_peak(conv + ["orbax-to-hf", os.path.join(root, "train"), os.path.join(root, "hf3"),
                                        "--quiet", "--max-shard-size=1GB"])
+    shutil.rmtree(os.path.join(root, "hf3"))
+    make_lora_checkpoint(os.path.join(root, "hf"), os.path.join(root, "lora"))
+    merged = child_peak(conv + ["orbax-to-hf", os.path.join(root, "lora"), os.path.join(root, "hf3"),
+                                "--merge-lora", "--quiet", "--max-shard-size=1GB"])
     results.append({
         "checkpoint_gb": round(nbytes / 1e9, 3),
         "read_gb_per_s_cat": round(nbytes / 1e9 / cat_s, 2),
@@ -146,6 +163,7 @@ def main():
         "hf_to_orbax": _converted(nbytes, to_orbax, baseline),
         "orbax_to_hf": _converted(nbytes, to_hf, baseline),
         "training_workdir_to_hf": _converted(nbytes, from_training, baseline),
+        "merge_lora_to_hf": _converted(nbytes, merged, baseline),
     })
     shutil.rmtree(root, ignore_errors=True)
   from common import emit, machine

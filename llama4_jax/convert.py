@@ -73,7 +73,7 @@ def main(argv=None) -> int:
       summary = export_lora(args.src, args.dst, args.format, args.overwrite)
     elif args.merge_lora:
       summary = merged_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, progress=not args.quiet)
     else:
       summary = orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             overwrite=args.overwrite, progress=not args.quiet)

@@ -5,6 +5,7 @@ int8 (one training run serves all tests: compiling dominates their time)."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -105,20 +106,40 @@ def test_lora_trains_adapters_only(lora_run, maverick_ckpt):
   assert os.path.exists(os.path.join(workdir, "tokenizer.json"))  # copied for the sampler
 
 
-def test_merged_export_matches_transformers(lora_run, tmp_path):
+def test_merged_export_matches_transformers(lora_run, sft, tmp_path):
   import transformers
   from llama4_jax.checkpoint.lora import merged_to_hf
   workdir, _ = lora_run
   model = l4.load_model(workdir)
   ids = random_ids(model.config, seq=SEQ)
-  merged_to_hf(workdir, tmp_path / "merged")
+  summary = merged_to_hf(workdir, tmp_path / "merged", progress=False)  # streamed from the HF base
+  assert summary["merged"] and summary["base"] == sft[2]
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
   np.testing.assert_allclose(hf_logits(hf, ids), np.asarray(model(ids)), atol=2e-4, rtol=2e-4)
+  # what merge_lora computes on the devices, to float32 rounding (the order of the rank sum may differ)
+  l4.save_pretrained(l4.merge_lora(model), tmp_path / "in_memory")
+  from test_convert import assert_same_tensors
+  from llama4_jax.checkpoint.hf import HFTensors
+  a, b = HFTensors(str(tmp_path / "merged")), HFTensors(str(tmp_path / "in_memory"))
+  assert set(a.keys()) == set(b.keys())
+  for key in a.keys():
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  # the same adapters on the same base converted to Orbax: the same merged tensors, bit for bit
+  from llama4_jax.checkpoint.convert import hf_to_orbax
+  hf_to_orbax(sft[2], tmp_path / "base_orbax", progress=False)
+  l4.save_adapters(model, tmp_path / "on_orbax", base=str(tmp_path / "base_orbax"))
+  from llama4_jax.convert import main
+  assert main(["orbax-to-hf", str(tmp_path / "on_orbax"), str(tmp_path / "merged_from_orbax"),
+               "--merge-lora", "--quiet"]) == 0
+  assert_same_tensors(tmp_path / "merged", tmp_path / "merged_from_orbax")
+  shutil.rmtree(tmp_path / "base_orbax")  # a base that is gone: a clear error, nothing written
+  with pytest.raises(FileNotFoundError, match="frozen base .* is not a directory here"):
+    merged_to_hf(tmp_path / "on_orbax", tmp_path / "no_base", progress=False)
+  assert not os.path.exists(tmp_path / "no_base")
   with pytest.raises(ValueError, match="pass --merge-lora"):
     from llama4_jax.checkpoint.convert import orbax_to_hf
     orbax_to_hf(workdir, tmp_path / "unmerged", progress=False)
   # the adapters alone (Orbax) load back onto their base: the same model
-  from llama4_jax.convert import main
   assert main(["export-lora", workdir, str(tmp_path / "adapters"), "--format=orbax"]) == 0
   again = l4.load_model(tmp_path / "adapters")
   np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))

@@ -353,24 +353,42 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
   if cfg.lora_rank or cfg.base_quant != "none":
     raise ValueError(f"{src} is a LoRA fine-tune (adapters on a frozen base): pass --merge-lora to "
                      "write the base with the adapters folded in, or use export-lora for the adapters")
-  plans = plan(abstract_model(cfg))
-  prefix = slices.manifest.get("text_prefix", "")
   hf_cfg_path = os.path.join(src, HF_CONFIG)
-  hf_cfg = read_hf_config(hf_cfg_path) if os.path.isfile(hf_cfg_path) else to_hf_config(cfg)
+  hf_cfg = read_hf_config(hf_cfg_path) if os.path.isfile(hf_cfg_path) else None
+  extra = os.path.join(src, EXTRA_FILE)
+  with contextlib.closing(slices):
+    return write_hf("orbax-to-hf", cfg, slices.get, src, dst, hf_cfg=hf_cfg,
+                    prefix=slices.manifest.get("text_prefix", ""),
+                    extra_file=extra if os.path.isfile(extra) else None, max_shard_size=max_shard_size,
+                    dtype=dtype, overwrite=overwrite, progress=progress)
+
+
+def write_hf(what: str, cfg, get_slice, src: str, dst: str, hf_cfg: dict | None = None, prefix: str = "",
+             extra_file: str | None = None, side_dirs: tuple[str, ...] = (),
+             max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False,
+             progress: bool = True) -> dict:
+  """Writes a Hugging Face checkpoint at `dst` from the parameter slices `get_slice(plan, i)` (numpy, our
+  layout; stack index i) of a model of config `cfg`, asked for in the HF checkpoint's order, a few ahead
+  on a thread. `hf_cfg`: the config.json to write (default: `to_hf_config(cfg)`, a CausalLM); `prefix`
+  and `extra_file`: the text weights' key prefix and the carried (vision) tensors of a
+  ConditionalGeneration; tokenizer and generation config files are copied from `side_dirs` then `src`
+  (later ones win). Written into a temporary sibling and renamed at the end."""
+  plans = plan(abstract_model(cfg))
+  hf_cfg = dict(hf_cfg) if hf_cfg is not None else to_hf_config(cfg)
   out_dtype = _dtype(dtype if dtype is not None else cfg.param_dtype)
 
-  def get_slice(p: ParamPlan, i: int) -> np.ndarray:
-    x = slices.get(p, i)
+  def checked(p: ParamPlan, i: int) -> np.ndarray:
+    x = get_slice(p, i)
     if tuple(x.shape) != tuple(p.unit_shape):
       raise CheckpointError(f"{src}: parameter {_slice_name(p, i)} has shape {tuple(x.shape)}, the "
                             f"config implies {tuple(p.unit_shape)}")
     return x
 
-  specs, produce_text = hf_tensor_producer(plans, get_slice, out_dtype, prefix)
+  specs, produce_text = hf_tensor_producer(plans, checked, out_dtype, prefix)
   extra = None
-  if os.path.isfile(os.path.join(src, EXTRA_FILE)):
+  if extra_file is not None:
     from llama4_jax.checkpoint.safetensors_io import SafetensorsFile
-    extra = SafetensorsFile(os.path.join(src, EXTRA_FILE))
+    extra = SafetensorsFile(extra_file)
     for k in extra.keys():
       specs[k] = (extra.shape(k), extra.dtype(k))
 
@@ -380,17 +398,15 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
     return produce_text(key)
 
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
-  report = Progress("orbax-to-hf", total, len(specs), progress)
-  with (atomic_directory(dst, overwrite) as tmp, contextlib.closing(slices),
-        _Prefetch(produce, list(specs)) as ahead):
+  report = Progress(what, total, len(specs), progress)
+  with atomic_directory(dst, overwrite) as tmp, _Prefetch(produce, list(specs)) as ahead:
     write_sharded(tmp, specs, ahead, max_shard_size, on_tensor=lambda k, n: report.update(n))
-    hf_cfg = dict(hf_cfg)
     if "text_config" in hf_cfg:
       hf_cfg["text_config"] = dict(hf_cfg["text_config"], dtype=out_dtype.name)
     hf_cfg["dtype"] = out_dtype.name
     hf_cfg.pop("torch_dtype", None)
     write_json(os.path.join(tmp, "config.json"), hf_cfg)
-    copied = _copy_side_files(src, tmp)
+    copied = sorted({name for d in (*side_dirs, src) for name in _copy_side_files(d, tmp)})
     if "generation_config.json" not in copied:
       write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
   return report.summary(src=src, dst=os.path.abspath(dst), dtype=out_dtype.name, copied_files=copied)

@@ -9,22 +9,21 @@
   routed experts as fused 3-D parameters that LoRA's layout cannot name, so their adapters are left out
   (listed in the summary); use a merged export for them.
 - `merged_to_hf(src, dst)`: a LoRA checkpoint with its adapters folded into the base weights
-  (W + alpha/r A B, dequantized if the base was int8), written by `save_pretrained` (what
+  (W + alpha/r A B on the full-precision base), streamed a layer at a time from the frozen base (what
   `llama4-convert orbax-to-hf --merge-lora` runs).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from llama4_jax.checkpoint.hf import _gather, atomic_directory, save_pretrained, write_json
+from llama4_jax.checkpoint.hf import _gather, atomic_directory, write_json
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
-from llama4_jax.model.lora import is_adapter
+from llama4_jax.model.lora import SCALE_SUFFIX, Weight, is_adapter, quantize_int8
 
 # our (module path inside a layer, weight) -> the HF nn.Linear it adapts
 _PEFT_MODULES = {
@@ -125,20 +124,94 @@ def _layer_indices(model, path) -> list[int]:
 
 
 def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=None,
-                 overwrite: bool = False) -> dict:
-  """A LoRA checkpoint (training workdir or `save_adapters` output) -> a merged Hugging Face checkpoint.
+                 overwrite: bool = False, progress: bool = True) -> dict:
+  """A LoRA checkpoint (training workdir or `save_adapters` output) -> a merged Hugging Face checkpoint
+  (`Llama4ForCausalLM`), streaming: each base weight slice (one layer) is read from the frozen base (the
+  Hugging Face or Orbax directory the checkpoint names), W + (alpha / r) A @ B is formed in float32 with
+  that layer's adapter and cast to the model's param_dtype (what `merge_lora` computes), and the result is
+  written out, so memory holds a few layers whatever the model size. With an int8 training base, W is the
+  dequantized int8 weight the adapters were trained on (quantized again from the base, slice by slice).
+  Tokenizer files next to the base and the source are copied (the source's win)."""
+  from llama4_jax.checkpoint.convert import write_hf
+  from llama4_jax.checkpoint.orbax import StateLeaves, find_checkpoints, read_metadata, read_model_config
+  src = os.fspath(src)
+  meta, step = read_metadata(src)
+  cfg, _ = read_model_config(src)
+  if not cfg.lora_rank:
+    raise ValueError(f"{src} has no LoRA adapters (lora_rank=0): export it with orbax-to-hf alone")
+  base = meta.get("frozen_base")
+  if not base or not os.path.isdir(base):
+    raise FileNotFoundError(f"the frozen base of {src} ({base!r}, the run's init_from) is not a directory "
+                            "here: the adapters cannot be merged without it")
+  plain = cfg.replace(lora_rank=0, base_quant="none")
+  adapters = StateLeaves(os.path.join(find_checkpoints(src), str(step), "state"))
+  linears = _linears(cfg)
+  get_base, closer = _base_slices(base, plain)
 
-  Loads the frozen base and the adapters onto this host's devices (so it needs memory for the model),
-  folds the adapters in and streams the result out with `save_pretrained`; tokenizer files next to the
-  source are copied."""
-  from llama4_jax.checkpoint.hf import load_model
-  from llama4_jax.tokenizer import find_tokenizer
-  model = load_model(src, lora_rank=0, base_quant="none")
-  out = save_pretrained(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
-  tok = find_tokenizer(src)
-  if tok is not None and jax.process_index() == 0:
-    shutil.copyfile(tok, os.path.join(out, os.path.basename(tok)))
-  return {"dst": out, "merged": True, "parameters": model.config.num_params()}
+  def merged(p, i):
+    w = get_base(p, i)
+    if p.path not in linears:  # norms, router, embedding, LM head
+      return w
+    lead, n_in = linears[p.path]
+    g = lead - (1 if p.stacked else 0)  # group dims (experts) before the input dims
+    if n_in is not None:  # the int8 base the adapters were trained on
+      with jax.default_device(jax.devices("cpu")[0]):
+        w = np.asarray(Weight(*quantize_int8(w, g, n_in), None, None, g).value(np.float32))
+    a_path = ("params", *p.path[:-1], f"{p.path[-1]}_lora_a")
+    if a_path not in adapters:
+      return w.astype(plain.param_dtype)
+    b_path = a_path[:-1] + (f"{p.path[-1]}_lora_b",)
+    index = i if p.stacked else None
+    a, b = adapters.read(a_path, index), adapters.read(b_path, index)
+    a = a.reshape(a.shape[:g] + (-1, a.shape[-1])).astype(np.float32)
+    b = b.reshape(b.shape[:g + 1] + (-1,)).astype(np.float32)
+    delta = np.matmul(a, b) * np.float32(cfg.lora_alpha / cfg.lora_rank)
+    return (np.asarray(w, np.float32) + delta.reshape(w.shape)).astype(plain.param_dtype)
+
+  with closer:
+    summary = write_hf("merge-lora", plain, merged, src, dst, side_dirs=(base,),
+                       max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite, progress=progress)
+  return dict(summary, merged=True, base=base, parameters=plain.num_params())
+
+
+def _linears(cfg) -> dict[tuple, tuple[int, int | None]]:
+  """State path of each linear weight -> (its dims before the input dims: stack + expert groups, its
+  number of input dims if it is held in int8, else None)."""
+  from llama4_jax.checkpoint.keys import state_leaves
+  from llama4_jax.model.transformer import abstract_model
+  model = abstract_model(cfg)
+  shapes = {path: np.shape(x) for path, x in state_leaves(model).items()}
+  out = {}
+  for path, module in nnx.iter_graph(model):
+    for name, lead in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
+      w = tuple(path) + (name,)
+      scale = shapes.get(w[:-1] + (name + SCALE_SUFFIX,))
+      out[w] = (lead, None if scale is None else len(shapes[w]) - len(scale))
+  return out
+
+
+def _base_slices(base: str, cfg):
+  """(get_slice(plan, i) -> numpy slice of the base weights, a context that closes the reader) for a
+  Hugging Face directory or an Orbax checkpoint of this project, checked against `cfg`."""
+  import contextlib
+
+  from llama4_jax.checkpoint.convert import OrbaxSlices
+  from llama4_jax.checkpoint.hf import HFTensors, _check_tensors, text_prefix
+  from llama4_jax.checkpoint.keys import plan
+  from llama4_jax.model.transformer import abstract_model
+  if not os.path.isfile(os.path.join(base, "config.json")):
+    slices = OrbaxSlices(base)
+    return slices.get, contextlib.closing(slices)
+  tensors = HFTensors(base)
+  prefix = text_prefix(tensors.keys())
+  _check_tensors(tensors, prefix, plan(abstract_model(cfg)))
+
+  def get(p, i):
+    key = prefix + p.hf_keys[i]
+    return np.asarray(p.layout.read(lambda idx: tensors.read(key, idx), p.unit_shape,
+                                    tuple(slice(0, n) for n in p.unit_shape)))
+
+  return get, contextlib.nullcontext()
 
 
 def export_lora(src: str, dst: str, fmt: str = "peft", overwrite: bool = False) -> dict:

@@ -87,11 +87,12 @@ class StateLeaves:
       with open(os.path.join(self.dir, "_METADATA")) as f:
         meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{self.dir}/_METADATA cannot be read ({e}): the checkpoint is incomplete") from None
-    self.names = {tuple(k["key"] for k in leaf["key_metadata"]): ".".join(k["key"] for k in leaf["key_metadata"])
-                  for leaf in meta["tree_metadata"].values()}
+      raise CheckpointError(f"{self.dir}/_METADATA cannot be read ({e}): the checkpoint is "
+                            "incomplete") from None
+    keys = [tuple(k["key"] for k in leaf["key_metadata"]) for leaf in meta["tree_metadata"].values()]
+    self.names = {k: ".".join(k) for k in keys}  # Orbax names a leaf by its keys joined with dots
     self.ocdbt, self.zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
-    self._open: tuple[tuple, Any] | None = None  # (path, TensorStore) of the last leaf read
+    self._open: dict[tuple, Any] = {}  # path -> its TensorStore (a handle: no data is cached)
 
   def store(self, path: tuple):
     """The TensorStore of the leaf at `path` (keys below `state`, e.g. ('params', 'blocks', 0, ...))."""
@@ -99,7 +100,7 @@ class StateLeaves:
 
     from llama4_jax.checkpoint.safetensors_io import CheckpointError
     path = tuple(str(k) for k in path)
-    if self._open is None or self._open[0] != path:
+    if path not in self._open:
       if path not in self.names:
         raise CheckpointError(f"{self.dir} has no leaf {'.'.join(path)}: the checkpoint was written for "
                               "another model (or is incomplete)")
@@ -108,11 +109,14 @@ class StateLeaves:
                  {"driver": "file", "path": os.path.join(self.dir, name)})
       spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": kvstore}
       try:
-        self._open = (path, ts.open(spec, open=True, read=True).result())
+        self._open[path] = ts.open(spec, open=True, read=True).result()
       except ValueError as e:
         raise CheckpointError(f"{self.dir}: leaf {name} cannot be opened ({_ts_error(e)}): the checkpoint "
                               "is incomplete or damaged") from None
-    return self._open[1]
+    return self._open[path]
+
+  def __contains__(self, path: tuple) -> bool:
+    return tuple(str(k) for k in path) in self.names
 
   def layer_chunked(self, path: tuple) -> bool:
     """Whether the leaf's chunks hold one index of axis 0 (one superblock) each."""
