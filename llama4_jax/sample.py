@@ -13,6 +13,8 @@ import time
 
 from absl import app, flags, logging
 
+from llama4_jax.sharding import MESH_FLAG_HELP
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint or training workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose text to continue.")
@@ -26,6 +28,7 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
+_MESH = flags.DEFINE_string("mesh", None, MESH_FLAG_HELP)
 
 
 def stream(model, tokenizer, prompt_ids, stop, out=sys.stdout) -> tuple[list[int], float, float]:
@@ -59,9 +62,14 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import llama4_jax as l4
+  from llama4_jax.sharding import mesh_from_flag
   from llama4_jax.tokenizer import encode_chat, stop_ids, tokenizer_for
+  try:
+    mesh = mesh_from_flag(_MESH.value, context=False)
+  except ValueError as e:
+    sys.exit(f"sample: {e}")
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)
-  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value, mesh=mesh)
   stop = stop_ids(tokenizer)
   if _CHAT.value:
     messages = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []

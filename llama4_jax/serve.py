@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags, logging
 
+from llama4_jax.sharding import MESH_FLAG_HELP
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint, Orbax checkpoint or training workdir.",
                                   required=True)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
@@ -36,6 +38,7 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a
 _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' (default: "
                                "$LLAMA4_JAX_API_KEY; none: open).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
+_MESH = flags.DEFINE_string("mesh", None, MESH_FLAG_HELP)
 
 API_KEY_ENV = "LLAMA4_JAX_API_KEY"
 
@@ -52,14 +55,20 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import llama4_jax as l4
   from llama4_jax.serving import Server
+  from llama4_jax.sharding import mesh_from_flag
   from llama4_jax.tokenizer import tokenizer_for
 
   t0 = time.perf_counter()
+  try:
+    mesh = mesh_from_flag(_MESH.value, context=False)
+  except ValueError as e:
+    sys.exit(f"serve: {e}")
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)
-  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value, mesh=mesh)
   name = _MODEL_NAME.value or model_name(_CHECKPOINT.value)
-  print(f"serve: loaded {name} in {time.perf_counter() - t0:.1f}s; compiling the prefill and decode steps",
-        flush=True)
+  where = f"mesh {dict(mesh.shape)}" if mesh is not None else "one device"
+  print(f"serve: loaded {name} in {time.perf_counter() - t0:.1f}s on {where}; compiling the prefill and "
+        "decode steps", flush=True)
   api_key = _API_KEY.value or os.environ.get(API_KEY_ENV)
   server = Server(model, tokenizer, name, _HOST.value, _PORT.value, _SLOTS.value, _MAX_CONTEXT.value,
                   _MAX_QUEUE.value, api_key)

@@ -151,6 +151,34 @@ def resolve_mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int
   return {a: int(v) for a, v in sizes.items()}
 
 
+MESH_FLAG_HELP = ("Shard the model and the KV cache over this host's devices, e.g. 'fsdp=4,tensor=2' (axes "
+                  "data, fsdp, tensor, expert; those not named are 1, one may be -1: the rest). Default: "
+                  "one device.")
+
+
+def mesh_from_flag(spec: str | None, context: bool = True) -> Mesh | None:
+  """The mesh a command line's `--mesh` names: "fsdp=4,tensor=2" (axes it does not name are 1; one may be
+  -1: the devices the others leave), or None for an empty or missing flag. `context=False` refuses a
+  context axis (the sampler and the server do not split sequences over devices)."""
+  if not spec:
+    return None
+  sizes = {}
+  for part in spec.split(","):
+    name, _, value = (x.strip() for x in part.partition("="))
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh={spec!r}: {part!r} is not AXIS=SIZE (e.g. --mesh=fsdp=4,tensor=2; "
+                       f"the axes are {', '.join(MESH_AXES)})") from None
+  if not context and sizes.get("context", 1) != 1:
+    raise ValueError(f"--mesh={spec!r}: sampling does not split sequences over devices; leave context at "
+                     "1 and use data, fsdp, tensor or expert")
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"--mesh={spec!r}: unknown axes {sorted(unknown)}; the axes are {', '.join(MESH_AXES)}")
+  return make_mesh(**{a: sizes.get(a, 1) for a in MESH_AXES})
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, context: int = 1,
               devices: Iterable[jax.Device] | None = None) -> Mesh:
   """A 5-axis mesh (data, fsdp, tensor, expert, context) over `devices` (default: all).

@@ -320,24 +320,35 @@ def test_text_stream_holds_back_stop_strings(tokenizer):
 
 
 def test_serve_cli(tmp_path, model, tokenizer):
+  """The CLI serving a model sharded over the 8 devices (data=2, fsdp=2, tensor=2: batch and kv heads of
+  the cache split): greedy completions equal `generate` on one device."""
   ckpt = tmp_path / "ckpt"
   l4.save_pretrained(model, str(ckpt))
   os.link(tokenizer.path, ckpt / "tokenizer.json")
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
-                           "--slots=2", "--max-context=64", "--api-key=k1"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           "--slots=2", "--max-context=64", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in proc.stdout:
       m = re.search(r"on (http://[\d.]+:\d+) .*ready", line)
+      assert "compiling" not in line or "mesh {'data': 2, 'fsdp': 2, 'tensor': 2" in line, line
       if m:
         break
     else:
       raise AssertionError(proc.stderr.read()[-3000:])
-    req = urllib.request.Request(m.group(1) + "/v1/completions", method="POST", data=json.dumps(
-        dict(model="ckpt", prompt=[1, 2, 3], max_tokens=5, temperature=0)).encode(),
-        headers={"Authorization": "Bearer k1", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-      assert json.loads(r.read())["usage"]["prompt_tokens"] == 3
+    prompts = [[1, 2, 3], [5, 9, 30, 31, 7, 8, 100, 4, 2, 77, 6]]
+    stop = [tokenizer.eos_id]
+    def one(prompt):
+      req = urllib.request.Request(m.group(1) + "/v1/completions", method="POST", data=json.dumps(
+          dict(model="ckpt", prompt=prompt, max_tokens=20, temperature=0)).encode(),
+          headers={"Authorization": "Bearer k1", "Content-Type": "application/json"})
+      with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+    with cf.ThreadPoolExecutor(2) as pool:
+      served = list(pool.map(one, prompts))
+    for out, prompt, ref in zip(served, prompts, generate(model, prompts, 20, stop_tokens=stop)):
+      assert out["usage"]["prompt_tokens"] == len(prompt)
+      assert out["choices"][0]["text"] == tokenizer.decode([t for t in ref if t not in stop])
   finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]

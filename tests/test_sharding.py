@@ -27,6 +27,20 @@ def test_make_mesh_shapes_and_errors():
     l4.make_mesh(data=-1, fsdp=-1)
 
 
+def test_mesh_flag():
+  """The CLIs' --mesh: AXIS=SIZE pairs, the rest 1 (one may be -1); bad flags name what is wrong."""
+  from llama4_jax.sharding import mesh_from_flag
+  assert mesh_from_flag(None) is None and mesh_from_flag("") is None
+  assert dict(mesh_from_flag("fsdp=4, tensor=2").shape) == dict(data=1, fsdp=4, tensor=2, expert=1, context=1)
+  assert dict(mesh_from_flag("tensor=2,data=-1").shape)["data"] == 4
+  for spec, message in (("fsdp4", "is not AXIS=SIZE"), ("model=8", r"unknown axes \['model'\]"),
+                        ("tensor=3", "needs 3 devices but 8 are available"),
+                        ("context=8", "sampling does not split sequences")):
+    with pytest.raises(ValueError, match=message):
+      mesh_from_flag(spec, context=False)
+  assert dict(mesh_from_flag("context=8").shape)["context"] == 8  # training may
+
+
 def test_rules_reject_collisions():
   mesh = l4.make_mesh(fsdp=8)
   with pytest.raises(ValueError, match="both map to mesh axis 'fsdp'"):
