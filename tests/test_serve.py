@@ -163,14 +163,19 @@ def test_sampling_parameters(server):
   assert a == b and a != c and a != d
   # n choices: choice k draws with seed + k (so choices 0 and 1 of seed 1 are the seed-1 and seed-2 texts);
   # prompt-major over several prompts; the prompt's tokens are counted once
+  # the choices of a prompt share one prefill (its cache row copied), which the engine counts once
   body = dict(model=NAME, prompt=prompt, max_tokens=24, temperature=1.0, seed=1, n=2)
+  prefilled = server.engine.stats.prompt_tokens
   out = post(server, "/v1/completions", body)[1]
   assert [ch["index"] for ch in out["choices"]] == [0, 1]
   assert [ch["text"] for ch in out["choices"]] == [a, c]
   assert out["usage"]["prompt_tokens"] == len(prompt)
   two = post(server, "/v1/completions", dict(body, prompt=[prompt, [9, 8, 7]], temperature=0))[1]
   assert len(two["choices"]) == 4 and [ch["text"] for ch in two["choices"][:2]] == [greedy, greedy]
+  assert two["choices"][2]["text"] == two["choices"][3]["text"] == complete(server, [9, 8, 7], 24)[
+      "choices"][0]["text"]
   assert two["usage"]["prompt_tokens"] == len(prompt) + 3
+  assert server.engine.stats.prompt_tokens - prefilled == 2 * len(prompt) + 3 + 3
   # a stop string ends the text before it, streamed or not
   stop = greedy[len(greedy) // 2: len(greedy) // 2 + 3]
   cut = complete(server, prompt, 24, stop=[stop, "never"])

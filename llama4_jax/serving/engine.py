@@ -1,7 +1,9 @@
 """Continuous batching: a fixed set of decode slots advanced together by one jitted step.
 
 The engine thread loops: admit waiting requests into free slots (each is prefilled alone into a fresh
-cache row, which is written into the batch cache at its slot, and its first token sampled), then run one
+cache row, which is written into the batch cache at its slot, and its first token sampled; requests with
+the same prompt admitted together, such as the `n` choices of one prompt, share one prefill: its cache row
+is copied and each samples its first token from the same logits with its own key), then run one
 decode step for all slots, hand each active slot's token to its request, and free the slots that finished
 (stop token, max_tokens, or cancelled by the client) at once. A request takes the lowest free slot and
 a step runs the first 1, 2, 4, ... or all slots (whichever covers the busy ones; each width is compiled
@@ -119,6 +121,13 @@ def _insert_row(cache, row, slot):
           "tail": jax.tree.map(put(0), cache["tail"], row["tail"])}
 
 
+def _take_row(cache, slot):
+  """The batch-1 cache row at batch index `slot` (the inverse of `_insert_row`)."""
+  def take(axis):
+    return lambda big: jax.lax.dynamic_slice_in_dim(big, slot, 1, axis)
+  return {"blocks": jax.tree.map(take(1), cache["blocks"]), "tail": jax.tree.map(take(0), cache["tail"])}
+
+
 def _keys(seeds_B, positions_B):
   """One PRNG key per row: the request's seed folded with the position of the token being drawn."""
   return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds_B, positions_B)
@@ -134,7 +143,16 @@ def _prefill_insert(static, leaves, tokens_1T, length_1, cache, tok_B, slot, see
   model = merge_model(static, leaves)
   logits, row = model.prefill(tokens_1T, length_1, model.init_cache(1, length))
   first = sample_rows(logits, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
-  return first, jax.lax.dynamic_update_slice(tok_B, first, (slot,)), _insert_row(cache, row, slot)
+  return first, logits, jax.lax.dynamic_update_slice(tok_B, first, (slot,)), _insert_row(cache, row, slot)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _share_prefill(logits_1V, cache, tok_B, src, slot, length_1, seed_1, temperature_1, top_k_1, top_p_1):
+  """A request whose prompt was just prefilled into slot `src` (its logits_1V kept): copies that cache
+  row to `slot` and samples the request's first token with its own key, as a prefill of its own would."""
+  first = sample_rows(logits_1V, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
+  return first, jax.lax.dynamic_update_slice(tok_B, first, (slot,)), _insert_row(cache, _take_row(cache, src),
+                                                                                 slot)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
@@ -218,14 +236,20 @@ class Engine:
                        f"context of {self.max_length} tokens")
 
   def submit(self, request: Request) -> Request:
-    self.check(request.prompt, request.params.max_tokens)
+    return self.submit_all([request])[0]
+
+  def submit_all(self, requests: Sequence[Request]) -> Sequence[Request]:
+    """Queues all of `requests` or none (QueueFull, ValueError), together: requests with the same prompt
+    (the `n` choices of one) are admitted in one pass when slots allow, and then share one prefill."""
+    for r in requests:
+      self.check(r.prompt, r.params.max_tokens)
     with self._cond:
       free = self.slots - self.active_slots()
-      if len(self._waiting) >= self.max_queue + free:
+      if len(self._waiting) + len(requests) > self.max_queue + free:
         raise QueueFull(f"{len(self._waiting)} requests are waiting (the bound is {self.max_queue})")
-      self._waiting.append(request)
+      self._waiting.extend(requests)
       self._cond.notify()
-    return request
+    return requests
 
   def queue_depth(self) -> int:
     return len(self._waiting)
@@ -262,7 +286,10 @@ class Engine:
     """Compiles the decode step and the prefill of every prompt bucket (call before `start`), so no
     request waits for a compile."""
     for width in self.buckets():
-      self._admit_one(0, Request([0] * min(width, self.max_length - 1), SamplingParams(max_tokens=1)))
+      prompt = [0] * min(width, self.max_length - 1)
+      logits = self._admit_one(0, Request(prompt, SamplingParams(max_tokens=1)))
+      if width == _MIN_BUCKET and self.slots > 1:  # and the copy of a prefilled row (shared prompts)
+        self._admit_one(1, Request(prompt, SamplingParams(max_tokens=1)), (0, logits))
       self._iterate()
     for rows in self._row_counts:  # a step of each width
       self._active[rows - 1] = Request([0], SamplingParams(max_tokens=1))
@@ -325,6 +352,7 @@ class Engine:
         self._deliver(slot, int(tok[slot]))
 
   def _admit(self) -> None:
+    prefilled: dict[tuple, tuple[int, jax.Array]] = {}  # prompt -> (slot, logits) admitted in this pass
     for slot in range(self.slots):
       if self._active[slot] is not None:
         continue
@@ -338,27 +366,38 @@ class Engine:
       if request is None:
         return
       try:
-        self._admit_one(slot, request)
+        key = tuple(request.prompt)
+        logits = self._admit_one(slot, request, prefilled.get(key))
+        prefilled.setdefault(key, (slot, logits))
       except Exception as e:  # the slot was not taken; the request fails, the rest via _fail_all
         request.events.put((request.tag, "error", f"{type(e).__name__}: {e}"))
         self.stats.finished["error"] += 1
         raise
 
-  def _admit_one(self, slot: int, request: Request) -> None:
+  def _admit_one(self, slot: int, request: Request, shared: tuple[int, jax.Array] | None = None):
+    """Prefills the request into `slot` and dispatches its first token; returns the prompt's logits. With
+    `shared` = (slot, logits) of the same prompt prefilled in this pass (the `n` choices of one prompt),
+    that cache row is copied instead of prefilling again."""
     p, n = request.params, len(request.prompt)
-    tokens = np.zeros((1, self._bucket(n)), np.int32)
-    tokens[0, :n] = request.prompt
     self._seed[slot] = p.seed % 2**32
     self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
     one = slice(slot, slot + 1)
-    first, self._tok, self._cache = _prefill_insert(
-        self._static, self._leaves, tokens, np.array([n], np.int32), self._cache, self._tok,
-        np.int32(slot), *self._snapshot(self._seed[one], self._temperature[one], self._top_k[one],
-                                         self._top_p[one]), length=self.max_length)
+    sampling = self._snapshot(self._seed[one], self._temperature[one], self._top_k[one], self._top_p[one])
+    if shared is not None:
+      src, logits = shared
+      first, self._tok, self._cache = _share_prefill(logits, self._cache, self._tok, np.int32(src),
+                                                     np.int32(slot), np.array([n], np.int32), *sampling)
+    else:
+      tokens = np.zeros((1, self._bucket(n)), np.int32)
+      tokens[0, :n] = request.prompt
+      first, logits, self._tok, self._cache = _prefill_insert(
+          self._static, self._leaves, tokens, np.array([n], np.int32), self._cache, self._tok,
+          np.int32(slot), *sampling, length=self.max_length)
+      self.stats.prompt_tokens += n
     self._active[slot] = request
     self._pos[slot] = n
     self._unread.append(("first", first, slot, request))
-    self.stats.prompt_tokens += n
+    return logits
 
   def _deliver(self, slot: int, tok: int) -> None:
     """Hands a new token to the slot's request, or frees the slot if the request is over."""

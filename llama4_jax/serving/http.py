@@ -55,8 +55,7 @@ class Generation:
       raise api.APIError(400, f"this call asks for {len(self.requests)} choices (prompts x n); the server "
                          f"holds at most {room} requests at once (--slots + --max_queue)", param="n")
     try:
-      for r in self.requests:
-        self._engine.submit(r)
+      self._engine.submit_all(self.requests)
     except QueueFull as e:
       self.cancel()
       raise api.APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
