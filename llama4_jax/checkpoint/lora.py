@@ -9,7 +9,7 @@
   routed experts as fused 3-D parameters that LoRA's layout cannot name, so their adapters are left out
   (listed in the summary); use a merged export for them.
 - `merged_to_hf(src, dst)`: a LoRA checkpoint with its adapters folded into the base weights
-  (W + alpha/r A B on the full-precision base), streamed a layer at a time from the frozen base (what
+  (W + alpha/r A B, W dequantized if the base was int8), streamed a layer at a time from the frozen base (what
   `llama4-convert orbax-to-hf --merge-lora` runs).
 """
 
@@ -150,8 +150,8 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
 
   def merged(p, i):
     w = get_base(p, i)
-    if p.path not in linears:  # norms, router, embedding, LM head
-      return w
+    if p.path not in linears:  # norms, router, embedding, LM head: as the model holds them
+      return np.asarray(w).astype(plain.param_dtype)
     lead, n_in = linears[p.path]
     g = lead - (1 if p.stacked else 0)  # group dims (experts) before the input dims
     if n_in is not None:  # the int8 base the adapters were trained on
