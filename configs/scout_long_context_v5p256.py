@@ -13,8 +13,9 @@ kernel skipping blocks outside each window; unpacked rows whose positions equal 
 communication, as every run holds exactly one chunk. expert=8 (2 of the 16 experts per chip) and fsdp=4 over
 the rest: without expert parallelism every chip gathers all experts of a 4-layer superblock (36 GB in
 fp32). Parameters and Adam moments in bf16, bf16 compute, full remat; batch rows over fsdp x expert, one
-row per host per step. The context axis stays within a host because the data pipeline hands each host
-whole rows (validation says so otherwise). `python -m llama4_jax.plan
+row per host per step. The context axis may also span hosts (hosts that split a row load the same rows;
+tested with two CPU processes), but within a host the ring's hops stay on the chips' fast links.
+`python -m llama4_jax.plan
 --config=configs/scout_long_context_v5p256.py --tpu=v5p-256` estimates 85 of 85.5 usable GiB per chip: a
 tight fit (fp32 parameters do not fit).
 

@@ -82,17 +82,16 @@ def row_stream(docs: Sequence, to_example, seq_len: int, seed: int, fmt: str = "
 
 
 class HostBatches:
-  """This host's rows of each global batch, from one row stream per row. Checkpointable (JSON state)."""
+  """This host's rows of each global batch (`rows`, default all; see `train.step.host_rows`), from one row
+  stream per row: a row's tokens depend only on the row, so hosts that hold the same rows (a context axis
+  across hosts) read the same tokens. Checkpointable (JSON state)."""
 
   def __init__(self, docs: Sequence, tokenizer, global_batch: int, seq_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1, fmt: str = "text"):
-    if global_batch % process_count:
-      raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+               rows: Sequence[int] | None = None, fmt: str = "text"):
     if len(docs) < global_batch:
       raise ValueError(f"only {len(docs)} training documents for batch_size={global_batch}: each batch "
                        "row reads its own share of the documents; lower batch_size or add data")
-    per_host = global_batch // process_count
-    self.rows = range(process_index * per_host, (process_index + 1) * per_host)
+    self.rows = range(global_batch) if rows is None else rows
     to_example = example_fn(tokenizer, fmt, seq_len)
     self._datasets = [
         row_stream(Subset(docs, range(r, len(docs), global_batch)), to_example, seq_len,
@@ -134,26 +133,24 @@ class FrozenState:
 
 
 def eval_batches(docs: Sequence, tokenizer, global_batch: int, seq_len: int,
-                 max_batches: int = 0, process_index: int = 0, process_count: int = 1,
-                 fmt: str = "text"):
+                 max_batches: int = 0, rows: Sequence[int] | None = None, fmt: str = "text"):
   """The held-out set packed once, in order, into global batches (the last padded with masked rows).
 
-  Returns this host's rows of each batch. Every host packs the whole held-out set (it is small) and keeps
-  its rows, so evaluation is identical for any number of processes.
+  Returns this host's `rows` (default all) of each batch. Every host packs the whole held-out set (it is
+  small) and keeps its rows, so evaluation is identical for any number of processes.
   """
   if not len(docs):
     return []
   stream = iter(row_stream(docs, example_fn(tokenizer, fmt, seq_len), seq_len, 0, fmt, shuffle=False,
                            repeat=False))
-  rows = list(stream)
+  packed = list(stream)
   if max_batches:
-    rows = rows[: max_batches * global_batch]
-  pad = -len(rows) % global_batch
-  blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
-  rows += [blank] * pad
-  per_host = global_batch // process_count
+    packed = packed[: max_batches * global_batch]
+  pad = -len(packed) % global_batch
+  blank = {k: np.zeros_like(v) for k, v in packed[0].items()}
+  packed += [blank] * pad
   batches = []
-  for b in range(0, len(rows), global_batch):
-    mine = rows[b + process_index * per_host: b + (process_index + 1) * per_host]
+  for b in range(0, len(packed), global_batch):
+    mine = [packed[b + r] for r in (range(global_batch) if rows is None else rows)]
     batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
   return batches

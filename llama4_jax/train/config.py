@@ -80,7 +80,7 @@ def model_config(c: ml_collections.ConfigDict, **overrides) -> ModelConfig:
   return ModelConfig(**{**fields, **overrides})
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """Errors name the field: every check here runs before any compile."""
 
   def bad(field, msg):
@@ -114,8 +114,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     bad("batch_size", f"{c.batch_size} / microbatches={c.microbatches} = {micro} sequences per "
                       f"microbatch is not divisible by the batch mesh axes data*fsdp*expert = "
                       f"{batch_shards}")
-  if c.batch_size % num_processes:
-    bad("batch_size", f"{c.batch_size} is not divisible by the {num_processes} processes")
   cfg = model_config(c)  # raises ValueError naming the model field
   if cfg.lora_rank and not c.init_from:
     bad("init_from", "LoRA (model.lora_rank > 0) fine-tunes a pretrained model: set init_from to a "
@@ -127,11 +125,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     if cfg.attention_impl == "dense":
       bad("model.attention_impl", f"'dense' cannot split the sequence over mesh.context="
                                   f"{sizes['context']}; use 'ring' or 'auto'")
-    per_process = num_devices // num_processes
-    if per_process % sizes["context"]:
-      bad("mesh.context", f"{sizes['context']} spans processes ({per_process} devices each): the data "
-                          "pipeline gives each process whole rows, so the context axis must stay within "
-                          f"a process; use a context size that divides {per_process}")
     parts = sizes["context"] * (2 if cfg.ring_layout == "zigzag" else 1)
     if c.seq_len % parts:
       bad("seq_len", f"{c.seq_len} must be divisible by {parts} (mesh.context={sizes['context']}, "

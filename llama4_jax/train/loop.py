@@ -33,9 +33,9 @@ from llama4_jax.tokenizer import (TOKENIZER_FILE, HFTokenizer, encode_chat, find
 from llama4_jax.train import checkpointing
 from llama4_jax.train.config import model_config, validate
 from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
-from llama4_jax.train.step import (TrainModel, batch_sharding, join_params, learning_rate_schedule,
-                                   make_eval_step, make_optimizer, make_train_step, opt_state_shardings,
-                                   split_trainable, step_hparams)
+from llama4_jax.train.step import (TrainModel, batch_sharding, host_rows, join_params,
+                                   learning_rate_schedule, make_eval_step, make_optimizer, make_train_step,
+                                   opt_state_shardings, split_trainable, step_hparams)
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,10 +97,10 @@ def init_params(c, cfg, mesh, log):
   return TrainModel.of(model), trainable, frozen, model.config
 
 
-def evaluate(eval_step, params, frozen, batches, sharding, byte_lengths) -> dict[str, float]:
+def evaluate(eval_step, params, frozen, batches, sharding, global_batch, byte_lengths) -> dict[str, float]:
   total = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
   for host_batch in batches:
-    out = eval_step(params, frozen, _global_batch(host_batch, sharding), byte_lengths)
+    out = eval_step(params, frozen, _global_batch(host_batch, sharding, global_batch), byte_lengths)
     for k in total:
       total[k] += float(out[k])
   tokens = max(total["tokens"], 1.0)
@@ -114,10 +114,10 @@ def _replicated(value: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def _global_batch(host_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  per_host = next(iter(host_batch.values())).shape[0]
-  shape = lambda x: (per_host * jax.process_count(),) + x.shape[1:]  # noqa: E731
-  return {k: jax.make_array_from_process_local_data(sharding, v, shape(v)) for k, v in host_batch.items()}
+def _global_batch(host_batch: dict[str, np.ndarray], sharding, global_batch: int) -> dict[str, jax.Array]:
+  """The global batch from this host's rows of it (`host_rows`)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
+          for k, v in host_batch.items()}
 
 
 class _Preemption:
@@ -155,7 +155,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   on_log(step, metrics), on process 0, receives what is written to metrics.jsonl as it is written
   (training metrics every log_every steps, eval_* metrics at each evaluation): e.g. a live loss plot.
   """
-  validate(c, jax.device_count(), jax.process_count())
+  validate(c, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0)
   log = logger.info
@@ -193,8 +193,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   replicated = NamedSharding(mesh, PartitionSpec())
   rng = _replicated(np.asarray(jax.random.key_data(jax.random.PRNGKey(c.seed))), replicated)
 
-  train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed,
-                           jax.process_index(), jax.process_count(), c.data.format)
+  rows = host_rows(bsharding, c.batch_size, c.seq_len)
+  train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed, rows, c.data.format)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints,
                                     c.async_checkpointing)
   start = ckpt.latest_step() or 0
@@ -212,8 +212,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   base = {"frozen_base": os.path.abspath(c.init_from)} if frozen else {}  # checkpoints hold adapters only
   eval_fn = jax.jit(make_eval_step(tm))
   schedule = learning_rate_schedule(c)
-  held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches,
-                                  jax.process_index(), jax.process_count(), c.data.format)
+  held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches, rows,
+                                  c.data.format)
   byte_lengths = jnp.asarray(tokenizer.byte_lengths())
   flops_per_token = train_flops_per_token(cfg, c.seq_len)
   peak = peak_flops_total(c.peak_flops)
@@ -225,7 +225,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
     ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force, extra=base)
 
   def run_eval(step, label):
-    ev = evaluate(eval_fn, params, frozen, held_out_batches, bsharding, byte_lengths)
+    ev = evaluate(eval_fn, params, frozen, held_out_batches, bsharding, c.batch_size, byte_lengths)
     logger.write(step, ev)
     if on_log is not None and jax.process_index() == 0:
       on_log(step, dict(ev))
@@ -239,7 +239,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   with _Preemption() as preemption:
     while step < c.steps:
       step += 1
-      batch = _global_batch(next(train_iter), bsharding)
+      batch = _global_batch(next(train_iter), bsharding, c.batch_size)
       lr = float(schedule(step - 1))
       params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
                                      step_hparams(c, lr))
@@ -287,8 +287,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
       prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
           c.sample_prompt)
     stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
-    new = generate(tm.merge(join_params(params, frozen)), [prompt], c.sample_tokens, temperature=c.sample_temperature,
-                   seed=c.seed, stop_tokens=stop)[0]
+    new = generate(tm.merge(join_params(params, frozen)), [prompt], c.sample_tokens,
+                   temperature=c.sample_temperature, seed=c.seed, stop_tokens=stop)[0]
     result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])
     log("sample:\n" + result["sample"])
   logger.close()

@@ -162,6 +162,19 @@ def batch_sharding(mesh):
   return named_sharding(mesh, ("batch", None))
 
 
+def host_rows(sharding, global_batch: int, seq_len: int) -> range:
+  """The rows of a [global_batch, seq_len] batch that this process's devices hold under `sharding`: each
+  process loads and hands over exactly these (processes split by a context axis hold the same rows)."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch, seq_len)).values():
+    rows.update(range(*index[0].indices(global_batch)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo:
+    raise ValueError(f"this process's devices hold batch rows {sorted(rows)}, not one contiguous run: "
+                     "order the mesh so that each process holds a block of the batch (make_mesh does)")
+  return range(lo, hi)
+
+
 def opt_state_shardings(tx, params_abstract, param_shardings, mesh):
   """Optimizer-state shardings: moments like their parameters, everything else replicated."""
   state = jax.eval_shape(tx.init, params_abstract)
