@@ -8,9 +8,10 @@
 
 Mesh: context=4 splits each 65,536-token row over the 4 chips of one host (16,384 tokens per chip; zigzag:
 two runs of 8,192 = C). The NoPE layers (1 in 4) run the 4-chip ring; K/V travel as the 8 kv heads only
-(5x less than all 40 heads). Chunked layers: packed rows (the default data path) use the ring with the
-kernel skipping blocks outside each window; unpacked rows whose positions equal their indices need no
-communication, as every run holds exactly one chunk. expert=8 (2 of the 16 experts per chip) and fsdp=4 over
+(5x less than all 40 heads). Chunked layers: packed rows (the default data path) reach C - 1 = one run
+back, so K/V travel one step each way (3 of the 4 shards) and the kernel skips blocks outside each window;
+unpacked rows whose positions equal their indices need no communication, as every run holds exactly one
+chunk. expert=8 (2 of the 16 experts per chip) and fsdp=4 over
 the rest: without expert parallelism every chip gathers all experts of a 4-layer superblock (36 GB in
 fp32). Parameters and Adam moments in bf16, bf16 compute, full remat; batch rows over fsdp x expert, one
 row per host per step. The context axis may also span hosts (hosts that split a row load the same rows;

@@ -72,7 +72,8 @@ CASES = [
     (8, "contiguous", 8, False),    # shard == C: no communication
     (8, "contiguous", 32, False),   # shard 8 < C: groups of 4
     (8, "zigzag", None, True),
-    (8, "zigzag", 12, True),        # C not aligned with the runs: the whole ring
+    (8, "zigzag", 12, True),        # packed, runs of 4 < C: K/V travel 3 steps each way (7 of 8 shards)
+    (8, "zigzag", 4, True),         # packed, C - 1 < runs: one step each way
 ]
 
 
@@ -135,12 +136,15 @@ def test_bf16_no_worse_than_dense_bf16():
 def test_plans():
   # NoPE layers: the whole ring. Chunked: none / within groups / a window / the whole ring.
   assert ra.make_plan(64, 8, None).steps == 8
-  assert (ra.make_plan(64, 8, 8, "contiguous", aligned=True).steps, ra.make_plan(64, 8, 4, "zigzag",
-                                                                                 aligned=True).steps) == (1, 1)
+  assert ra.make_plan(64, 8, 8, "contiguous", aligned=True).steps == 1
+  assert ra.make_plan(64, 8, 4, "zigzag", aligned=True).steps == 1
   p = ra.make_plan(64, 8, 32, "contiguous", aligned=True)
   assert (p.group, p.steps) == (4, 4) and p.shift(1)[3] == (3, 0) and p.shift(1)[4] == (4, 5)
   assert ra.make_plan(64, 8, 16, "contiguous", aligned=False).steps == 3
-  assert ra.make_plan(64, 8, 16, "zigzag", aligned=False).steps == 8
+  # packed zigzag: the runs before device d's two runs sit on the devices next to it, on either side
+  assert ra.make_plan(64, 8, 16, "zigzag", aligned=False).sources() == list(range(0, -8, -1))  # 4 runs back
+  assert ra.make_plan(256, 8, 16, "zigzag", aligned=False).sources() == [0, -1, 1]
+  assert ra.make_plan(128, 8, 12, "zigzag", aligned=False).sources() == [0, -1, -2, 1, 2]
   with pytest.raises(ValueError, match="divisible by 16"):
     ra.make_plan(72, 8, None, "zigzag")
 

@@ -63,9 +63,10 @@ class RingContext:
 @dataclasses.dataclass(frozen=True)
 class RingPlan:
   """Static plan of one attention layer. Devices form rings of `group` consecutive devices on the
-  context axis; each device sees the K/V of `steps` of them (itself first, then d-1, d-2, ...).
-  `kernel` is the per-step kernel: "xla" (blocks of `block` tokens) or "splash" (blocks are the runs;
-  `interpret`: Pallas interpret mode, off TPU)."""
+  context axis; each device sees the K/V of `steps` of them (itself first, then d-1, d-2, ...), and then
+  of `back` more travelling the other way (d+1, d+2, ...). `kernel` is the per-step kernel: "xla"
+  (blocks of `block` tokens) or "splash" (blocks are the runs; `interpret`: Pallas interpret mode, off
+  TPU)."""
   devices: int
   group: int
   steps: int
@@ -74,11 +75,16 @@ class RingPlan:
   kernel: str = "xla"
   interpret: bool = False
   seq_len: int = 0
+  back: int = 0
 
   def shift(self, k: int):
     """ppermute pairs sending device d to d + k within its group."""
     g = self.group
     return [(d, d // g * g + (d % g + k) % g) for d in range(self.devices)]
+
+  def sources(self) -> list[int]:
+    """Offsets of the devices whose K/V a device sees, in order: 0, -1, ..., -(steps-1), 1, ..., back."""
+    return [-s for s in range(self.steps)] + list(range(1, self.back + 1))
 
 
 def run_length(seq_len: int, devices: int, layout: str) -> int:
@@ -100,7 +106,10 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
   `aligned` says that position == token index (no packing), so chunk edges are known statically:
   then a chunked layer whose runs hold whole chunks needs no communication, and one whose chunks span
   g runs communicates only within groups of g devices. Packed rows (positions restarting per document)
-  reach at most C - 1 tokens back: a few ring steps in the contiguous layout, the whole ring in zigzag.
+  reach at most C - 1 tokens back, which are w = ceil((C - 1) / run) runs: w ring steps in the contiguous
+  layout; in zigzag, where device d holds runs d and 2N-1-d, the runs before them sit on the devices up to
+  w away on either side, so K/V travel w steps each way (2w + 1 shards instead of the N of the whole
+  ring, when that is fewer).
   """
   run = run_length(seq_len, devices, layout)
   kernel = _choose_kernel(kernel, run, seq_len, chunk_size)
@@ -115,8 +124,11 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
   if aligned and chunk_size % run == 0 and devices % (chunk_size // run) == 0:
     g = chunk_size // run
     return with_kernel(g, g)
+  w = -(-(chunk_size - 1) // run)  # runs within reach of a query
   if layout == "contiguous":
-    return with_kernel(devices, min(devices, 1 + -(-(chunk_size - 1) // run)))
+    return with_kernel(devices, min(devices, 1 + w))
+  if 2 * w + 1 < devices:
+    return dataclasses.replace(with_kernel(devices, 1 + w), back=w)
   return with_kernel(devices, devices)
 
 
@@ -339,16 +351,23 @@ def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
   if plan.kernel == "splash":
     from llama4_jax.model.ring_splash import attend_step as attend
 
-  def step(kv, acc, send):
-    sent = jax.lax.ppermute(kv, AXIS, nxt) if send else None  # in flight during the compute
+  def step(kv, acc, perm, send):
+    sent = jax.lax.ppermute(kv, AXIS, perm) if send else None  # in flight during the compute
     return sent, attend(qf, qmeta, *kv[:2], kv[2], acc, plan)
 
+  def sweep(kv, acc, perm, count):
+    """Attends to kv and to the count - 1 shards that arrive after it by `perm`, one per step."""
+    if count > 1:
+      kv, acc = step(kv, acc, perm, True)
+    if count > 2:
+      kv, acc = jax.lax.fori_loop(0, count - 2, lambda _, c: step(*c, perm, True), (kv, acc))
+    return step(kv, acc, perm, False)[1]
+
   kv = (k, v, kmeta)
-  if plan.steps > 1:
-    kv, acc = step(kv, acc, True)
-  if plan.steps > 2:
-    kv, acc = jax.lax.fori_loop(0, plan.steps - 2, lambda _, c: step(*c, True), (kv, acc))
-  acc = step(kv, acc, False)[1]
+  ahead = jax.lax.ppermute(kv, AXIS, plan.shift(-1)) if plan.back else None  # d+1's shard, sent early
+  acc = sweep(kv, acc, nxt, plan.steps)
+  if plan.back:
+    acc = sweep(ahead, acc, plan.shift(-1), plan.back)
   o, m, l = acc
   out = o / jnp.where(l == 0, 1.0, l)[..., None]
   lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
@@ -359,30 +378,39 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   kvh, n = k.shape[2], q.shape[2]
   qf, dof = _fold(q, kvh, plan.block), _fold(dout, kvh, plan.block)
   delta = jnp.sum(dof.astype(jnp.float32) * _fold(out, kvh, plan.block).astype(jnp.float32), axis=-1)
-  nxt = plan.shift(1)
   grad = _grad_step
   if plan.kernel == "splash":
     from llama4_jax.model.ring_splash import grad_step as grad
 
-  def step(kv, dkv, dq, send_kv, recv):
-    sent = jax.lax.ppermute(kv, AXIS, nxt) if send_kv else None
-    # dk/dv of the shard held now arrive from the previous device, one hop behind their k/v.
-    arrived = jax.lax.ppermute(dkv, AXIS, nxt) if recv else None
+  def step(kv, dkv, dq, perm, send_kv, recv):
+    sent = jax.lax.ppermute(kv, AXIS, perm) if send_kv else None
+    # dk/dv of the shard held now arrive from the device it came through, one hop behind their k/v.
+    arrived = jax.lax.ppermute(dkv, AXIS, perm) if recv else None
     dq, dk, dv = grad(qf, qmeta, dof, lse, delta, kv[0], kv[1], kv[2], dq, plan)
     if arrived is not None:
       dk, dv = dk + arrived[0], dv + arrived[1]
     return sent, (dk, dv), dq
 
+  def sweep(kv, dq, k, count, home):
+    """Gradients for kv and the count - 1 shards that arrive after it, each sent k devices on: returns
+    dq and the dk/dv of the last shard held, summed over the devices it visited, sent `home` devices on
+    (to the device the shard belongs to)."""
+    perm = plan.shift(k)
+    kv, dkv, dq = step(kv, None, dq, perm, count > 1, False)
+    if count > 2:
+      kv, dkv, dq = jax.lax.fori_loop(0, count - 2, lambda _, c: step(*c, perm, True, True), (kv, dkv, dq))
+    if count > 1:
+      _, dkv, dq = step(kv, dkv, dq, perm, False, True)
+    return (jax.lax.ppermute(dkv, AXIS, plan.shift(home)) if home else dkv), dq
+
   dq = jnp.zeros(qf.shape, jnp.float32)
-  kv, dkv = (k, v, kmeta), None
-  s = plan.steps
-  kv, dkv, dq = step(kv, dkv, dq, s > 1, False)
-  if s > 2:
-    kv, dkv, dq = jax.lax.fori_loop(0, s - 2, lambda _, c: step(*c, True, True), (kv, dkv, dq))
-  if s > 1:
-    _, dkv, dq = step(kv, dkv, dq, False, True)
-    dkv = jax.lax.ppermute(dkv, AXIS, plan.shift(1 - s))  # home: the shard held last came from d-(s-1)
-  dk, dv = dkv
+  kv = (k, v, kmeta)
+  ahead = jax.lax.ppermute(kv, AXIS, plan.shift(-1)) if plan.back else None
+  # the shard held last came from d - (steps - 1); in the other direction from d + back
+  (dk, dv), dq = sweep(kv, dq, 1, plan.steps, 1 - plan.steps)
+  if plan.back:
+    (bk, bv), dq = sweep(ahead, dq, -1, plan.back, plan.back)
+    dk, dv = dk + bk, dv + bv
   return _unfold(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -459,11 +487,12 @@ def block_cost(seq_len: int, devices: int, layout: str, plan: RingPlan) -> dict:
   order = zigzag_order(seq_len, devices) if layout == "zigzag" else np.arange(seq_len)
   idx = order.reshape(devices, -1, plan.block)  # [device, block, token]
   lo, hi = idx.min(-1), idx.max(-1)
-  work = np.zeros((plan.steps, devices))
-  for s in range(plan.steps):
+  offsets = plan.sources()
+  work = np.zeros((len(offsets), devices))
+  for s, offset in enumerate(offsets):
     for d in range(devices):
       g0 = d // plan.group * plan.group
-      src = g0 + (d - g0 - s) % plan.group
+      src = g0 + (d - g0 + offset) % plan.group
       ok = lo[src][None, :] <= hi[d][:, None]
       if plan.chunk_size is not None:
         ok &= lo[d][:, None] - hi[src][None, :] < plan.chunk_size
