@@ -104,6 +104,7 @@ SPLASH_CASES = [
     (4, "contiguous", 256, True, 512),    # chunked, shard 128 < C: a window of ring steps
     (2, "zigzag", 192, False, 512),       # one document over chunk edges inside runs: chunk ids matter
     (4, "zigzag", 192, True, 1024),       # C not aligned with the runs: the whole ring
+    (4, "zigzag", 128, True, 1024),       # packed, C = run: K/V one step each way (3 of 4 shards)
 ]
 
 
