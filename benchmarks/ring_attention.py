@@ -8,7 +8,10 @@ batch 1, fp32, full causal (a NoPE layer: the whole ring), zigzag layout. Report
   growth per doubling, and at 8K the same ring differentiated by autodiff instead of the custom VJP;
 - wall seconds of one forward+backward at 64K tokens (8K per device; 8 devices share this machine's
   cores, so this is a completion check, not a speed figure);
-- the static load-balance model at 8 devices: critical path / ideal, zigzag against contiguous.
+- the static load-balance model at 8 devices: critical path / ideal, zigzag against contiguous;
+- a chunked layer over packed rows: the window plan (K/V sent only as far as the window reaches, both
+  ways) against the whole ring;
+- the training loss's scratch memory per device with Llama 4's vocabulary, by `loss_chunks`.
 Prints JSON.
 """
 
@@ -79,6 +82,26 @@ def packed_chunked(seq_len: int, chunk: int, docs: int = 8) -> dict:
   return out
 
 
+def loss_chunk_memory(seq_len: int = 16384, vocab: int = 202_048, chunks=(1, 4, 16)) -> dict:
+  """Per-device scratch bytes of the training loss's gradient (`train.step.token_losses`) for a one-layer
+  model with Llama 4's vocabulary, seq_len tokens over context=8, by `loss_chunks` (compiled, not run)."""
+  from flax import nnx
+
+  from llama4_jax.train.step import token_losses
+  cfg = l4.get_config("tiny", num_hidden_layers=1, vocab_size=vocab, attention_impl="ring")
+  mesh = l4.make_mesh(fsdp=1, context=DEVICES)
+  graphdef, state = nnx.split(l4.abstract_model(cfg, mesh))
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  batch = {"inputs": ids, "targets": ids, "positions": ids, "segment_ids": ids}
+  out = {"seq_len": seq_len, "vocab": vocab, "devices": DEVICES}
+  for k in chunks:
+    def loss(state, batch, k=k):
+      return jnp.sum(token_losses(nnx.merge(graphdef, state), batch, chunks=k)[0])
+    compiled = jax.jit(jax.grad(loss)).lower(state, batch).compile()
+    out[f"temp_mib_loss_chunks_{k}"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
+  return out
+
+
 def temp_bytes(seq_len: int, custom_vjp: bool = True) -> int:
   fn, shapes = grad_fn(seq_len, custom_vjp)
   return int(fn.lower(*shapes).compile().memory_analysis().temp_size_in_bytes)
@@ -100,6 +123,7 @@ def main():
           for layout in ("zigzag", "contiguous")},
   }
   result["packed_chunked_zigzag"] = packed_chunked(16384, 1024)
+  result["loss_chunks_memory"] = loss_chunk_memory()
   if "--skip_run" not in sys.argv:
     n = 65536
     fn, shapes = grad_fn(n)

@@ -16,12 +16,13 @@ the rest: without expert parallelism every chip gathers all experts of a 4-layer
 fp32). Parameters and Adam moments in bf16, bf16 compute, full remat; batch rows over fsdp x expert, one
 row per host per step. The context axis may also span hosts (hosts that split a row load the same rows;
 tested with two CPU processes), but within a host the ring's hops stay on the chips' fast links.
-`python -m llama4_jax.plan
---config=configs/scout_long_context_v5p256.py --tpu=v5p-256` estimates 85 of 85.5 usable GiB per chip: a
-tight fit (fp32 parameters do not fit).
+loss_chunks=8: the
+loss builds the fp32 logits over the 202K vocabulary for 2,048 of each chip's 16,384 tokens at a time
+(all at once they take about 13 GB per chip). `python -m llama4_jax.plan
+--config=configs/scout_long_context_v5p256.py --tpu=v5p-256` estimates 71 of 85.5 usable GiB per chip
+(85 without loss_chunks; fp32 parameters do not fit; 128K-token rows do not either, at ~124 GiB).
 
-Not yet run on hardware. Known limit: the loss materialises fp32 logits over the 202K vocabulary, about
-13 GB per chip at 16K tokens; a chunked cross-entropy is needed before longer rows fit.
+Not yet run on hardware.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields
@@ -32,6 +33,7 @@ def get_config():
   c.steps = 2_000
   c.batch_size = 32
   c.seq_len = 65_536
+  c.loss_chunks = 8
   c.learning_rate = 1e-5
   c.warmup_steps = 100
   c.log_every = 1

@@ -109,8 +109,8 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
   attention_probs: float32 [B, heads, query block, keys] blocks of the dense (blocked causal) attention;
   attention_io: q, k, v and the attention output; residual: [tokens, hidden] vectors; mlp: the routed
   experts' dispatched inputs and gate/up/down outputs, the shared expert, the dense MLP, router logits;
-  logits: float32 [tokens, vocab]; gathered_weights: one superblock's weights gathered over fsdp and
-  context (zero when neither shards them).
+  logits: float32 [tokens / loss_chunks, vocab]; gathered_weights: one superblock's weights gathered over
+  fsdp and context (zero when neither shards them).
   Per-layer features count every layer without remat; with remat, each superblock's input plus the
   layers of one superblock (live while it is recomputed), and the matmul outputs under the dots policies.
   """
@@ -144,7 +144,7 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
     if cfg.remat_policy.startswith("dots"):
       kept.append({"mlp": blocks * t * a * ((2 * h + 2 * k) * hd + 2 * d + 4 * f)})
   out = {name: float(sum(x.get(name, 0) for x in kept)) for name in COEFFICIENTS}
-  out["logits"] = float(t * (cfg.vocab_size // tp) * 4)
+  out["logits"] = float(t // c.get("loss_chunks", 1) * (cfg.vocab_size // tp) * 4)  # one chunk's at a time
   # One superblock's weights (still split over tensor / expert) are gathered over fsdp x context, and
   # cast to the compute dtype when stored otherwise (an int8 base, bfloat16 compute over float32).
   layer_weights = [(math.prod(shape), itemsize) for shape, itemsize, axes, _ in _weights(cfg)

@@ -162,6 +162,9 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path):
     train(micro_config(corpus, seq_len=40, mesh=context), str(tmp_path))
   with pytest.raises(ValueError, match="config.model.attention_impl: 'dense' cannot split"):
     train(micro_config(corpus, mesh=context, **{"model.attention_impl": "dense"}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config.loss_chunks: seq_len=32 must be divisible by loss_chunks x "
+                                       r"mesh.context = 24"):
+    train(micro_config(corpus, mesh=context, loss_chunks=3), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="matches no files"):
     train(micro_config(corpus, **{"data.path": str(tmp_path / "missing")}), str(tmp_path))
   cmd, env = train_command(tmp_path, micro_config(corpus))
@@ -228,3 +231,4 @@ def test_tpu_configs_validate_for_their_slices(name, tpu, tmp_path):
   if c.mesh.fsdp != -1:
     with pytest.raises(ValueError, match="config.mesh"):
       validate(c, num_devices=chips // 2)
+

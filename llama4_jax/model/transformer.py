@@ -95,9 +95,11 @@ class Llama4(nnx.Module):
     return _forward_jit(self, input_ids, positions, segment_ids, return_aux)
 
   def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False,
-              dropout_key=None):
+              dropout_key=None, return_hidden: bool = False):
     """The traceable forward pass (what `__call__` jit-compiles). `dropout_key` (training only) turns
-    on LoRA dropout when the config sets `lora_dropout`."""
+    on LoRA dropout when the config sets `lora_dropout`. `return_hidden`: the last layer's output
+    [B, T, D] instead of the logits (`lm_logits` of it gives them), for a loss that builds the logits a
+    piece at a time."""
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -116,7 +118,7 @@ class Llama4(nnx.Module):
     h, aux, _ = self._layers(self._embed(input_ids), positions, segment_ids, ring=ring, key=key)
     if ring is not None and ring.layout == "zigzag":
       h = from_zigzag(h, self.mesh, ("batch", "seq", "act_embed"))
-    logits = self._logits(h)
+    logits = h if return_hidden else self.lm_logits(h)
     if return_aux:
       num_moe = sum(k.moe for k in cfg.layer_kinds())
       return logits, {"moe_aux_loss": aux / max(num_moe, 1)}
@@ -162,14 +164,14 @@ class Llama4(nnx.Module):
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
     h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "prefill")
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return self._logits(last)[:, 0], cache
+    return self.lm_logits(last)[:, 0], cache
 
   def decode(self, tokens, positions, cache):
     """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache). The cache may have
     more than B rows; rows B and beyond are left as they are."""
     pos = positions[:, None].astype(jnp.int32)
     h, _, cache = self._layers(self._embed(tokens[:, None]), pos, jnp.ones_like(pos), cache, "decode")
-    return self._logits(h)[:, 0], cache
+    return self.lm_logits(h)[:, 0], cache
 
   # --- shared pieces ------------------------------------------------------------------------------
   def _embed(self, ids):
@@ -177,7 +179,8 @@ class Llama4(nnx.Module):
     h = jnp.take(table, ids, axis=0).astype(dtype_of(self.config.dtype))
     return constrain(h, self.mesh, ("batch", "seq", "act_embed"))
 
-  def _logits(self, h):
+  def lm_logits(self, h):
+    """float32 logits [B, T, V] of the last layer's output h [B, T, D] (final norm, then the LM head)."""
     h = self.final_norm(h)
     logits = dot(h, self.lm_head[...].astype(h.dtype), (((2,), (0,)), ((), ())), jnp.float32)  # [B, T, V]
     return constrain(logits, self.mesh, ("batch", "seq", "vocab"))

@@ -39,6 +39,7 @@ def default_run_config() -> ml_collections.ConfigDict:
   c.batch_size = 16  # global, in sequences (rows of seq_len tokens)
   c.seq_len = 256
   c.microbatches = 1  # gradient accumulation: batch_size is split into this many forward/backward passes
+  c.loss_chunks = 1  # the loss builds the logits of seq_len / loss_chunks tokens at a time (long rows)
   c.learning_rate = 1e-3  # peak, after linear warmup; cosine decay to learning_rate * min_lr_ratio
   c.warmup_steps = 50
   c.min_lr_ratio = 0.1
@@ -86,7 +87,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   def bad(field, msg):
     raise ValueError(f"config.{field}: {msg}")
 
-  for field in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "keep_checkpoints"):
+  for field in ("steps", "batch_size", "seq_len", "microbatches", "loss_chunks", "log_every",
+                "keep_checkpoints"):
     if int(c[field]) <= 0:
       bad(field, f"must be a positive integer, got {c[field]}")
   for field in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
@@ -129,6 +131,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.seq_len % parts:
       bad("seq_len", f"{c.seq_len} must be divisible by {parts} (mesh.context={sizes['context']}, "
                      f"ring_layout={cfg.ring_layout!r})")
+  pieces = c.loss_chunks * sizes["context"]
+  if c.seq_len % pieces:
+    bad("loss_chunks", f"seq_len={c.seq_len} must be divisible by loss_chunks x mesh.context = {pieces} "
+                       "(each chunk takes an equal share of every device's part of the sequence)")
   if c.data.format not in FORMATS:
     bad("data.format", f"{c.data.format!r}; choose one of {FORMATS}")
   wants = {"builtin": "text", "builtin_chat": "chat"}.get(c.data.source)

@@ -210,7 +210,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   step_fn = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
                     out_shardings=(param_shardings, opt_shardings, None))
   base = {"frozen_base": os.path.abspath(c.init_from)} if frozen else {}  # checkpoints hold adapters only
-  eval_fn = jax.jit(make_eval_step(tm))
+  eval_fn = jax.jit(make_eval_step(tm, c.loss_chunks))
   schedule = learning_rate_schedule(c)
   held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches, rows,
                                   c.data.format)

@@ -87,13 +87,30 @@ def join_params(trainable: dict, frozen: dict) -> dict:
                                        **traverse_util.flatten_dict(trainable)})
 
 
-def token_losses(model, batch, dropout_key=None):
-  """Per-token cross-entropy [B, T] (float32), and the MoE load-balancing loss."""
-  logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              return_aux=True, dropout_key=dropout_key)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return logz - target_logit, aux["moe_aux_loss"]
+def token_losses(model, batch, dropout_key=None, chunks: int = 1):
+  """Per-token cross-entropy [B, T] (float32), and the MoE load-balancing loss.
+
+  chunks > 1 builds the float32 logits of T / chunks tokens at a time (step j takes tokens j, j + chunks,
+  j + 2 chunks, ...: an equal share of every device's part of the sequence) and recomputes them in the
+  backward pass, so [B, T / chunks, V] logits exist at once instead of [B, T, V]: at Llama 4's 202K
+  vocabulary that is what bounds long rows (13 GB per chip at 16K tokens). T must divide by chunks (and
+  by chunks x mesh.context); `train.config.validate` checks.
+  """
+  h, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                         return_aux=True, dropout_key=dropout_key, return_hidden=True)
+
+  def losses(h_BTD, targets_BT):
+    logits = model.lm_logits(h_BTD)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+  if chunks == 1:
+    return losses(h, batch["targets"]), aux["moe_aux_loss"]
+  b, t, d = h.shape
+  h_CBmD = jnp.moveaxis(h.reshape(b, t // chunks, chunks, d), 2, 0)  # token i * chunks + j -> [j, :, i]
+  targets_CBm = jnp.moveaxis(batch["targets"].reshape(b, t // chunks, chunks), 2, 0)
+  out = jax.lax.map(lambda xs: jax.checkpoint(losses)(*xs), (h_CBmD, targets_CBm))  # [chunks, B, T/chunks]
+  return jnp.moveaxis(out, 0, 2).reshape(b, t), aux["moe_aux_loss"]
 
 
 def step_hparams(c, learning_rate: float) -> dict[str, jax.Array]:
@@ -111,7 +128,7 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
   n_micro = c.microbatches
 
   def micro_loss(params, frozen, mb, total_tokens, key, aux_coef):
-    losses, aux = token_losses(tm.merge(join_params(params, frozen)), mb, key)
+    losses, aux = token_losses(tm.merge(join_params(params, frozen)), mb, key, c.loss_chunks)
     summed = jnp.sum(losses * mb["loss_mask"])
     return summed / total_tokens + aux_coef * aux / n_micro, (summed, aux)
 
@@ -146,11 +163,11 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
   return train_step
 
 
-def make_eval_step(tm: TrainModel):
+def make_eval_step(tm: TrainModel, chunks: int = 1):
   """eval_step(params, frozen, batch, byte_lengths) -> summed loss (nats), target tokens, target bytes."""
 
   def eval_step(params, frozen, batch, byte_lengths):
-    losses, _ = token_losses(tm.merge(join_params(params, frozen)), batch)
+    losses, _ = token_losses(tm.merge(join_params(params, frozen)), batch, chunks=chunks)
     mask = batch["loss_mask"]
     return {"loss_sum": jnp.sum(losses * mask), "tokens": jnp.sum(mask),
             "bytes": jnp.sum(byte_lengths[batch["targets"]] * mask)}
