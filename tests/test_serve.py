@@ -357,6 +357,8 @@ def test_serve_cli(tmp_path, model, tokenizer):
   finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]
+  # 2 slots over data x fsdp = 4 devices: the cache cannot be split over both, and the log says so
+  assert "slots=2 is not a multiple of the mesh's batch axes (data x fsdp x expert = 4)" in proc.stderr.read()
 
 
 def test_close_ends_idle_connections(model, tokenizer):
