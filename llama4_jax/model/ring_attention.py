@@ -1,8 +1,9 @@
 """Sequence-parallel ring attention over the mesh's `context` axis (see shared/design/LONG_CONTEXT.md).
 
 Each device keeps its query shard; key/value shards (kv heads only, with their token metadata: true
-index, position and segment id) travel around a ring of devices with `lax.ppermute`, and blockwise
-online-softmax statistics merge the partial results in float32. A custom VJP saves only q, k, v, the
+index, position and segment id) travel around a ring of devices with `lax.ppermute` (for windowed
+layers over packed zigzag rows, a few steps each way), and blockwise online-softmax statistics merge the
+partial results in float32. A custom VJP saves only q, k, v, the
 output and the log-sum-exp, and runs a second ring in which dk/dv (already summed over each query group)
 follow their k/v one hop behind, so every transfer overlaps a block of compute.
 
@@ -391,11 +392,11 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
       dk, dv = dk + arrived[0], dv + arrived[1]
     return sent, (dk, dv), dq
 
-  def sweep(kv, dq, k, count, home):
-    """Gradients for kv and the count - 1 shards that arrive after it, each sent k devices on: returns
-    dq and the dk/dv of the last shard held, summed over the devices it visited, sent `home` devices on
-    (to the device the shard belongs to)."""
-    perm = plan.shift(k)
+  def sweep(kv, dq, direction, count, home):
+    """Gradients for kv and the count - 1 shards that arrive after it, each sent `direction` (+1 or -1)
+    devices on: returns dq and the dk/dv of the last shard held, summed over the devices it visited,
+    sent `home` devices on (to the device the shard belongs to)."""
+    perm = plan.shift(direction)
     kv, dkv, dq = step(kv, None, dq, perm, count > 1, False)
     if count > 2:
       kv, dkv, dq = jax.lax.fori_loop(0, count - 2, lambda _, c: step(*c, perm, True, True), (kv, dkv, dq))
