@@ -24,7 +24,7 @@ import numpy as np
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.attention import _query_block
 from llama4_jax.model.lora import is_adapter
-from llama4_jax.sharding import RULES, logical_to_spec, resolve_mesh_sizes
+from llama4_jax.sharding import batch_shards, logical_to_spec, resolve_mesh_sizes
 
 GiB = 2**30
 # HBM per chip and TensorCores per chip (the number in a slice name counts cores on v4 / v5p).
@@ -99,10 +99,6 @@ def weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
   return total, trainable
 
 
-def _batch_shards(sizes) -> int:
-  return math.prod(sizes[a] for a in RULES["batch"])
-
-
 def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str, float]:
   """Sizes (bytes, per device) of what one microbatch's forward and backward keep or build:
 
@@ -114,7 +110,7 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
   Per-layer features count every layer without remat; with remat, each superblock's input plus the
   layers of one superblock (live while it is recomputed), and the matmul outputs under the dots policies.
   """
-  b = max(1, c.batch_size // (c.microbatches * _batch_shards(sizes)))  # (plan_training checks it divides)
+  b = max(1, c.batch_size // (c.microbatches * batch_shards(sizes)))  # (plan_training checks it divides)
   s = c.seq_len // sizes["context"]
   t = b * s
   a = np.dtype(cfg.dtype).itemsize
@@ -168,7 +164,7 @@ def activation_bytes(c, cfg: ModelConfig, sizes: dict[str, int]) -> int:
 
 def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: int) -> int:
   """The sampler's KV cache on one device: keys, values (compute dtype) and int32 positions."""
-  shards = _batch_shards(sizes)
+  shards = batch_shards(sizes)
   rows = batch // shards if batch % shards == 0 else batch  # a batch the axes do not divide is replicated
   k = cfg.num_key_value_heads // sizes["tensor"]
   a = np.dtype(cfg.dtype).itemsize
@@ -199,7 +195,7 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None) -> Plan:
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)
   cfg = model_config(c)
   check_mesh_fits(cfg, _Sizes(sizes))
-  rows = c.microbatches * _batch_shards(sizes)
+  rows = c.microbatches * batch_shards(sizes)
   if c.batch_size % rows:
     raise ValueError(f"batch_size={c.batch_size} is not divisible by microbatches x the batch mesh axes "
                      f"(data x fsdp x expert) = {rows}")
@@ -223,7 +219,7 @@ def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None
   cfg = model_config(c)
   check_mesh_fits(cfg, _Sizes(sizes))
   weights, _ = weight_bytes(cfg, sizes)
-  rows = max(1, batch // _batch_shards(sizes))
+  rows = max(1, batch // batch_shards(sizes))
   prefill = 3 * rows * length * (cfg.hidden_size * np.dtype(cfg.dtype).itemsize * 8) + \
       rows * cfg.vocab_size // sizes["tensor"] * 4 * 2
   parts = {"parameters": weights, "kv cache": kv_cache_bytes(cfg, sizes, batch, length),

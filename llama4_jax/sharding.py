@@ -151,6 +151,12 @@ def resolve_mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int
   return {a: int(v) for a, v in sizes.items()}
 
 
+def batch_shards(sizes) -> int:
+  """Devices a batch is split over: the product of the mesh axes the "batch" rule names (`sizes`: axis ->
+  size, e.g. `mesh.shape`; missing axes count 1)."""
+  return math.prod(sizes.get(a, 1) for a in RULES["batch"])
+
+
 MESH_FLAG_HELP = ("Shard the model and the KV cache over this host's devices, e.g. 'fsdp=4,tensor=2' (axes "
                   "data, fsdp, tensor, expert; those not named are 1, one may be -1: the rest). Default: "
                   "one device.")

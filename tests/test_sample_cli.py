@@ -25,7 +25,8 @@ def test_sample_cli(tmp_path):
   assert runs["fsdp=4,tensor=2"].returncode == 0, runs["fsdp=4,tensor=2"].stderr[-2000:]
   assert runs["fsdp=4,tensor=2"].stdout.split("\n[")[0] == proc.stdout.split("\n[")[0]
   assert runs["tensor=3"].returncode == 1 and runs["tensor=3"].stderr.strip().endswith(
-      "needs 3 devices but 8 are available; make the product of the axis sizes equal 8 (or set one axis to -1)")
+      "needs 3 devices but 8 are available; make the product of the axis sizes equal 8 "
+      "(or set one axis to -1)")
   # the built-in BPE carries Llama 4's chat tokens, so --chat works with small models too
   chat = subprocess.run([sys.executable, "-m", "llama4_jax.sample", f"--checkpoint={tmp_path}",
                          "--chat", "--max_new_tokens=4"], cwd=REPO, capture_output=True, text=True,

@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
 import queue
 import threading
 import time
@@ -34,7 +33,7 @@ import numpy as np
 from llama4_jax.inference.sampler import check_prompt_ids
 from llama4_jax.inference.sampling import sample_rows
 from llama4_jax.inference.static import merge_model, split_model
-from llama4_jax.sharding import RULES
+from llama4_jax.sharding import RULES, batch_shards
 
 _IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
 _MIN_BUCKET = 16  # prompts are padded to a power of two >= this: few prefill shapes get compiled
@@ -221,7 +220,7 @@ class Engine:
     self._reset_device_state()
     self.stats = EngineStats()
     mesh = getattr(model, "mesh", None)
-    shards = 1 if mesh is None else math.prod(mesh.shape.get(a, 1) for a in RULES["batch"])
+    shards = 1 if mesh is None else batch_shards(mesh.shape)
     if slots % shards:
       logging.warning("slots=%d is not a multiple of the mesh's batch axes (%s = %d): the KV cache is not "
                       "split over all of them, so each device holds more of it; choose a multiple of %d",

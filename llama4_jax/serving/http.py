@@ -55,13 +55,11 @@ class Generation:
       raise api.APIError(400, f"this call asks for {len(self.requests)} choices (prompts x n); the server "
                          f"holds at most {room} requests at once (--slots + --max_queue)", param="n")
     try:
-      self._engine.submit_all(self.requests)
+      self._engine.submit_all(self.requests)  # all or none: nothing is queued when it raises
     except QueueFull as e:
-      self.cancel()
       raise api.APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
                          code="queue_full") from e
     except ValueError as e:  # the engine's own checks (token ids outside the vocabulary, ...)
-      self.cancel()
       raise api.APIError(400, str(e), param="prompt") from e
 
   def cancel(self) -> None:

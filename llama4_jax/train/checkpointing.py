@@ -20,20 +20,17 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from llama4_jax.checkpoint.keys import state_path
 from llama4_jax.config import ModelConfig
 
 STACKED = "blocks"  # the state key under which every leaf is stacked over superblocks on axis 0
-
-
-def _key_name(k) -> str:
-  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
 def layer_chunks(state):
   """Orbax save args for `state`: leaves under `blocks` of rank >= 2 are stored in chunks of one index of
   axis 0 (one superblock), the rest as Orbax chooses (a chunk per device shard)."""
   def one(path, x):
-    stacked = STACKED in (_key_name(k) for k in path) and getattr(x, "ndim", 0) >= 2
+    stacked = STACKED in state_path(path) and getattr(x, "ndim", 0) >= 2
     return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
   return jax.tree_util.tree_map_with_path(one, state)
 

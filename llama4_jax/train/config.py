@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from llama4_jax.config import ModelConfig, get_config
 from llama4_jax.data.pipeline import FORMATS
+from llama4_jax.sharding import batch_shards
 
 
 def model_fields(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -108,14 +109,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
     bad("mesh", f"{sizes} uses {math.prod(sizes.values())} devices but there are {num_devices}")
-  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  shards = batch_shards(sizes)
   if c.batch_size % c.microbatches:
     bad("microbatches", f"{c.microbatches} does not divide batch_size={c.batch_size}")
   micro = c.batch_size // c.microbatches
-  if micro % batch_shards:
+  if micro % shards:
     bad("batch_size", f"{c.batch_size} / microbatches={c.microbatches} = {micro} sequences per "
                       f"microbatch is not divisible by the batch mesh axes data*fsdp*expert = "
-                      f"{batch_shards}")
+                      f"{shards}")
   cfg = model_config(c)  # raises ValueError naming the model field
   if cfg.lora_rank and not c.init_from:
     bad("init_from", "LoRA (model.lora_rank > 0) fine-tunes a pretrained model: set init_from to a "
