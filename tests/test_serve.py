@@ -310,6 +310,39 @@ def test_engine_queue_full_and_checks(model):
     engine.check([], 3)
 
 
+def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
+  """Requests queued together on an idle engine: the distinct short prompts are prefilled in one call
+  (padded to 4 rows), the repeated one copies a row, the long one (which waits for a slot) is prefilled
+  alone; each gets the tokens it gets when sent alone, sampled ones included."""
+  from llama4_jax.serving import engine as engine_module
+  engine, calls = server.engine, []
+  real = engine_module._prefill_insert
+
+  def spy(static, leaves, tokens, *args, **kw):
+    calls.append(tokens.shape)
+    return real(static, leaves, tokens, *args, **kw)
+
+  def tokens(request):
+    out = []
+    while (event := request.events.get(timeout=60))[1] == "token":
+      out.append(event[2])
+    assert event[1] == "done", event
+    return out
+
+  rng = np.random.RandomState(1)
+  p5, p20, p3, p70 = (rng.randint(3, tokenizer.vocab_size, n).tolist() for n in (5, 20, 3, 70))
+  greedy = SamplingParams(max_tokens=10, stop_tokens=(tokenizer.eos_id,))
+  sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=5)
+  wanted = [(p5, greedy), (p20, sampled), (p3, greedy), (p5, sampled), (p70, greedy)]
+  wait_idle(engine)
+  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
+  together = [tokens(r) for r in engine.submit_all([Request(p, s) for p, s in wanted])]
+  assert calls == [(4, 32), (1, 128)]  # 5, 20 and 3 tokens in one call, 70 alone; the repeat copies
+  alone = [tokens(engine.submit(Request(p, s))) for p, s in wanted]
+  assert together == alone and len(calls) == 7
+  wait_idle(engine)
+
+
 def test_text_stream_holds_back_stop_strings(tokenizer):
   text = "value = decoder.decode(s)\nreturn value"
   ids = tokenizer.encode(text)
@@ -331,7 +364,7 @@ def test_serve_cli(tmp_path, model, tokenizer):
   l4.save_pretrained(model, str(ckpt))
   os.link(tokenizer.path, ckpt / "tokenizer.json")
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
-                           "--slots=2", "--max-context=64", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1"],
+                           "--slots=2", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in proc.stdout:
