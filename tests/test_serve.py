@@ -340,6 +340,15 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
   assert calls == [(4, 32), (1, 128)]  # 5, 20 and 3 tokens in one call, 70 alone; the repeat copies
   alone = [tokens(engine.submit(Request(p, s))) for p, s in wanted]
   assert together == alone and len(calls) == 7
+
+  def broken(*args, **kw):
+    raise RuntimeError("the device is gone")
+
+  monkeypatch.setattr(engine_module, "_prefill_insert", broken)  # a failed call fails its requests only
+  for r in engine.submit_all([Request(p, greedy) for p in (p5, p20, p3)]):
+    assert r.events.get(timeout=60)[1:] == ("error", "RuntimeError: the device is gone")
+  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
+  assert tokens(engine.submit(Request(p5, greedy))) == alone[0]
   wait_idle(engine)
 
 

@@ -346,10 +346,13 @@ class Engine:
       try:
         self._admit()
         self._iterate()
-      except Exception as e:  # a failed device call: fail what is in flight, keep serving
+      except Exception as e:  # a failed device call: fail the requests in the slots, keep serving
         logging.exception("engine step failed")
-        self._fail_all(f"{type(e).__name__}: {e}")
-    self._fail_all("the server is shutting down")
+        self._fail_active(f"{type(e).__name__}: {e}")
+    with self._cond:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+    self._fail(waiting, "the server is shutting down")
+    self._fail_active("the server is shutting down")
 
   def _iterate(self) -> None:
     """Dispatches a decode step if any slot is busy, then hands out everything dispatched before it."""
@@ -404,11 +407,9 @@ class Engine:
         logits.update(zip((slot for slot, _ in group), self._prefill(group)))
       for slot, request, src in copies:
         self._copy_prefill(slot, request, src, logits[src])
-    except Exception as e:  # requests not yet in a slot fail here, the rest via _fail_all
-      for slot, request in taken:
-        if self._active[slot] is not request:
-          request.events.put((request.tag, "error", f"{type(e).__name__}: {e}"))
-          self.stats.finished["error"] += 1
+    except Exception as e:  # requests not yet in a slot fail here, the rest via _fail_active
+      self._fail([request for slot, request in taken if self._active[slot] is not request],
+                 f"{type(e).__name__}: {e}")
       raise
 
   def _prefill_groups(self, pending: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:
@@ -498,12 +499,15 @@ class Engine:
     self.stats.finished[reason] += 1
     request.events.put((request.tag, "done", reason))
 
-  def _fail_all(self, message: str) -> None:
-    with self._cond:
-      waiting, self._waiting = list(self._waiting), collections.deque()
-    for request in waiting + [r for r in self._active if r is not None]:
+  def _fail(self, requests: Sequence[Request], message: str) -> None:
+    for request in requests:
       request.events.put((request.tag, "error", message))
       self.stats.finished["error"] += 1
+
+  def _fail_active(self, message: str) -> None:
+    """Fails the requests in the slots and starts from an empty cache. Waiting requests stay queued: a
+    device call that failed once may well succeed for them."""
+    self._fail([r for r in self._active if r is not None], message)
     self._active = [None] * self.slots
-    self._temperature[:] = 0.0
+    self._temperature[:], self._pos[:] = 0.0, 0  # as `_free` leaves a slot
     self._reset_device_state()  # a failed call may have consumed the donated cache
