@@ -1,7 +1,7 @@
 """Load on the OpenAI-compatible server: throughput and time to first token at 1, 8 and 32 concurrent
 clients, continuous batching against serving one request at a time.
 
-    python benchmarks/serve_load.py [--checkpoint workdir/tiny] [--clients 1 8 32] [--requests 4]
+    python benchmarks/serve_load.py [--checkpoint workdir/tiny] [--clients 1 8 32] [--requests 16]
 
 The server runs in its own process (`python -m llama4_jax.serve`) on loopback; this process is the load:
 each client thread sends `--requests` streaming completions one after another (greedy, prompts of
@@ -151,7 +151,8 @@ def main():
                  "one), or a random ~100M-parameter MoE")
   p.add_argument("--slots", type=int, default=8, help="decode slots of the continuous-batching server")
   p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-  p.add_argument("--requests", type=int, default=4, help="requests per client")
+  p.add_argument("--requests", type=int, default=16,
+                 help="requests per client (at 4, a run lasted about a second: too short to be steady)")
   p.add_argument("--max_tokens", type=int, default=64)
   p.add_argument("--max_context", type=int, default=256)
   p.add_argument("--time_limit", type=float, default=120.0, help="seconds per run")
