@@ -310,35 +310,45 @@ def test_engine_queue_full_and_checks(model):
     engine.check([], 3)
 
 
-def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
-  """Requests queued together on an idle engine: the distinct short prompts are prefilled in one call
-  (padded to 4 rows), the repeated one copies a row, the long one (which waits for a slot) is prefilled
-  alone; each gets the tokens it gets when sent alone, sampled ones included."""
+def collect(request):
+  """A request's tokens, once it is done."""
+  out = []
+  while (event := request.events.get(timeout=60))[1] == "token":
+    out.append(event[2])
+  assert event[1] == "done", event
+  return out
+
+
+def spy_prefill_calls(monkeypatch) -> list:
+  """The [rows, width] of each prefill call the engine makes from now on."""
   from llama4_jax.serving import engine as engine_module
-  engine, calls = server.engine, []
-  real = engine_module._prefill_insert
+  calls, real = [], engine_module._prefill_insert
 
   def spy(static, leaves, tokens, *args, **kw):
     calls.append(tokens.shape)
     return real(static, leaves, tokens, *args, **kw)
 
-  def tokens(request):
-    out = []
-    while (event := request.events.get(timeout=60))[1] == "token":
-      out.append(event[2])
-    assert event[1] == "done", event
-    return out
+  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
+  return calls
 
+
+def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
+  """Requests queued together on an idle engine: the distinct short prompts are prefilled in one call
+  (padded to 4 rows), the repeated one copies a row, the long one (which waits for a slot) is prefilled
+  alone; each gets the tokens it gets when sent alone, sampled ones included."""
+  from llama4_jax.serving import engine as engine_module
+  engine = server.engine
   rng = np.random.RandomState(1)
   p5, p20, p3, p70 = (rng.randint(3, tokenizer.vocab_size, n).tolist() for n in (5, 20, 3, 70))
   greedy = SamplingParams(max_tokens=10, stop_tokens=(tokenizer.eos_id,))
   sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=5)
   wanted = [(p5, greedy), (p20, sampled), (p3, greedy), (p5, sampled), (p70, greedy)]
   wait_idle(engine)
-  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
-  together = [tokens(r) for r in engine.submit_all([Request(p, s) for p, s in wanted])]
+  calls = spy_prefill_calls(monkeypatch)
+  spy = engine_module._prefill_insert
+  together = [collect(r) for r in engine.submit_all([Request(p, s) for p, s in wanted])]
   assert calls == [(4, 32), (1, 128)]  # 5, 20 and 3 tokens in one call, 70 alone; the repeat copies
-  alone = [tokens(engine.submit(Request(p, s))) for p, s in wanted]
+  alone = [collect(engine.submit(Request(p, s))) for p, s in wanted]
   assert together == alone and len(calls) == 7
 
   def broken(*args, **kw):
@@ -348,7 +358,21 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
   for r in engine.submit_all([Request(p, greedy) for p in (p5, p20, p3)]):
     assert r.events.get(timeout=60)[1:] == ("error", "RuntimeError: the device is gone")
   monkeypatch.setattr(engine_module, "_prefill_insert", spy)
-  assert tokens(engine.submit(Request(p5, greedy))) == alone[0]
+  assert collect(engine.submit(Request(p5, greedy))) == alone[0]
+  wait_idle(engine)
+
+
+def test_choices_beyond_the_slots_reuse_the_prefill(server, monkeypatch):
+  """6 choices of one prompt on 4 slots: one prefill call; the 2 that wait for a slot get the kept row,
+  and every choice the tokens it gets alone."""
+  engine = server.engine
+  prompt = list(range(40, 52))
+  params = [SamplingParams(max_tokens=6 + k, temperature=0.9, seed=k) for k in range(6)]
+  wait_idle(engine)
+  calls = spy_prefill_calls(monkeypatch)
+  together = [collect(r) for r in engine.submit_all([Request(prompt, p, tag=k) for k, p in enumerate(params)])]
+  assert calls == [(1, 16)] and engine._kept is None  # let go once no waiting request needs it
+  assert together == [collect(engine.submit(Request(prompt, p))) for p in params] and len(calls) == 7
   wait_idle(engine)
 
 

@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,13 +164,24 @@ def _prefill_insert(static, leaves, tokens_bT, lengths_b, cache, tok_S, slots_b,
   return first, row_logits, _put(tok_S, first, slots_b, 0), _insert_rows(cache, rows, slots_b)
 
 
+_row_at = jax.jit(_take_row)
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _share_prefill(logits_1V, cache, tok_B, src, slot, length_1, seed_1, temperature_1, top_k_1, top_p_1):
-  """A request whose prompt was just prefilled into slot `src` (its logits_1V kept): copies that cache
-  row to `slot` and samples the request's first token with its own key, as a prefill of its own would."""
+def _copy_prefill(logits_1V, row, cache, tok_B, slot, length_1, seed_1, temperature_1, top_k_1, top_p_1):
+  """A request whose prompt is already prefilled (its cache `row` and logits_1V kept): writes the row at
+  `slot` and samples the request's first token with its own key, as a prefill of its own would."""
   first = sample_rows(logits_1V, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
   slots = jnp.reshape(slot, (1,))
-  return first, _put(tok_B, first, slots, 0), _insert_rows(cache, _take_row(cache, src), slots)
+  return first, _put(tok_B, first, slots, 0), _insert_rows(cache, row, slots)
+
+
+class _Kept(NamedTuple):
+  """A prefilled prompt kept for requests with the same prompt still waiting (the `n` choices of one
+  prompt beyond the free slots): its cache row [1, ...] and logits [1, V]."""
+  prompt: list[int]
+  row: dict
+  logits: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
@@ -249,6 +260,7 @@ class Engine:
     fresh = _empty_state(self._static, self._leaves, self.slots, self.max_length)
     self._cache, self._tok = jax.device_put(fresh, jax.tree.map(lambda x: x.sharding, fresh))
     self._unread.clear()
+    self._kept: _Kept | None = None  # a prefilled prompt that waiting requests repeat
 
   # --- called from any thread ------------------------------------------------------------------------
   def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -397,20 +409,40 @@ class Engine:
         else:
           taken.append((free[len(taken)], request))
     first_slot: dict[tuple, int] = {}  # prompt -> the slot that prefills it
-    fresh, copies = [], []
+    fresh, copies, from_kept = [], [], []
     for slot, request in taken:
       src = first_slot.setdefault(tuple(request.prompt), slot)
-      (fresh if src == slot else copies).append((slot, request, src))
+      if src != slot:
+        copies.append((slot, request, src))
+      elif self._kept is not None and request.prompt == self._kept.prompt:
+        from_kept.append((slot, request))
+        del first_slot[tuple(request.prompt)]
+      else:
+        fresh.append((slot, request))
     try:
       logits = {}  # prefilled slot -> its logits [1, V]
-      for group in self._prefill_groups([(slot, request) for slot, request, _ in fresh]):
+      for group in self._prefill_groups(fresh):
         logits.update(zip((slot for slot, _ in group), self._prefill(group)))
       for slot, request, src in copies:
-        self._copy_prefill(slot, request, src, logits[src])
+        self._copy(slot, request, _Kept(request.prompt, _row_at(self._cache, np.int32(src)), logits[src]))
+      for slot, request in from_kept:
+        self._copy(slot, request, self._kept)
+      self._keep_for_waiting([(slot, request, logits[slot]) for slot, request in fresh])
     except Exception as e:  # requests not yet in a slot fail here, the rest via _fail_active
       self._fail([request for slot, request in taken if self._active[slot] is not request],
                  f"{type(e).__name__}: {e}")
       raise
+
+  def _keep_for_waiting(self, prefilled: list[tuple[int, Request, jax.Array]]) -> None:
+    """Keeps the row of a prompt just prefilled that waiting requests repeat (one prompt at a time; the
+    latest wins), and lets go of a kept row no waiting request needs any more."""
+    with self._cond:
+      waiting = [r.prompt for r in self._waiting]
+    for slot, request, logits in prefilled:
+      if request.prompt in waiting:
+        self._kept = _Kept(request.prompt, _row_at(self._cache, np.int32(slot)), logits)
+    if self._kept is not None and self._kept.prompt not in waiting:
+      self._kept = None
 
   def _prefill_groups(self, pending: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:
     """Prefill calls for (slot, request) pairs: prompts padded to at most _PREFILL_WIDTH tokens go up to
@@ -457,15 +489,15 @@ class Engine:
     self._unread.append(("first", first, [slot for slot, _ in group], [request for _, request in group]))
     return logits
 
-  def _copy_prefill(self, slot: int, request: Request, src: int, logits_1V: jax.Array) -> None:
-    """Admits `request` into `slot` by copying the cache row of `src`, where the same prompt was just
-    prefilled (logits_1V its logits), and dispatches its first token drawn with its own settings."""
+  def _copy(self, slot: int, request: Request, prefilled: _Kept) -> None:
+    """Admits `request` into `slot` with the cache row of its prompt, already prefilled, and dispatches
+    its first token, drawn from that prefill's logits with the request's own settings."""
     self._set_sampling(slot, request.params)
     one = slice(slot, slot + 1)
     sampling = self._snapshot(self._seed[one], self._temperature[one], self._top_k[one], self._top_p[one])
-    first, self._tok, self._cache = _share_prefill(logits_1V, self._cache, self._tok, np.int32(src),
-                                                   np.int32(slot), np.array([len(request.prompt)], np.int32),
-                                                   *sampling)
+    first, self._tok, self._cache = _copy_prefill(prefilled.logits, prefilled.row, self._cache, self._tok,
+                                                  np.int32(slot), np.array([len(request.prompt)], np.int32),
+                                                  *sampling)
     self._activate(slot, request)
     self._unread.append(("first", first, [slot], [request]))
 
