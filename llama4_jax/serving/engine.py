@@ -408,6 +408,8 @@ class Engine:
           self._finish(request, "cancelled")
         else:
           taken.append((free[len(taken)], request))
+    if not taken:
+      return
     first_slot: dict[tuple, int] = {}  # prompt -> the slot that prefills it
     fresh, copies, from_kept = [], [], []
     for slot, request in taken:
