@@ -50,7 +50,8 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def server(model, tokenizer):
-  srv = Server(model, tokenizer, NAME, port=0, slots=SLOTS, max_length=CONTEXT, max_queue=16).start()
+  srv = Server(model, tokenizer, NAME, port=0, slots=SLOTS, max_length=CONTEXT, max_queue=16,
+               warmup=False).start()  # compiles what the tests use (the CLI test warms up)
   yield srv
   srv.close()
 
