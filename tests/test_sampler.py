@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import llama4_jax as l4
 from conftest import SCOUT_LIKE, MAVERICK_LIKE, make_hf_checkpoint
@@ -50,6 +51,30 @@ def test_chunked_cache_is_a_ring_of_chunk_size(models):
   p = prompts_for(model.config, (7,))[0]
   assert generate(model, [p], max_new_tokens=60, stop_tokens=[])[0] == sample_uncached(model, p, 60,
                                                                                       window=128)
+
+
+def test_prefill_in_pieces_equals_one_prefill(models):
+  """`extend` continues cached prompts: rows of 30 and 19 tokens prefilled 12 at a time (pieces longer
+  than the chunked layers' ring buffer, crossing chunk boundaries) give one prefill's logits and cache."""
+  model, _ = models
+  extend = nnx.jit(lambda m, *args: m.extend(*args))
+  prompts = prompts_for(model.config, (30, 19))
+  tokens = np.zeros((2, 32), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  lengths = np.array([30, 19], np.int32)
+  prefill = nnx.jit(lambda m, *args: m.prefill(*args))
+  whole, whole_cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), model.init_cache(2, 48))
+  cache, start, last = model.init_cache(2, 48), np.zeros(2, np.int32), np.zeros(whole.shape, np.float32)
+  for _ in range(3):  # the row of 19 ends in the second piece; the third has none of its tokens
+    n = np.minimum(12, lengths - start)
+    piece = np.stack([np.pad(tokens[i, start[i]:start[i] + n[i]], (0, 12 - n[i])) for i in range(2)])
+    logits, cache = extend(model, jnp.asarray(piece), jnp.asarray(start), jnp.asarray(n), cache)
+    last[n > 0] = np.asarray(logits)[n > 0]
+    start = start + n
+  np.testing.assert_allclose(last, whole, atol=2e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(whole_cache)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

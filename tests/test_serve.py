@@ -371,9 +371,40 @@ def test_choices_beyond_the_slots_reuse_the_prefill(server, monkeypatch):
   params = [SamplingParams(max_tokens=6 + k, temperature=0.9, seed=k) for k in range(6)]
   wait_idle(engine)
   calls = spy_prefill_calls(monkeypatch)
-  together = [collect(r) for r in engine.submit_all([Request(prompt, p, tag=k) for k, p in enumerate(params)])]
+  requests = engine.submit_all([Request(prompt, p, tag=k) for k, p in enumerate(params)])
+  together = [collect(r) for r in requests]
   assert calls == [(1, 16)] and engine._kept is None  # let go once no waiting request needs it
   assert together == [collect(engine.submit(Request(prompt, p))) for p in params] and len(calls) == 7
+  wait_idle(engine)
+
+
+def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
+  """With pieces of 32 tokens, a 100-token prompt is prefilled in 4 pieces while a running request keeps
+  decoding between them; it and a sampled repeat of it (which copies its row) get the tokens they get
+  from a prefill in one call."""
+  from llama4_jax.serving import engine as engine_module
+  engine, starts = server.engine, []
+  real = engine_module._extend_row
+  running = Request(list(range(3, 8)), SamplingParams(max_tokens=60))
+
+  def spy(static, leaves, tokens, start, *args):
+    starts.append((int(start[0]), running.generated))
+    return real(static, leaves, tokens, start, *args)
+
+  long = list(np.random.RandomState(2).randint(3, 300, 100))
+  wanted = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, temperature=0.8, seed=3)]
+  wait_idle(engine)
+  monkeypatch.setattr(engine_module, "_extend_row", spy)
+  monkeypatch.setattr(engine_module, "_PREFILL_PIECE", 32)
+  engine.submit(running)
+  while running.generated < 2:
+    time.sleep(0.01)
+  pieces = [collect(r) for r in engine.submit_all([Request(long, p) for p in wanted])]
+  collect(running)
+  assert [s for s, _ in starts] == [0, 32, 64, 96]
+  assert all(a < b for (_, a), (_, b) in zip(starts, starts[1:])), starts  # decoding went on in between
+  monkeypatch.setattr(engine_module, "_PREFILL_PIECE", 256)
+  assert pieces == [collect(engine.submit(Request(long, p))) for p in wanted] and len(starts) == 4
   wait_idle(engine)
 
 

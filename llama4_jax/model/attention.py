@@ -164,9 +164,10 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, rope_cos_sin, mesh=None, cache=None,
                mode=None, ring: RingContext | None = None, key=None):
     """Attention over the given tokens; with a KV cache (see `init_kv_cache`), `mode` is "prefill"
-    (attend within the prompt, then store it) or "decode" (store one token per row, attend over the
-    cache). With `ring` (no cache), ring attention over the mesh's context axis. `key` (or None): LoRA
-    dropout. Returns (out [B, T, D], cache)."""
+    (attend within the prompt, then store it), "extend" (more of a prompt whose start is cached: attend
+    over those entries and the new tokens, then store them) or "decode" (store one token per row, attend
+    over the cache). With `ring` (no cache), ring attention over the mesh's context axis. `key` (or
+    None): LoRA dropout. Returns (out [B, T, D], cache)."""
     q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh, key)
     if ring is not None:
       plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned,
@@ -175,11 +176,30 @@ class Attention(nnx.Module):
       return self._out(out, key), cache
     if mode == "decode":
       return self._decode(q, k, v, positions_BT[:, 0], cache, key)
+    if mode == "extend":
+      return self._extend(q, k, v, positions_BT, segment_ids_BT, cache, key)
     mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
     out = self._out(dense_attention(q, k, v, mask, mesh), key)
-    if mode == "prefill":
-      cache = store_prefill(cache, k, v, jnp.sum(segment_ids_BT > 0, axis=1))
+    if mode == "prefill":  # into a fresh cache
+      lengths_B = jnp.sum(segment_ids_BT > 0, axis=1)
+      cache = store_tokens(cache, k, v, jnp.zeros_like(lengths_B), lengths_B)
     return out, cache
+
+  def _extend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, cache, key=None):
+    """Rows continue at positions_BT[:, 0] (their earlier tokens are in `cache`, a layer's dict): each new
+    token attends over the cached entries before that start and the new tokens up to itself (causal; the
+    same chunk on chunked layers), then the new tokens are stored."""
+    start_B, lengths_B = positions_BT[:, 0], jnp.sum(segment_ids_BT > 0, axis=1)
+    cached_BS = jnp.where(cache["pos"] < start_B[:, None], cache["pos"], -1)
+    kpos_BS = jnp.concatenate([cached_BS, jnp.where(segment_ids_BT > 0, positions_BT, -1)], axis=1)
+    k_BSKH = jnp.concatenate([cache["k"].transpose(0, 2, 1, 3).astype(k_BTKH.dtype), k_BTKH], axis=1)
+    v_BSKH = jnp.concatenate([cache["v"].transpose(0, 2, 1, 3).astype(v_BTKH.dtype), v_BTKH], axis=1)
+    q_pos, k_pos = positions_BT[:, :, None], kpos_BS[:, None, :]
+    mask_BTS = (k_pos >= 0) & (k_pos <= q_pos)
+    if self.chunk_size is not None:
+      mask_BTS &= k_pos // self.chunk_size == q_pos // self.chunk_size
+    out = self._out(masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS), key)
+    return out, store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,20 +213,21 @@ def init_kv_cache(batch: int, size: int, kv_heads: int, head_dim: int, dtype):
           "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
-def store_prefill(cache, k_BTKH, v_BTKH, lengths_B):
-  """Stores each row's prompt (its first lengths[b] tokens, positions 0..L-1): slot s gets the latest
-  position p < L with p % S == s, so a ring buffer shorter than the prompt keeps the last chunk."""
+def store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B):
+  """Stores each row's new tokens (its first lengths[b], at positions start[b]...) at slot position % S:
+  slot s gets the latest new position p with p % S == s, so a ring buffer shorter than the tokens keeps
+  the last chunk; the other slots keep what they held."""
   size = cache["pos"].shape[1]
   slots = jnp.arange(size)
-  last = lengths_B[:, None] - 1
-  src = last - jnp.mod(last - slots[None, :], size)  # [B, S] prompt position per slot, < 0 if none
-  valid = src >= 0
-  idx = jnp.clip(src, 0, k_BTKH.shape[1] - 1)
+  last = (start_B + lengths_B - 1)[:, None]
+  src = last - jnp.mod(last - slots[None, :], size)  # [B, S] the latest new position per slot
+  new = src >= start_B[:, None]
+  idx = jnp.clip(src - start_B[:, None], 0, k_BTKH.shape[1] - 1)
   take = lambda x: jnp.take_along_axis(x.transpose(0, 2, 1, 3), idx[:, None, :, None], axis=2)  # noqa: E731
-  keep = valid[:, None, :, None]
-  return {"k": jnp.where(keep, take(k_BTKH), 0).astype(cache["k"].dtype),
-          "v": jnp.where(keep, take(v_BTKH), 0).astype(cache["v"].dtype),
-          "pos": jnp.where(valid, src, -1).astype(jnp.int32)}
+  keep = new[:, None, :, None]
+  return {"k": jnp.where(keep, take(k_BTKH).astype(cache["k"].dtype), cache["k"]),
+          "v": jnp.where(keep, take(v_BTKH).astype(cache["v"].dtype), cache["v"]),
+          "pos": jnp.where(new, src, cache["pos"]).astype(jnp.int32)}
 
 
 class StackedCache(NamedTuple):

@@ -166,6 +166,17 @@ class Llama4(nnx.Module):
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.lm_logits(last)[:, 0], cache
 
+  def extend(self, tokens, starts, lengths, cache):
+    """Continues prompts whose first starts[b] tokens are in `cache` with tokens [B, T] (row b has
+    lengths[b] real ones, at positions starts[b], starts[b] + 1, ...), so a long prompt can be prefilled
+    a piece at a time. Returns (logits [B, V] at each row's last new token, cache)."""
+    b, t = tokens.shape
+    positions = (starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]).astype(jnp.int32)
+    segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
+    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "extend")
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return self.lm_logits(last)[:, 0], cache
+
   def decode(self, tokens, positions, cache):
     """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache). The cache may have
     more than B rows; rows B and beyond are left as they are."""

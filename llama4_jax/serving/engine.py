@@ -6,7 +6,10 @@ max_tokens, or cancelled by the client) at once. Admitted prompts are prefilled 
 which are written into the batch cache at their slots, and their first tokens sampled; short prompts
 that arrive together (padded to at most 64 tokens) share a prefill call, 3 to 8 a call, since a call of
 a few short prompts costs little more than one (the tiny model with 8 slots of 256 tokens: 8 prompts of
-16 tokens in 9.1-9.5 ms, one in 2.3-3.1 ms). Requests with the same prompt admitted together, such as
+16 tokens in 9.1-9.5 ms, one in 2.3-3.1 ms). Prompts longer than 256 tokens are prefilled 256 at a time
+into a row of their own, one piece between decode steps (`Llama4.extend`), so a long prompt does not
+stall the others' decoding; once whole, the row takes a free slot. Requests with the same prompt
+admitted together, such as
 the `n` choices of one prompt, share one prefill: its cache row is copied and each samples its first
 token from the same logits with its own key. A request takes the lowest free slot and a step runs the
 first 1, 2, 4, ... or all slots (whichever covers the busy ones; each width is compiled once, at
@@ -42,6 +45,7 @@ _IN_FLIGHT = 2  # decode steps left running while the host hands out older token
 _MIN_BUCKET = 16  # prompts are padded to a power of two >= this: few prefill shapes get compiled
 _PREFILL_ROWS = 8  # up to this many prompts share a prefill call (of 1, 4 or 8 rows, padded) ...
 _PREFILL_WIDTH = 64  # ... if each pads to at most this many tokens; longer ones are prefilled alone
+_PREFILL_PIECE = 256  # longer prompts are prefilled this many tokens at a time, between decode steps
 
 
 class QueueFull(Exception):
@@ -184,6 +188,21 @@ class _Kept(NamedTuple):
   logits: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("row",))
+def _extend_row(static, leaves, tokens_1T, start_1, length_1, row):
+  """The next piece of a long prompt into its batch-1 cache `row`: (logits [1, V] at its last token, row)."""
+  return merge_model(static, leaves).extend(tokens_1T, start_1, length_1, row)
+
+
+@dataclasses.dataclass
+class _Staged:
+  """A long prompt being prefilled piece by piece into its own cache row, outside the slots."""
+  request: Request
+  row: dict
+  done: int = 0  # prompt tokens in `row`
+  logits: jax.Array | None = None
+
+
 @functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
 def _decode_step(static, leaves, tok_S, pos_S, cache, seed_S, temperature_S, top_k_S, top_p_S, rows):
   """One decode step of the first `rows` slots (the others are idle): returns the next input tokens [S]
@@ -261,6 +280,7 @@ class Engine:
     self._cache, self._tok = jax.device_put(fresh, jax.tree.map(lambda x: x.sharding, fresh))
     self._unread.clear()
     self._kept: _Kept | None = None  # a prefilled prompt that waiting requests repeat
+    self._staged: _Staged | None = None  # a long prompt being prefilled in pieces
 
   # --- called from any thread ------------------------------------------------------------------------
   def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -307,8 +327,12 @@ class Engine:
       self._thread.join(timeout)
 
   def buckets(self) -> list[int]:
-    """The padded prompt widths that get compiled: powers of two from 16 up to the context."""
-    return _powers_of_two(_MIN_BUCKET, self.max_length)
+    """The padded prompt widths that get compiled: powers of two from 16 up to the context or
+    _PREFILL_PIECE (longer prompts are prefilled in pieces of that many tokens)."""
+    return _powers_of_two(_MIN_BUCKET, min(self.max_length, _PREFILL_PIECE))
+
+  def _long(self, request: Request) -> bool:
+    return len(request.prompt) > self.buckets()[-1]
 
   def _bucket(self, n: int) -> int:
     return next(b for b in self.buckets() if b >= n)
@@ -321,8 +345,8 @@ class Engine:
 
   def warmup(self) -> None:
     """Compiles, through the admission path itself, the prefill of every prompt bucket (and of several
-    short prompts at once), the copy of a prefilled row, and the decode step of each width (call before
-    `start`), so no request waits for a compile."""
+    short prompts at once, and of a prompt in pieces), the copy of a prefilled row, and the decode step of
+    each width (call before `start`), so no request waits for a compile."""
     def admit(*prompts):
       self._waiting.extend(Request(p, SamplingParams(max_tokens=1)) for p in prompts)
       self._admit()
@@ -333,6 +357,11 @@ class Engine:
       admit(*[prompt] * (2 if width == _MIN_BUCKET and self.slots > 1 else 1))  # 2: a shared prompt
       for rows in self._prefill_sizes()[1:] if width <= _PREFILL_WIDTH else ():
         admit(*[[i] + prompt[1:] for i in range(rows)])
+    if self.max_length - 1 > self.buckets()[-1]:  # a prompt of two pieces
+      admit([0] * (self.buckets()[-1] + 1))
+      while self._staged is not None or self._unread:
+        self._stage()
+        self._iterate()
     for rows in self._row_counts:  # a step of each width
       self._active[rows - 1] = Request([0], SamplingParams(max_tokens=1))
       self._iterate()
@@ -351,11 +380,12 @@ class Engine:
   def _run(self) -> None:
     while True:
       with self._cond:
-        while not (self._stop or self._waiting or self._unread or self.active_slots()):
+        while not (self._stop or self._waiting or self._unread or self.active_slots() or self._staged):
           self._cond.wait()
         if self._stop:
           break
       try:
+        self._stage()
         self._admit()
         self._iterate()
       except Exception as e:  # a failed device call: fail the requests in the slots, keep serving
@@ -403,11 +433,19 @@ class Engine:
     taken: list[tuple[int, Request]] = []
     with self._cond:
       while self._waiting and len(taken) < len(free):
-        request = self._waiting.popleft()
+        request = self._waiting[0]
+        kept = self._kept is not None and request.prompt == self._kept.prompt
+        if self._long(request) and not kept and self._staged is not None:
+          break  # one long prompt in pieces at a time; the queue keeps its order
+        self._waiting.popleft()
         if request.cancelled:
           self._finish(request, "cancelled")
+        elif self._long(request) and not kept:
+          self._staged = _Staged(request, {})  # its row is made below, outside the lock
         else:
           taken.append((free[len(taken)], request))
+    if self._staged is not None and not self._staged.row:
+      self._staged.row = _empty_state(self._static, self._leaves, 1, self.max_length)[0]
     if not taken:
       return
     first_slot: dict[tuple, int] = {}  # prompt -> the slot that prefills it
@@ -434,6 +472,32 @@ class Engine:
       self._fail([request for slot, request in taken if self._active[slot] is not request],
                  f"{type(e).__name__}: {e}")
       raise
+
+  def _stage(self) -> None:
+    """Prefills the next piece of the long prompt in progress; once it is whole, moves it into the lowest
+    free slot (before `_admit` hands free slots to others) and dispatches its first token."""
+    staged = self._staged
+    if staged is None or not staged.row:
+      return
+    request, piece = staged.request, self.buckets()[-1]
+    if request.cancelled:
+      self._staged = None
+      return self._finish(request, "cancelled")
+    n = len(request.prompt)
+    if staged.done < n:
+      tokens = np.zeros((1, piece), np.int32)
+      part = request.prompt[staged.done:staged.done + piece]
+      tokens[0, :len(part)] = part
+      staged.logits, staged.row = _extend_row(self._static, self._leaves, tokens,
+                                              np.array([staged.done], np.int32),
+                                              np.array([len(part)], np.int32), staged.row)
+      staged.done += len(part)
+    free = [slot for slot in range(self.slots) if self._active[slot] is None]
+    if staged.done == n and free:
+      self._staged = None
+      self._copy(free[0], request, _Kept(request.prompt, staged.row, staged.logits))
+      self.stats.prompt_tokens += n
+      self._keep_for_waiting([(free[0], request, staged.logits)])
 
   def _keep_for_waiting(self, prefilled: list[tuple[int, Request, jax.Array]]) -> None:
     """Keeps the row of a prompt just prefilled that waiting requests repeat (one prompt at a time; the
@@ -541,7 +605,8 @@ class Engine:
   def _fail_active(self, message: str) -> None:
     """Fails the requests in the slots and starts from an empty cache. Waiting requests stay queued: a
     device call that failed once may well succeed for them."""
-    self._fail([r for r in self._active if r is not None], message)
+    staged = [] if self._staged is None else [self._staged.request]
+    self._fail([r for r in self._active if r is not None] + staged, message)
     self._active = [None] * self.slots
     self._temperature[:], self._pos[:] = 0.0, 0  # as `_free` leaves a slot
     self._reset_device_state()  # a failed call may have consumed the donated cache
