@@ -182,7 +182,7 @@ class Attention(nnx.Module):
     out = self._out(dense_attention(q, k, v, mask, mesh), key)
     if mode == "prefill":  # into a fresh cache
       lengths_B = jnp.sum(segment_ids_BT > 0, axis=1)
-      cache = store_tokens(cache, k, v, jnp.zeros_like(lengths_B), lengths_B)
+      cache = store_tokens(cache, k, v, jnp.zeros_like(lengths_B), lengths_B, fresh=True)
     return out, cache
 
   def _extend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, cache, key=None):
@@ -213,10 +213,11 @@ def init_kv_cache(batch: int, size: int, kv_heads: int, head_dim: int, dtype):
           "pos": jnp.full((batch, size), -1, jnp.int32)}
 
 
-def store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B):
+def store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B, fresh: bool = False):
   """Stores each row's new tokens (its first lengths[b], at positions start[b]...) at slot position % S:
   slot s gets the latest new position p with p % S == s, so a ring buffer shorter than the tokens keeps
-  the last chunk; the other slots keep what they held."""
+  the last chunk; the other slots keep what they held, or with `fresh` (a prefill into an empty cache)
+  are emptied without reading the cache, so a donated cache stays unused and XLA drops it."""
   size = cache["pos"].shape[1]
   slots = jnp.arange(size)
   last = (start_B + lengths_B - 1)[:, None]
@@ -225,9 +226,13 @@ def store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B):
   idx = jnp.clip(src - start_B[:, None], 0, k_BTKH.shape[1] - 1)
   take = lambda x: jnp.take_along_axis(x.transpose(0, 2, 1, 3), idx[:, None, :, None], axis=2)  # noqa: E731
   keep = new[:, None, :, None]
-  return {"k": jnp.where(keep, take(k_BTKH).astype(cache["k"].dtype), cache["k"]),
-          "v": jnp.where(keep, take(v_BTKH).astype(cache["v"].dtype), cache["v"]),
-          "pos": jnp.where(new, src, cache["pos"]).astype(jnp.int32)}
+  old = cache
+  if fresh:
+    old = {"k": jnp.zeros_like(cache["k"]), "v": jnp.zeros_like(cache["v"]),
+           "pos": jnp.full_like(cache["pos"], -1)}
+  return {"k": jnp.where(keep, take(k_BTKH).astype(cache["k"].dtype), old["k"]),
+          "v": jnp.where(keep, take(v_BTKH).astype(cache["v"].dtype), old["v"]),
+          "pos": jnp.where(new, src, old["pos"]).astype(jnp.int32)}
 
 
 class StackedCache(NamedTuple):

@@ -494,8 +494,8 @@ class Engine:
       staged.done += len(part)
     free = [slot for slot in range(self.slots) if self._active[slot] is None]
     if staged.done == n and free:
-      self._staged = None
       self._copy(free[0], request, _Kept(request.prompt, staged.row, staged.logits))
+      self._staged = None  # (only now: if the copy fails, `_fail_active` still finds the request)
       self.stats.prompt_tokens += n
       self._keep_for_waiting([(free[0], request, staged.logits)])
 
