@@ -3,7 +3,7 @@
     python benchmarks/decode_cache.py [--layers 16] [--lengths 256 4096] [--model moe_100m] [--dtype bfloat16]
 
 A 16-layer tiny Llama 4 (four scanned superblocks of four layers), 8 decode slots; the engine's jitted
-step (`llama4_jax.serving.engine._decode_step`) is timed at 1 and 8 busy rows for each cache length
+step (`llama4_jax.serving.steps.decode_step`) is timed at 1 and 8 busy rows for each cache length
 (best of 7 runs of 50 steps), with every row at position length / 2 and at position `--fill`, and its
 compiled HLO is searched for copies of whole cache arrays (there should be none: the stacked cache rides
 in the layer scan's carry and is updated in place). `--model moe_100m --dtype bfloat16` times the ~100M
@@ -53,7 +53,7 @@ def main():
   import llama4_jax as l4
   from common import MOE_100M, emit, machine
   from llama4_jax.inference.static import split_model
-  from llama4_jax.serving.engine import _decode_step, _empty_state
+  from llama4_jax.serving.steps import decode_step, empty_state
 
   cfg = MOE_100M if a.model == "moe_100m" else l4.get_config("tiny", num_hidden_layers=a.layers)
   model = l4.create_model(cfg.replace(param_dtype=a.dtype, dtype=a.dtype))
@@ -61,18 +61,18 @@ def main():
   s = a.slots
   results = []
   for length in a.lengths:
-    cache, tok = _empty_state(static, leaves, s, length)
+    cache, tok = empty_state(static, leaves, s, length)
     shapes = {str(list(x.shape)).replace(" ", "") for x in jax.tree.leaves(cache)}
     args = [static, leaves, tok, np.full(s, length // 2, np.int32), cache, np.zeros(s, np.uint32),
             np.zeros(s, np.float32), np.zeros(s, np.int32), np.ones(s, np.float32)]
     row = {"cache_length": length, "cache_MB": round(sum(x.nbytes for x in jax.tree.leaves(cache)) / 2**20, 1)}
     for rows in (1, s):
-      hlo = _decode_step.lower(*args, rows=rows).compile().as_text()
+      hlo = decode_step.lower(*args, rows=rows).compile().as_text()
       copies = [c for c in re.findall(r"= \w+(\[[\d,]+\])\S* copy\(", hlo) if c in shapes]
-      row[f"rows_{rows}"] = {"step_ms": step_ms(_decode_step, args, rows), "cache_copies_in_hlo": len(copies)}
+      row[f"rows_{rows}"] = {"step_ms": step_ms(decode_step, args, rows), "cache_copies_in_hlo": len(copies)}
       if a.fill < length // 2:  # the same step with every row at position `fill`: the cache mostly empty
         half, args[3] = args[3], np.full(s, a.fill, np.int32)
-        row[f"rows_{rows}"][f"step_ms_at_position_{a.fill}"] = step_ms(_decode_step, args, rows)
+        row[f"rows_{rows}"][f"step_ms_at_position_{a.fill}"] = step_ms(decode_step, args, rows)
         args[3] = half
     results.append(row)
     print(row, file=sys.stderr, flush=True)

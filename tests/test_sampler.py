@@ -161,11 +161,11 @@ def copied_cache_shapes(hlo: str, cache) -> set:
 def compiled_step(model, cache, slots: int, rows: int):
   """The serving engine's greedy decode step of the first `rows` of `cache`'s `slots` rows, compiled."""
   from llama4_jax.inference.static import split_model
-  from llama4_jax.serving.engine import _decode_step
+  from llama4_jax.serving.steps import decode_step
   v = lambda x: np.full(slots, x)  # noqa: E731
   static, leaves = split_model(model)
-  return _decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
-                            v(1.0), rows=rows).compile()
+  return decode_step.lower(static, leaves, v(5), v(7), cache, v(0).astype(np.uint32), v(0.0), v(0),
+                           v(1.0), rows=rows).compile()
 
 
 def test_scanned_blocks_keep_their_own_cache():

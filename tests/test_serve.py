@@ -20,7 +20,7 @@ import pytest
 import llama4_jax as l4
 from conftest import SCOUT_LIKE
 from llama4_jax.inference import generate
-from llama4_jax.serving import Engine, QueueFull, Request, SamplingParams, Server
+from llama4_jax.serving import Engine, QueueFull, Request, SamplingParams, Server, steps
 from llama4_jax.serving.text import TextStream
 from llama4_jax.tokenizer import train_bpe
 from train_utils import REPO
@@ -322,14 +322,13 @@ def collect(request):
 
 def spy_prefill_calls(monkeypatch) -> list:
   """The [rows, width] of each prefill call the engine makes from now on."""
-  from llama4_jax.serving import engine as engine_module
-  calls, real = [], engine_module._prefill_insert
+  calls, real = [], steps.prefill_insert
 
   def spy(static, leaves, tokens, *args, **kw):
     calls.append(tokens.shape)
     return real(static, leaves, tokens, *args, **kw)
 
-  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
+  monkeypatch.setattr(steps, "prefill_insert", spy)
   return calls
 
 
@@ -337,7 +336,6 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
   """Requests queued together on an idle engine: the distinct short prompts are prefilled in one call
   (padded to 4 rows), the repeated one copies a row, the long one (which waits for a slot) is prefilled
   alone; each gets the tokens it gets when sent alone, sampled ones included."""
-  from llama4_jax.serving import engine as engine_module
   engine = server.engine
   rng = np.random.RandomState(1)
   p5, p20, p3, p70 = (rng.randint(3, tokenizer.vocab_size, n).tolist() for n in (5, 20, 3, 70))
@@ -346,7 +344,7 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
   wanted = [(p5, greedy), (p20, sampled), (p3, greedy), (p5, sampled), (p70, greedy)]
   wait_idle(engine)
   calls = spy_prefill_calls(monkeypatch)
-  spy = engine_module._prefill_insert
+  spy = steps.prefill_insert
   together = [collect(r) for r in engine.submit_all([Request(p, s) for p, s in wanted])]
   assert calls == [(4, 32), (1, 128)]  # 5, 20 and 3 tokens in one call, 70 alone; the repeat copies
   alone = [collect(engine.submit(Request(p, s))) for p, s in wanted]
@@ -355,10 +353,10 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
   def broken(*args, **kw):
     raise RuntimeError("the device is gone")
 
-  monkeypatch.setattr(engine_module, "_prefill_insert", broken)  # a failed call fails its requests only
+  monkeypatch.setattr(steps, "prefill_insert", broken)  # a failed call fails its requests only
   for r in engine.submit_all([Request(p, greedy) for p in (p5, p20, p3)]):
     assert r.events.get(timeout=60)[1:] == ("error", "RuntimeError: the device is gone")
-  monkeypatch.setattr(engine_module, "_prefill_insert", spy)
+  monkeypatch.setattr(steps, "prefill_insert", spy)
   assert collect(engine.submit(Request(p5, greedy))) == alone[0]
   wait_idle(engine)
 
@@ -384,7 +382,7 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   from a prefill in one call."""
   from llama4_jax.serving import engine as engine_module
   engine, starts = server.engine, []
-  real = engine_module._extend_row
+  real = steps.extend_row
   running = Request(list(range(3, 8)), SamplingParams(max_tokens=60))
 
   def spy(static, leaves, tokens, start, *args):
@@ -394,7 +392,7 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   long = list(np.random.RandomState(2).randint(3, 300, 100))
   wanted = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, temperature=0.8, seed=3)]
   wait_idle(engine)
-  monkeypatch.setattr(engine_module, "_extend_row", spy)
+  monkeypatch.setattr(steps, "extend_row", spy)
   monkeypatch.setattr(engine_module, "_PREFILL_PIECE", 32)
   engine.submit(running)
   while running.generated < 2:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import queue
 import threading
@@ -34,11 +33,10 @@ import time
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from llama4_jax.inference.sampler import check_prompt_ids
-from llama4_jax.inference.sampling import sample_rows
-from llama4_jax.inference.static import merge_model, split_model
+from llama4_jax.inference.static import split_model
+from llama4_jax.serving import steps
 from llama4_jax.sharding import RULES, batch_shards
 
 _IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
@@ -123,75 +121,12 @@ class EngineStats:
     return out
 
 
-def _put(big, small, slots_b, axis):
-  """big with `small`'s b entries along `axis` written at indices slots_b; an index past the end (a
-  padding row's) writes nothing. One row is a dynamic-update-slice, which XLA updates in place."""
-  small = small.astype(big.dtype)
-  if slots_b.shape[0] == 1:
-    return jax.lax.dynamic_update_slice_in_dim(big, small, slots_b[0], axis)
-  return big.at[(slice(None),) * axis + (slots_b,)].set(small, mode="drop")
-
-
-def _insert_rows(cache, rows, slots_b):
-  """Writes the b rows of a batch-b cache into `cache` at batch indices slots_b (blocks are stacked:
-  batch axis 1)."""
-  return {"blocks": jax.tree.map(lambda big, small: _put(big, small, slots_b, 1), cache["blocks"],
-                                 rows["blocks"]),
-          "tail": jax.tree.map(lambda big, small: _put(big, small, slots_b, 0), cache["tail"], rows["tail"])}
-
-
-def _take_row(cache, slot):
-  """The batch-1 cache row at batch index `slot` (the inverse of `_insert_rows`)."""
-  def take(axis):
-    return lambda big: jax.lax.dynamic_slice_in_dim(big, slot, 1, axis)
-  return {"blocks": jax.tree.map(take(1), cache["blocks"]), "tail": jax.tree.map(take(0), cache["tail"])}
-
-
-def _keys(seeds_B, positions_B):
-  """One PRNG key per row: the request's seed folded with the position of the token being drawn."""
-  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds_B, positions_B)
-
-
-# Plain jax.jit over `split_model`'s (static, leaves): nnx.jit walks the module graph on every call, and a
-# (GraphDef, State) pair costs ~2 ms to hash and flatten per call.
-@functools.partial(jax.jit, static_argnames=("static", "length"), donate_argnames=("cache",))
-def _prefill_insert(static, leaves, tokens_bT, lengths_b, cache, tok_S, slots_b, seed_b, temperature_b,
-                    top_k_b, top_p_b, length):
-  """Prefills b prompts into fresh cache rows, writes the rows into `cache` at slots_b, and samples their
-  first tokens [b], which are also written into the next step's input tokens tok_S. Padding rows (slot
-  index S) are written nowhere. Returns (first tokens [b], each row's logits [1, V] (for requests that
-  copy its row), tok_S, cache)."""
-  model = merge_model(static, leaves)
-  logits, rows = model.prefill(tokens_bT, lengths_b, model.init_cache(tokens_bT.shape[0], length))
-  first = sample_rows(logits, _keys(seed_b, lengths_b), temperature_b, top_k_b, top_p_b)
-  row_logits = tuple(logits[i:i + 1] for i in range(logits.shape[0]))
-  return first, row_logits, _put(tok_S, first, slots_b, 0), _insert_rows(cache, rows, slots_b)
-
-
-_row_at = jax.jit(_take_row)
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _copy_prefill(logits_1V, row, cache, tok_B, slot, length_1, seed_1, temperature_1, top_k_1, top_p_1):
-  """A request whose prompt is already prefilled (its cache `row` and logits_1V kept): writes the row at
-  `slot` and samples the request's first token with its own key, as a prefill of its own would."""
-  first = sample_rows(logits_1V, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
-  slots = jnp.reshape(slot, (1,))
-  return first, _put(tok_B, first, slots, 0), _insert_rows(cache, row, slots)
-
-
 class _Kept(NamedTuple):
   """A prefilled prompt kept for requests with the same prompt still waiting (the `n` choices of one
   prompt beyond the free slots): its cache row [1, ...] and logits [1, V]."""
   prompt: list[int]
   row: dict
   logits: jax.Array
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("row",))
-def _extend_row(static, leaves, tokens_1T, start_1, length_1, row):
-  """The next piece of a long prompt into its batch-1 cache `row`: (logits [1, V] at its last token, row)."""
-  return merge_model(static, leaves).extend(tokens_1T, start_1, length_1, row)
 
 
 @dataclasses.dataclass
@@ -201,22 +136,6 @@ class _Staged:
   row: dict
   done: int = 0  # prompt tokens in `row`
   logits: jax.Array | None = None
-
-
-@functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
-def _decode_step(static, leaves, tok_S, pos_S, cache, seed_S, temperature_S, top_k_S, top_p_S, rows):
-  """One decode step of the first `rows` slots (the others are idle): returns the next input tokens [S]
-  (the new ones in the first `rows` places) and the cache."""
-  r = slice(0, rows)
-  logits, cache = merge_model(static, leaves).decode(tok_S[r], pos_S[r], cache)
-  nxt = sample_rows(logits, _keys(seed_S[r], pos_S[r] + 1), temperature_S[r], top_k_S[r], top_p_S[r])
-  return tok_S.at[r].set(nxt), cache
-
-
-@functools.partial(jax.jit, static_argnames=("static", "batch", "length"))
-def _empty_state(static, leaves, batch, length):
-  """An empty KV cache and input tokens [batch], on the model's devices."""
-  return merge_model(static, leaves).init_cache(batch, length), jnp.zeros((batch,), jnp.int32)
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -276,7 +195,7 @@ class Engine:
 
   def _reset_device_state(self) -> None:
     # committed to its devices like the steps' outputs, so the first step after it compiles nothing new
-    fresh = _empty_state(self._static, self._leaves, self.slots, self.max_length)
+    fresh = steps.empty_state(self._static, self._leaves, self.slots, self.max_length)
     self._cache, self._tok = jax.device_put(fresh, jax.tree.map(lambda x: x.sharding, fresh))
     self._unread.clear()
     self._kept: _Kept | None = None  # a prefilled prompt that waiting requests repeat
@@ -399,7 +318,7 @@ class Engine:
   def _iterate(self) -> None:
     """Dispatches a decode step if any slot is busy, then hands out everything dispatched before it."""
     if self.active_slots():
-      tok, self._cache = _decode_step(self._static, self._leaves, self._tok, *self._snapshot(self._pos),
+      tok, self._cache = steps.decode_step(self._static, self._leaves, self._tok, *self._snapshot(self._pos),
                                       self._cache, *self._snapshot(self._seed, self._temperature,
                                                                    self._top_k, self._top_p),
                                       rows=self._step_rows())
@@ -445,7 +364,7 @@ class Engine:
         else:
           taken.append((free[len(taken)], request))
     if self._staged is not None and not self._staged.row:
-      self._staged.row = _empty_state(self._static, self._leaves, 1, self.max_length)[0]
+      self._staged.row = steps.empty_state(self._static, self._leaves, 1, self.max_length)[0]
     if not taken:
       return
     first_slot: dict[tuple, int] = {}  # prompt -> the slot that prefills it
@@ -464,7 +383,8 @@ class Engine:
       for group in self._prefill_groups(fresh):
         logits.update(zip((slot for slot, _ in group), self._prefill(group)))
       for slot, request, src in copies:
-        self._copy(slot, request, _Kept(request.prompt, _row_at(self._cache, np.int32(src)), logits[src]))
+        row = steps.row_at(self._cache, np.int32(src))
+        self._copy(slot, request, _Kept(request.prompt, row, logits[src]))
       for slot, request in from_kept:
         self._copy(slot, request, self._kept)
       self._keep_for_waiting([(slot, request, logits[slot]) for slot, request in fresh])
@@ -488,7 +408,7 @@ class Engine:
       tokens = np.zeros((1, piece), np.int32)
       part = request.prompt[staged.done:staged.done + piece]
       tokens[0, :len(part)] = part
-      staged.logits, staged.row = _extend_row(self._static, self._leaves, tokens,
+      staged.logits, staged.row = steps.extend_row(self._static, self._leaves, tokens,
                                               np.array([staged.done], np.int32),
                                               np.array([len(part)], np.int32), staged.row)
       staged.done += len(part)
@@ -506,7 +426,7 @@ class Engine:
       waiting = [r.prompt for r in self._waiting]
     for slot, request, logits in prefilled:
       if request.prompt in waiting:
-        self._kept = _Kept(request.prompt, _row_at(self._cache, np.int32(slot)), logits)
+        self._kept = _Kept(request.prompt, steps.row_at(self._cache, np.int32(slot)), logits)
     if self._kept is not None and self._kept.prompt not in waiting:
       self._kept = None
 
@@ -546,7 +466,7 @@ class Engine:
     at = np.minimum(slots, self.slots - 1)  # padding rows sample greedily with slot S-1's (unused) settings
     sampling = (self._seed[at], np.where(slots < self.slots, self._temperature[at], 0).astype(np.float32),
                 self._top_k[at], self._top_p[at])
-    first, logits, self._tok, self._cache = _prefill_insert(
+    first, logits, self._tok, self._cache = steps.prefill_insert(
         self._static, self._leaves, tokens, lengths, self._cache, self._tok, slots, *sampling,
         length=self.max_length)
     for slot, request in group:
@@ -561,9 +481,9 @@ class Engine:
     self._set_sampling(slot, request.params)
     one = slice(slot, slot + 1)
     sampling = self._snapshot(self._seed[one], self._temperature[one], self._top_k[one], self._top_p[one])
-    first, self._tok, self._cache = _copy_prefill(prefilled.logits, prefilled.row, self._cache, self._tok,
-                                                  np.int32(slot), np.array([len(request.prompt)], np.int32),
-                                                  *sampling)
+    first, self._tok, self._cache = steps.copy_prefill(
+        prefilled.logits, prefilled.row, self._cache, self._tok, np.int32(slot),
+        np.array([len(request.prompt)], np.int32), *sampling)
     self._activate(slot, request)
     self._unread.append(("first", first, [slot], [request]))
 
