@@ -53,10 +53,19 @@ def test_chunked_cache_is_a_ring_of_chunk_size(models):
                                                                                       window=128)
 
 
-def test_prefill_in_pieces_equals_one_prefill(models):
+@pytest.fixture(scope="module")
+def scout(tmp_path_factory):
+  cfg = SCOUT_LIKE.replace(attention_chunk_size=8, eos_token_id=(2,))
+  d = tmp_path_factory.mktemp("scout_sampling")
+  make_hf_checkpoint(cfg, d, seed=4)
+  return l4.load_model(d)
+
+
+def test_prefill_in_pieces_equals_one_prefill(scout):
   """`extend` continues cached prompts: rows of 30 and 19 tokens prefilled 12 at a time (pieces longer
-  than the chunked layers' ring buffer, crossing chunk boundaries) give one prefill's logits and cache."""
-  model, _ = models
+  than the chunked layers' ring buffer of 8, crossing chunk boundaries; NoPE layers too) give one
+  prefill's logits and cache."""
+  model = scout
   extend = nnx.jit(lambda m, *args: m.extend(*args))
   prompts = prompts_for(model.config, (30, 19))
   tokens = np.zeros((2, 32), np.int32)
@@ -75,14 +84,6 @@ def test_prefill_in_pieces_equals_one_prefill(models):
   np.testing.assert_allclose(last, whole, atol=2e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(whole_cache)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def scout(tmp_path_factory):
-  cfg = SCOUT_LIKE.replace(attention_chunk_size=8, eos_token_id=(2,))
-  d = tmp_path_factory.mktemp("scout_sampling")
-  make_hf_checkpoint(cfg, d, seed=4)
-  return l4.load_model(d)
 
 
 def test_sampling_strategies(scout):
