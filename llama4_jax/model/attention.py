@@ -194,10 +194,7 @@ class Attention(nnx.Module):
     kpos_BS = jnp.concatenate([cached_BS, jnp.where(segment_ids_BT > 0, positions_BT, -1)], axis=1)
     k_BSKH = jnp.concatenate([cache["k"].transpose(0, 2, 1, 3).astype(k_BTKH.dtype), k_BTKH], axis=1)
     v_BSKH = jnp.concatenate([cache["v"].transpose(0, 2, 1, 3).astype(v_BTKH.dtype), v_BTKH], axis=1)
-    q_pos, k_pos = positions_BT[:, :, None], kpos_BS[:, None, :]
-    mask_BTS = (k_pos >= 0) & (k_pos <= q_pos)
-    if self.chunk_size is not None:
-      mask_BTS &= k_pos // self.chunk_size == q_pos // self.chunk_size
+    mask_BTS = cache_mask(kpos_BS[:, None, :], positions_BT, self.chunk_size)
     out = self._out(masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS), key)
     return out, store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B)
 
@@ -278,8 +275,9 @@ def read_widths(size: int) -> list[int]:
 
 
 def cache_mask(kpos_BS, qpos_B, chunk_size: int | None):
-  """[B, S]: cached key visible to the query at qpos (causal; same chunk on chunked layers)."""
-  q = qpos_B[:, None]
+  """[B, S]: cached key visible to the query at qpos (causal; same chunk on chunked layers). Also
+  [B, T, S] for queries qpos [B, T] and keys kpos [B, 1, S]."""
+  q = qpos_B[..., None]
   mask = (kpos_BS >= 0) & (kpos_BS <= q)
   if chunk_size is not None:
     mask &= kpos_BS // chunk_size == q // chunk_size

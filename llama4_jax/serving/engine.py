@@ -9,13 +9,12 @@ a few short prompts costs little more than one (the tiny model with 8 slots of 2
 16 tokens in 9.1-9.5 ms, one in 2.3-3.1 ms). Prompts longer than 256 tokens are prefilled 256 at a time
 into a row of their own, one piece between decode steps (`Llama4.extend`), so a long prompt does not
 stall the others' decoding; once whole, the row takes a free slot. Requests with the same prompt
-admitted together, such as
-the `n` choices of one prompt, share one prefill: its cache row is copied and each samples its first
-token from the same logits with its own key. A request takes the lowest free slot and a step runs the
-first 1, 2, 4, ... or all slots (whichever covers the busy ones; each width is compiled once, at
-warm-up), so a lightly loaded server does not pay for its idle slots. Idle slots inside that width
-ride along and their results are ignored; an inserted row overwrites its whole cache row, so nothing
-leaks from the previous occupant.
+admitted together, such as the `n` choices of one prompt, share one prefill: its cache row is copied
+and each samples its first token from the same logits with its own key. A request takes the lowest free
+slot and a step runs the first 1, 2, 4, ... or all slots (whichever covers the busy ones; each width is
+compiled once, at warm-up), so a lightly loaded server does not pay for its idle slots. Idle slots
+inside that width ride along and their results are ignored; an inserted row overwrites its whole cache
+row, so nothing leaks from the previous occupant.
 
 Per-request sampling settings are arrays indexed by slot (`sample_rows`), so mixing greedy and sampled
 requests compiles nothing new. A request's draws use keys derived from its own seed and the position of
@@ -230,6 +229,9 @@ class Engine:
   def queue_depth(self) -> int:
     return len(self._waiting)
 
+  def _free_slots(self) -> list[int]:
+    return [slot for slot in range(self.slots) if self._active[slot] is None]
+
   def active_slots(self) -> int:
     return sum(r is not None for r in self._active)
 
@@ -348,7 +350,7 @@ class Engine:
   def _admit(self) -> None:
     """Takes waiting requests into the free slots (lowest first). Distinct prompts are prefilled, short
     ones several to a call; a request repeating a prompt admitted in the same pass copies its row."""
-    free = [slot for slot in range(self.slots) if self._active[slot] is None]
+    free = self._free_slots()
     taken: list[tuple[int, Request]] = []
     with self._cond:
       while self._waiting and len(taken) < len(free):
@@ -412,7 +414,7 @@ class Engine:
                                               np.array([staged.done], np.int32),
                                               np.array([len(part)], np.int32), staged.row)
       staged.done += len(part)
-    free = [slot for slot in range(self.slots) if self._active[slot] is None]
+    free = self._free_slots()
     if staged.done == n and free:
       self._copy(free[0], request, _Kept(request.prompt, staged.row, staged.logits))
       self._staged = None  # (only now: if the copy fails, `_fail_active` still finds the request)
