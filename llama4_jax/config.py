@@ -78,7 +78,12 @@ class ModelConfig:
   # ring attention's per-step kernel: auto = Pallas splash on TPU when each device's runs are a multiple
   # of 128 tokens, else XLA blockwise; splash off TPU runs in Pallas interpret mode (slow, for checking)
   ring_kernel: str = "auto"
-  moe_impl: str = "auto"  # auto: ragged_dot on TPU/GPU, blocked grouped matmul on CPU
+  moe_impl: str = "auto"  # auto: megablox gmm on TPU, ragged_dot on GPU, blocked grouped matmul on CPU
+  # Expert parallelism (an expert axis > 1): each device's experts take at most this many times the rows
+  # they would get under perfect balance; rows beyond are dropped (their routed output is 0; the shared
+  # expert and the residual still carry them). 0: dropless (the receive buffer holds the worst case,
+  # expert-axis-size times the balanced rows: exact, but the largest activations of a training step).
+  moe_capacity_factor: float = 0.0
   remat_policy: str = "none"
   scan_layers: bool = True
   # --- fine-tuning (model/lora.py): these add weights, so they travel with the model too ---
@@ -140,6 +145,8 @@ class ModelConfig:
                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         bad(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+    if self.moe_capacity_factor < 0:
+      bad(f"moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0: dropless)")
     if self.lora_rank < 0:
       bad(f"lora_rank={self.lora_rank} must be >= 0 (0 disables the adapters)")
     if self.lora_alpha <= 0:

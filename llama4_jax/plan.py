@@ -6,6 +6,11 @@ the changes that would make it fit. Config overrides work as in training (--conf
 Without --tpu it plans for --devices devices (default: the config's mesh, or the local devices) and
 gives no verdict unless --hbm_gib is set. --measure compiles the train step on the local devices and
 prints XLA's own figure beside the estimate (the devices must match the mesh).
+
+--compile (with --tpu) compiles the run's real train step (with --serve: the serving engine's prefill and
+decode steps) for that slice's topology with the TPU compiler, on any host: per-chip bytes against HBM,
+the largest buffers and the ops that make them, collectives by kind with bytes per step, flops, the
+compiler's step-time estimate and the MFU it implies. Needs libtpu (pip install -e '.[tpu]').
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ _SERVE = flags.DEFINE_bool("serve", False, "Plan sampling (KV cache) instead of 
 _BATCH = flags.DEFINE_integer("serve_batch", 8, "--serve: sequences decoded together.")
 _CACHE = flags.DEFINE_integer("cache_length", None, "--serve: KV cache length (default: seq_len).")
 _MEASURE = flags.DEFINE_bool("measure", False, "Also compile the train step here and print XLA's figure.")
+_COMPILE = flags.DEFINE_bool("compile", False, "Also compile the step(s) for --tpu's topology with the real "
+                             "TPU compiler (libtpu; no TPU needed) and print its per-chip figures.")
+_PROMPT = flags.DEFINE_integer("prompt_length", None, "--serve --compile: the prefilled prompt's length "
+                               "(default: the cache length).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
 
@@ -32,8 +41,8 @@ def main(argv):
   del argv
   try:
     _plan()
-  except (ValueError, FileNotFoundError) as e:  # a config that does not fit the mesh, a bad TPU name
-    raise SystemExit(f"plan: {e}") from None
+  except (ValueError, FileNotFoundError, RuntimeError) as e:  # a config that does not fit the mesh, a bad
+    raise SystemExit(f"plan: {e}") from None                    # TPU name, no libtpu
 
 
 def _plan():
@@ -63,6 +72,9 @@ def _plan():
   total, active = planning.parameter_counts(cfg)
   fixes = planning.suggest(c, devices, hbm, plan_fn, tpu.generation if tpu else None) \
       if plan.fits is False else []
+  if _COMPILE.value and not tpu:
+    raise ValueError("--compile compiles for a TPU slice: name it with --tpu (e.g. --tpu=v5p-256)")
+  compiled = _compile(c, plan, tpu, length if _SERVE.value else None) if _COMPILE.value else None
   measured = None
   if _MEASURE.value:
     import jax
@@ -80,6 +92,8 @@ def _plan():
                       "mesh": plan.mesh, "bytes_per_device": plan.parts, "total": plan.total,
                       "hbm_bytes": hbm, "fits": plan.fits, "parameters": total,
                       "active_parameters": active, "xla": measured,
+                      "estimate_bytes": plan.total,
+                      "compiled": compiled and _compiled_json(compiled, c, tpu, plan),
                       "fixes": [{"change": d, "total": p.total} for d, p in fixes]}))
     return
   where = (f"{tpu.name} ({tpu.chips} chips, {planning.format_bytes(tpu.hbm_bytes)} HBM each)" if tpu
@@ -96,6 +110,15 @@ def _plan():
   else:
     print(f"{_BATCH.value} sequences, cache length {length}; per device:")
   print(planning.describe(plan))
+  if compiled:
+    from llama4_jax import tpu_compile
+    for r in compiled:
+      train = plan.mode == "train"
+      print(tpu_compile.format_report(r, tpu, tpu_compile.train_model_flops(c) if train else None,
+                                      c.batch_size * c.seq_len if train else None))
+    if plan.mode == "train":
+      print(f"  planner estimate {planning.format_bytes(plan.total)} = "
+            f"{plan.total / compiled[0].memory['peak']:.2f} x the compiler's peak")
   if measured:
     print(f"  XLA (compiled here): {planning.format_bytes(measured['peak'])} "
           f"(estimate / XLA = {plan.total / measured['peak']:.2f})")
@@ -108,6 +131,34 @@ def _plan():
       print("no change tried fits (remat, the blockwise attention, microbatches, context or expert "
             "parallelism, bf16, all of these together, a slice up to 64x larger); consider LoRA with an "
             "int8 base for fine-tuning")
+
+
+def _compile(c, plan, tpu, serve_length):
+  """Reports of the train step, or of the serving prefill and decode steps, compiled for `tpu`."""
+  from llama4_jax import tpu_compile
+  from llama4_jax.sharding import make_mesh
+  devices = tpu_compile.tpu_devices(tpu)
+  mesh = make_mesh(**plan.mesh, devices=devices)
+  if serve_length is None:
+    return [tpu_compile.report("train step", tpu_compile.lower_train_step(c, mesh), tpu)]
+  lowered = tpu_compile.lower_serve_steps(c, mesh, _BATCH.value, serve_length, _PROMPT.value)
+  return [tpu_compile.report(f"{name} step", low, tpu) for name, low in lowered.items()]
+
+
+def _compiled_json(reports, c, tpu, plan) -> dict:
+  """The JSON `compiled` member: the first program's figures (train step, or prefill), the others under
+  their names, the chip's HBM and, for training, the MFU and tokens/s/chip the compiler's estimate
+  implies."""
+  from llama4_jax import tpu_compile
+  out = dict(reports[0].as_json(), hbm_bytes=tpu.hbm_bytes, estimate_bytes=plan.total)
+  for r in reports[1:]:
+    out[r.name.split()[0]] = r.as_json()
+  if plan.mode == "train":
+    flops = tpu_compile.train_model_flops(c)
+    seconds = reports[0].optimal_seconds or reports[0].compute_seconds
+    out.update(model_flops=flops, mfu=tpu_compile.mfu(flops, seconds, tpu),
+               tokens_per_sec_per_chip=c.batch_size * c.seq_len / seconds / tpu.chips)
+  return out
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Model code names only logical axes; this file alone decides where they live on t
 parallelism means editing `RULES` or the mesh, never the model.
 
 Mesh axes: data (pure replication of params), fsdp (params and optimizer state sharded, activations split
-by batch), tensor (heads / mlp / vocab), expert (routed experts), context (sequence, ring attention; params
-and optimizer state are sharded over it as over fsdp, so long-context meshes do not replicate them).
+by batch), tensor (heads / mlp / vocab), expert (routed experts; activations split by batch), context
+(sequence, ring attention). Weights other than the routed experts are sharded over expert and context as
+over fsdp, so those axes do not replicate parameters or optimizer state.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,
     # parameters (and the activation axes that share their sharding)
     "vocab": "tensor",
-    "embed": ("fsdp", "context"),  # context too: its devices share the parameter and optimizer shards
+    # context and expert too: their devices share the parameter and optimizer shards (on Scout's
+    # fsdp=8 x expert=16 the non-expert weights and their Adam state are split 128 ways, not 8)
+    "embed": ("fsdp", "expert", "context"),
+    "expert_embed": ("fsdp", "context"),  # the routed experts' model dim (their expert dim takes `expert`)
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,

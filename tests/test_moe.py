@@ -66,3 +66,61 @@ def test_few_tokens_take_the_gathered_path():
   x = jnp.asarray(np.random.RandomState(2).randn(2, 1, cfg.hidden_size), jnp.float32)  # 4 pairs, 8 experts
   run = nnx.jit(lambda m, x: m(x)[0])
   np.testing.assert_allclose(np.asarray(run(moe, x)), np.asarray(run(dense, x)), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axes, experts", [(dict(fsdp=2, expert=4), 4), (dict(data=2, expert=2, context=2), 8),
+                                           (dict(fsdp=2, tensor=2, expert=2), 4)])
+def test_expert_parallel_equals_one_device(axes, experts):
+  """Tokens routed on their own devices and exchanged over the expert axis (the CPU stand-in for the ragged
+  all-to-all) give the one-device outputs and gradients, with 1 or several experts per device and top-2."""
+  import llama4_jax as l4
+  cfg = SCOUT_LIKE.replace(num_local_experts=experts, num_experts_per_tok=2)
+  moe = MoE(cfg, nnx.Rngs(0))
+  x = jnp.asarray(np.random.RandomState(3).randn(8, 12, cfg.hidden_size), jnp.float32)
+  mesh = l4.make_mesh(**dict(dict(data=1, fsdp=1, tensor=1, expert=1, context=1), **axes))
+
+  def loss(m, x, mesh):
+    y, aux = m(x, mesh)
+    return jnp.sum(y ** 2) + aux, y
+
+  grad = nnx.jit(nnx.grad(loss, has_aux=True), static_argnums=2)
+  (g_one, y_one), (g_ep, y_ep) = grad(moe, x, None), grad(moe, x, mesh)
+  np.testing.assert_allclose(np.asarray(y_ep), np.asarray(y_one), atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_one)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_matmul_rows_past_the_groups_are_zero():
+  """The expert-parallel receive buffer ends in rows of no group: they give zeros (and no gradient)."""
+  rng = np.random.RandomState(4)
+  sizes = jnp.asarray([3, 0, 4])
+  x = jnp.asarray(rng.randn(12, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(3, 8, 5), jnp.float32)
+  y = jax.jit(lambda a: grouped_matmul(a, w, sizes, "blocked"))(x)
+  np.testing.assert_array_equal(np.asarray(y[7:]), 0)
+  np.testing.assert_allclose(np.asarray(y[:7]), np.asarray(grouped_matmul(x[:7], w, sizes, "blocked")),
+                             rtol=1e-6)
+  dx = jax.grad(lambda a: jnp.sum(grouped_matmul(a, w, sizes, "blocked")))(x)
+  np.testing.assert_array_equal(np.asarray(dx[7:]), 0)
+
+
+@pytest.mark.parametrize("experts", [4, 8])
+def test_expert_capacity_drops_only_what_does_not_fit(experts):
+  """With a capacity factor each token's routed output (top-1) is either the one-device one or dropped
+  (zero), some are dropped when routing is skewed, and a factor as large as the expert axis drops none
+  (1 and 2 experts per device)."""
+  import llama4_jax as l4
+  cfg = SCOUT_LIKE.replace(num_local_experts=experts, num_experts_per_tok=1)
+  moe = MoE(cfg, nnx.Rngs(0))
+  x = jnp.asarray(np.random.RandomState(5).randn(8, 16, cfg.hidden_size), jnp.float32)
+  x = x + 3.0 * moe.router[...][:, 0]  # skew: most tokens pick expert 0
+  mesh = l4.make_mesh(data=1, fsdp=2, tensor=1, expert=4, context=1)
+  routed = nnx.jit(lambda m, x, mesh: m(x, mesh)[0] - m.shared(x), static_argnums=2)
+  want = np.asarray(routed(moe, x, None)).reshape(-1, cfg.hidden_size)
+  for factor, dropped in ((4.0, False), (1.25, True)):
+    moe.capacity_factor = factor
+    got = np.asarray(routed(moe, x, mesh)).reshape(-1, cfg.hidden_size)
+    kept = np.all(np.isclose(got, want, atol=1e-5, rtol=1e-5), axis=1)
+    zero = np.all(got == 0, axis=1)
+    assert np.all(kept | zero)
+    assert (not kept.all()) == dropped, kept.mean()

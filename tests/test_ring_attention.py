@@ -244,14 +244,16 @@ def test_model_ring_equals_dense(dense_model, mesh_axes, layout, packed):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * np.abs(np.asarray(w)).max()
-  # K/V circulate as kv-head shards; nothing is all-gathered over the sequence (MoE routing stays
-  # within each device's tokens); only parameters are gathered (FSDP over fsdp x context).
+  # K/V circulate as kv-head shards; nothing is gathered or exchanged over the whole sequence (MoE
+  # routing and the embedding lookup stay within each device's tokens); only parameters are gathered
+  # (FSDP over fsdp x context).
   n = mesh_axes["context"]
   shard = f"[2,{MODEL_T // n},{cfg.num_key_value_heads},{cfg.head_dim}]"
   assert shard in " ".join(collective_permute_shapes(hlo))
   gathered = re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]* all-gather(?:-start)?\(", hlo)
-  assert gathered and "all-to-all" not in hlo
-  for dims in gathered:
+  exchanged = re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]* all-to-all\(", hlo)
+  assert gathered
+  for dims in gathered + exchanged:
     assert str(MODEL_T) not in dims.split(","), dims
 
 

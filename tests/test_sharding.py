@@ -65,8 +65,9 @@ def test_sharded_logits_equal_single_device(axes, scout_ckpt, single_device_logi
   ids, want = single_device_logits
   mesh = l4.make_mesh(**axes)
   model = l4.load_model(scout_ckpt[0], mesh=mesh)
-  q = model.blocks[0].attn.q
-  assert q.sharding.spec == P(None, "fsdp", "tensor" if "tensor" in axes else None, None)
+  q = model.blocks[0].attn.q  # the model dim over fsdp and, for weights other than experts, expert too
+  assert q.sharding.spec == P(None, ("fsdp", "expert") if "expert" in axes else "fsdp",
+                              "tensor" if "tensor" in axes else None, None)
   gate = model.blocks[0].ffn.gate  # [L, E, D, F]: each device holds only its share
   nb, e, d, f = gate.shape
   fsdp, tensor, expert = (axes.get(a, 1) for a in ("fsdp", "tensor", "expert"))

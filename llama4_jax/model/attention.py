@@ -16,6 +16,7 @@ from flax import nnx
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import apply_rope, rms_normalize
 from llama4_jax.model.lora import declare_linear, weight
+from llama4_jax.model.platform import target_platform
 from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
 from llama4_jax.sharding import constrain
 
@@ -250,7 +251,7 @@ def store_decode(cache, k_B1KH, v_B1KH, pos_B, at=()):
   size = cache["pos"].shape[-1]
   rows, slot = jnp.arange(pos_B.shape[0]), pos_B % size
   k_BKH, v_BKH, unique = k_B1KH[:, 0], v_B1KH[:, 0], True
-  if pos_B.shape[0] == 1 and jax.default_backend() == "cpu":
+  if pos_B.shape[0] == 1 and target_platform() == "cpu":
     rows, slot, k_BKH, v_BKH, pos_B = (jnp.concatenate([x, x]) for x in (rows, slot, k_BKH, v_BKH, pos_B))
     unique = False
   put = lambda a, new, tail: a.at[at + (rows, ..., slot) + tail].set(  # noqa: E731

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama4_jax.sharding import constrain
+from jax.sharding import PartitionSpec as P
+
+from llama4_jax.sharding import RULES, constrain, logical_to_spec
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -90,3 +92,33 @@ class SwiGLU(nnx.Module):
     u_BTM = weight(self, "up")("BTD,DM->BTM", x_BTD, key, "up")
     h_BTM = constrain(jax.nn.silu(g_BTM) * u_BTM, mesh, ("batch", "seq", "mlp"))
     return weight(self, "down")("BTM,MD->BTD", h_BTM, key, "down")
+
+
+def embed_lookup(table_VD, ids_BT, mesh, dtype):
+  """Rows of the embedding table [V, D] for token ids [B, T] -> [B, T, D] in `dtype`.
+
+  On a mesh the table stays split along D (the "embed" rule: fsdp x expert x context) and the ids travel
+  instead: each device gathers the ids of the devices sharing its D-group, looks up its D-slice of their
+  rows, and one all-to-all hands every device its own tokens' full rows. The backward pass scatters into
+  the local [V, D/S] slice (float32, S times smaller) rather than building the whole table's gradient on
+  every device and all-reducing it, which is what gathering the table did (Scout: 3.9 GiB per chip).
+  """
+  axes = tuple(a for a in _axes_of("embed") if mesh is not None and mesh.shape.get(a, 1) > 1)
+  if not axes:
+    table = constrain(table_VD, mesh, ("vocab", None))  # gather the table, not the tokens
+    return constrain(jnp.take(table, ids_BT, axis=0).astype(dtype), mesh, ("batch", "seq", "act_embed"))
+  ids_spec = logical_to_spec(("batch", "seq"), mesh, ids_BT.shape, strict=False)
+
+  def local(table_vd, ids_bt):
+    every = jax.lax.all_gather(ids_bt, axes)  # [S, b, t]: the ids of each device of the D-group
+    rows = jnp.take(table_vd, every, axis=0).astype(dtype)  # [S, b, t, D/S]
+    return jax.lax.all_to_all(rows, axes, 0, rows.ndim - 1, tiled=True)[0]  # my tokens, every D-slice
+
+  out_spec = P(*ids_spec, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axes), ids_spec), out_specs=out_spec,
+                       check_vma=False)(table_VD, ids_BT)
+
+
+def _axes_of(logical: str) -> tuple[str, ...]:
+  target = RULES[logical]
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -8,17 +8,19 @@ on every token (the transformers formulation) and is the reference the tests com
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import SwiGLU, param
 from llama4_jax.model.lora import declare_linear, weight
+from llama4_jax.model.expert_parallel import expert_parallel
 from llama4_jax.model.ops import dot
+from llama4_jax.model.platform import target_platform
 
 
 def _block_size(rows: int, groups: int) -> int:
@@ -31,14 +33,37 @@ def _block_size(rows: int, groups: int) -> int:
 def grouped_matmul(x_MK, w_GKN, group_sizes_G, impl: str = "blocked"):
   """y[m] = x[m] @ w[g(m)] where rows are sorted by group and group g has group_sizes[g] rows.
 
-  impl "ragged_dot": `jax.lax.ragged_dot` (a native grouped matmul on TPU and GPU; on CPU XLA lowers it
-  densely, G times the work). impl "blocked": rows are padded per group to whole blocks and a scan runs
+  Rows past the last group (sum(group_sizes) < M) belong to no group and give zeros.
+
+  impl "ragged_dot": `jax.lax.ragged_dot` (a native grouped matmul on GPU; on CPU XLA lowers it densely,
+  G times the work). impl "gmm": the megablox Pallas kernel (TPU). impl "blocked": rows are padded per group to whole blocks and a scan runs
   one [b, K] @ [K, N] matmul per non-empty block, so the work is about M*K*N (plus padding) on any backend.
   """
   if impl == "ragged_dot":
     out = jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G, preferred_element_type=jnp.float32)
     return out.astype(x_MK.dtype)
+  if impl == "gmm":
+    return _megablox(x_MK, w_GKN, group_sizes_G.astype(jnp.int32))
   return _blocked_matmul(x_MK, w_GKN, group_sizes_G.astype(jnp.int32))
+
+
+def _megablox(x_MK, w_GKN, sizes_G):
+  """The megablox grouped matmul (a Pallas TPU kernel with its own VJP and cost estimate). Rows are padded
+  to whole row tiles. Its backward reuses the tiling with K and N swapped, so one tile width serves both:
+  the largest of 512, 256, 128 that divides K and N. Widths that are not multiples of 128 (toy models)
+  cannot be tiled for Mosaic and take `ragged_dot`."""
+  from jax.experimental.pallas.ops.tpu import megablox
+  m, k = x_MK.shape
+  n = w_GKN.shape[2]
+  if k % 128 or n % 128:
+    return grouped_matmul(x_MK, w_GKN, sizes_G, "ragged_dot")
+  tile = max(t for t in (512, 256, 128) if k % t == 0 and n % t == 0)
+  tm = 512 if m >= 512 else -(-m // 128) * 128
+  pad = -m % tm
+  x = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
+  dt = x.dtype
+  y = megablox.gmm(x, w_GKN.astype(dt), sizes_G, preferred_element_type=dt, tiling=(tm, tile, tile))
+  return y[:m] if pad else y
 
 
 class _Blocks(NamedTuple):
@@ -55,15 +80,18 @@ class _Blocks(NamedTuple):
     padded = (sizes_G + b - 1) // b * b
     group_start = jnp.cumsum(sizes_G) - sizes_G
     padded_start = jnp.cumsum(padded) - padded
-    row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_G), jnp.arange(m), side="right"), g - 1)
-    dest = jnp.arange(m) - group_start[row_group] + padded_start[row_group]
+    rows = jnp.arange(m)
+    row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_G), rows, side="right"), g - 1)
+    dest = rows - group_start[row_group] + padded_start[row_group]
+    dest = jnp.where(rows < jnp.sum(sizes_G), dest, num_blocks * b + rows)  # no group: outside the buffer
     block_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * b, side="right")
     return cls(b, dest, jnp.minimum(block_group, g - 1), block_group < g)
 
   def pad(self, x_MC):
     """[num_blocks, b, C]: the rows in their blocks, zeros elsewhere."""
     nb = self.group.shape[0]
-    buf = jnp.zeros((nb * self.b, x_MC.shape[1]), x_MC.dtype).at[self.dest].set(x_MC, unique_indices=True)
+    buf = jnp.zeros((nb * self.b, x_MC.shape[1]), x_MC.dtype).at[self.dest].set(
+        x_MC, unique_indices=True, mode="drop")
     return buf.reshape(nb, self.b, -1)
 
 
@@ -81,7 +109,7 @@ def _block_products(blocks: _Blocks, x_nbK, w_GKN, transpose: bool, dtype):
     return None, yb
 
   _, out = jax.lax.scan(one_block, None, (x_nbK, blocks.group, blocks.used))
-  return out.reshape(-1, n)[blocks.dest]
+  return out.reshape(-1, n).at[blocks.dest].get(mode="fill", fill_value=0)
 
 
 @jax.custom_vjp
@@ -118,7 +146,9 @@ _blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def default_moe_impl() -> str:
-  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  """The grouped matmul for the platform being compiled for: megablox on TPU, ragged_dot on GPU (XLA's
+  TPU ragged_dot runs the weight gradient as a dense masked product, E times the work), blocked on CPU."""
+  return {"cpu": "blocked", "tpu": "gmm"}.get(target_platform(), "ragged_dot")
 
 
 class MoE(nnx.Module):
@@ -129,13 +159,15 @@ class MoE(nnx.Module):
     pd, std = cfg.param_dtype, cfg.initializer_range
     self.router = param(rngs, (d, e), ("embed", None), pd, std=std, stack=stack)
     for name in ("gate", "up"):
-      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "embed", "mlp"), 1, "experts", std,
+      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "expert_embed", "mlp"), 1, "experts", std,
                      stack, n_groups=1)
-    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "embed"), 1, "experts", std,
+    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "expert_embed"), 1, "experts", std,
                    stack, n_groups=1)
     self.shared = SwiGLU(cfg, f, rngs, "shared", stack=stack)
     self.top_k = cfg.num_experts_per_tok
     self.impl = cfg.moe_impl
+    self.capacity_factor = cfg.moe_capacity_factor
+    self.remat = cfg.remat_policy == "full"
 
   def route(self, x_D):
     """Router logits [..., E], chosen experts [..., k] and their sigmoid scores [..., k] (in x's dtype)
@@ -156,32 +188,46 @@ class MoE(nnx.Module):
     impl = default_moe_impl() if self.impl == "auto" else self.impl
     weights = tuple(weight(self, name, n_groups=1) for name in ("gate", "up", "down"))
     flat = lambda a: a.reshape(b * t, a.shape[-1])  # noqa: E731
+    few = 2 * b * t * self.top_k <= self.gate.shape[0]  # few tokens (decoding)
+    routed = functools.partial(self._routed, impl=impl, remat=self.remat)
     if impl == "dense":
       routed_BTD = self._dense(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
-    elif _context_split(mesh, t):  # route each device's own tokens (a global sort would gather them all)
-      routed_BTD = _per_context_shard(self._routed, mesh, impl, x_BTD, idx, score, weights, key)
-    elif 2 * b * t * self.top_k <= self.gate.shape[0]:  # few tokens (decoding)
+    elif mesh is not None and mesh.size > 1 and not few:
+      # each device routes its own tokens (a global sort would gather them all onto every device)
+      routed_BTD = expert_parallel(routed, mesh, x_BTD, idx, score, weights, self.gate.shape[0], key,
+                                   self.capacity_factor)
+    elif few:
       routed_BTD = self._gathered(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
     else:
-      routed_BTD = self._routed(flat(x_BTD), flat(idx), flat(score), impl, weights,
-                                key).reshape(b, t, d)
+      routed_BTD = routed(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
     y_BTD = self.shared(x_BTD, mesh, key) + routed_BTD
     return y_BTD, load_balance_loss(logits, idx)
 
   @staticmethod
-  def _routed(x_ND, idx_Nk, score_Nk, impl, weights, key=None):
-    """Sorted (token, expert) pairs through grouped matmuls; weights = (gate, up, down) `Weight`s."""
+  def _routed(x_ND, idx_Nk, score_Nk, weights, key=None, exchange=None, *, impl, remat=False):
+    """Sorted (token, expert) pairs through grouped matmuls; weights = (gate, up, down) `Weight`s.
+    `exchange(x_AD, sizes_E, ffn)` (expert parallelism, see `expert_parallel`) runs `ffn` where the
+    experts live; without it the weights hold every expert. `remat`: the expert FFN keeps only its input
+    rows for the backward pass and recomputes gate and up there (under full remat the superblock's
+    recomputed forward would otherwise hold every layer's [rows, F] activations at once: with
+    expert parallelism the rows are the receive buffer, up to the expert axis size times the tokens)."""
     gate, up, down = weights
     n, k = idx_Nk.shape
-    e = gate.kernel.shape[0]
     expert_A = idx_Nk.reshape(-1)  # A = N*k assignments, token-major
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // k
     x_AD = x_ND[token_A] * score_Nk.reshape(-1)[order_A][:, None]  # the score scales the expert input
+
+    def ffn(rows_RD, sizes_G):  # rows sorted by expert, sizes_G rows of each of the weights' experts
+      gate_RF = gate.grouped(rows_RD, sizes_G, impl, key, "experts.gate")
+      up_RF = up.grouped(rows_RD, sizes_G, impl, key, "experts.up")
+      return down.grouped(jax.nn.silu(gate_RF) * up_RF, sizes_G, impl, key, "experts.down")
+
+    if remat:
+      ffn = jax.checkpoint(ffn)
+    e = gate.kernel.shape[0] if exchange is None else exchange.num_experts
     sizes_E = jnp.bincount(expert_A, length=e)
-    gate_AF = gate.grouped(x_AD, sizes_E, impl, key, "experts.gate")
-    up_AF = up.grouped(x_AD, sizes_E, impl, key, "experts.up")
-    y_AD = down.grouped(jax.nn.silu(gate_AF) * up_AF, sizes_E, impl, key, "experts.down")
+    y_AD = ffn(x_AD, sizes_E) if exchange is None else exchange(x_AD, sizes_E, ffn)
     y_AD = y_AD[jnp.argsort(order_A)]  # back to token-major order
     return y_AD.reshape(n, k, -1).sum(axis=1)
 
@@ -208,26 +254,6 @@ class MoE(nnx.Module):
     g = gate("END,EDF->ENF", x_END, key, "experts.gate")
     u = up("END,EDF->ENF", x_END, key, "experts.up")
     return down("ENF,EFD->ND", jax.nn.silu(g) * u, key, "experts.down")
-
-
-def _context_split(mesh, seq_len: int) -> bool:
-  n = 1 if mesh is None else mesh.shape.get("context", 1)
-  return n > 1 and seq_len % n == 0
-
-
-def _per_context_shard(routed, mesh, impl, x_BTD, idx_BTk, score_BTk, weights, key=None):
-  """`routed` on each context shard's tokens alone (manual over the context axis only; batch and
-  weight axes stay with the compiler). Routing is per token, so the result does not change."""
-  def local(x, i, s, w, k):
-    b, t, d = x.shape
-    if k is not None:  # each shard's tokens draw their own dropout masks
-      k = jax.random.fold_in(k, jax.lax.axis_index("context"))
-    return routed(x.reshape(b * t, d), i.reshape(b * t, -1), s.reshape(b * t, -1), impl,
-                  w, k).reshape(b, t, d)
-
-  tokens = P(None, "context")
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (P(), P()), out_specs=tokens,
-                       axis_names={"context"}, check_vma=False)(x_BTD, idx_BTk, score_BTk, weights, key)
 
 
 def load_balance_loss(logits, idx):

@@ -15,11 +15,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llama4_jax.model.platform import target_platform
+
 
 def is_cpu_half(dtype) -> bool:
-  """Whether arrays of `dtype` are 16-bit floats handled by XLA's CPU backend."""
+  """Whether arrays of `dtype` are 16-bit floats in a program compiled for XLA's CPU backend."""
   dtype = jnp.dtype(dtype)
-  return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) and jax.default_backend() == "cpu"
+  return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) and target_platform() == "cpu"
 
 
 def dot(x, w, dims, preferred_element_type=None):

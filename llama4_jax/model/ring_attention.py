@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from llama4_jax.config import RING_KERNELS as KERNELS
 from llama4_jax.config import RING_LAYOUTS as LAYOUTS
+from llama4_jax.model.platform import on_tpu
 from llama4_jax.sharding import logical_to_spec
 
 AXIS = "context"
@@ -116,7 +117,7 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
   kernel = _choose_kernel(kernel, run, seq_len, chunk_size)
   blk = run if kernel == "splash" else _block_size(run, block)
   with_kernel = lambda group, steps: RingPlan(  # noqa: E731
-      devices, group, steps, chunk_size, blk, kernel, kernel == "splash" and jax.default_backend() != "tpu",
+      devices, group, steps, chunk_size, blk, kernel, kernel == "splash" and not on_tpu(),
       seq_len)
   if chunk_size is None or devices == 1:
     return with_kernel(devices, devices)
@@ -145,7 +146,7 @@ def _choose_kernel(kernel: str, run: int, seq_len: int, chunk_size: int | None) 
          None if ids_fit else f"segment x chunk ids of {seq_len} tokens with C={chunk_size} overflow int32")
   if kernel == "splash" and why:
     raise ValueError(f"ring_kernel='splash' cannot be used: {why}; use 'xla' or 'auto'")
-  if kernel == "auto" and (why or jax.default_backend() != "tpu"):
+  if kernel == "auto" and (why or not on_tpu()):
     return "xla"
   return "splash"
 
@@ -439,7 +440,7 @@ def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_B
     raise ValueError(f"a ring plan for {plan.devices} devices used on a context axis of {devices}")
   lse_shape = (b, t // plan.block, kvh, plan.block * (n // kvh))  # [B, blocks, K, M], see _fold
   specs = None
-  if devices > 1:
+  if mesh is not None and mesh.size > 1:  # also on one context device: each device attends its own rows
     tensor = mesh.shape.get("tensor", 1)
     if n % tensor or kvh % tensor:
       raise ValueError(f"query heads {n} and kv heads {kvh} must both be divisible by the mesh's "

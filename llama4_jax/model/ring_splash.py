@@ -84,6 +84,13 @@ def _folded(x):
   return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], *x.shape[5:])
 
 
+def _head_major(*xs):
+  """[R, K, H] <-> [K, R, H]. The kernels are vmapped over kv heads on the leading axis: vmapped over the
+  middle one, Mosaic sees a block of (1, H) over the array's last two dims (K, H), which it cannot lower
+  (the second-to-last block dim must divide by 8 or span the axis); interpret mode never checks this."""
+  return tuple(jnp.swapaxes(x, 0, 1) for x in xs)
+
+
 def _case(q_first, k_first):
   """0: skip (every key later), 1: causal (same run), 2: full (every key earlier)."""
   return jnp.where(q_first > k_first, 2, jnp.where(q_first == k_first, 1, 0))
@@ -119,7 +126,7 @@ def attend_step(qf, qmeta, k, v, kmeta, acc, plan):
   def pair(kernel, q_r, k_r, v_r, qi, ki):  # q_r [b, K, G, R, H], k_r [b, R, K, H], ids [b, R]
     def one(q1, k1, v1, qi1, ki1):  # over kv heads: q1 [K, G, R, H], k1 [R, K, H]
       ids = sk.SegmentIds(q=qi1, kv=ki1)
-      return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids), in_axes=(0, 1, 1))(q1, k1, v1)
+      return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q1, *_head_major(k1, v1))
 
     out, (lse,) = jax.vmap(one)(q_r, k_r, v_r, qi, ki)
     return out.astype(jnp.float32), jnp.where(lse < _EMPTY_LSE, -jnp.inf, lse)
@@ -171,7 +178,8 @@ def grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan):
             mask_info=kernel.dq_mask_info, **common)
         return dq, dk, dv
 
-      return jax.vmap(head, in_axes=(0, 0, 0, 0, 1, 1), out_axes=(0, 1, 1))(q1, do1, ls1, de1, k1, v1)
+      dq, dk, dv = jax.vmap(head)(q1, do1, ls1, de1, *_head_major(k1, v1))
+      return (dq,) + _head_major(dk, dv)
 
     dq, dk, dv = jax.vmap(one)(q_r, do_r, ls_r, de_r, k_r, v_r, qi, ki)
     return dq.astype(jnp.float32) * scale, dk.astype(jnp.float32), dv.astype(jnp.float32)

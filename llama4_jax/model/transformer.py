@@ -17,9 +17,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, StackedCache, init_kv_cache
-from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param, rope_angles
+from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, embed_lookup, param, rope_angles
 from llama4_jax.model.lora import dropout_key
 from llama4_jax.model.ops import dot, kv_cache_dtype
+from llama4_jax.model.platform import on_model_mesh
 from llama4_jax.model.moe import MoE
 from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag
 from llama4_jax.sharding import constrain, state_shardings
@@ -94,6 +95,7 @@ class Llama4(nnx.Module):
   def __call__(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False):
     return _forward_jit(self, input_ids, positions, segment_ids, return_aux)
 
+  @on_model_mesh
   def forward(self, input_ids, positions=None, segment_ids=None, *, return_aux: bool = False,
               dropout_key=None, return_hidden: bool = False):
     """The traceable forward pass (what `__call__` jit-compiles). `dropout_key` (training only) turns
@@ -138,6 +140,7 @@ class Llama4(nnx.Module):
     return RingContext(devices, layout, aligned, index, cfg.ring_kernel)
 
   # --- KV-cache inference -----------------------------------------------------------------------
+  @on_model_mesh
   def init_cache(self, batch: int, max_length: int, dtype=None):
     """Zeroed KV cache for `batch` rows of up to `max_length` tokens: a ring buffer of
     min(C, max_length) entries for chunked layers, `max_length` for NoPE layers. dtype: by default the
@@ -156,6 +159,7 @@ class Llama4(nnx.Module):
     return {"blocks": [one(layer.kind, (self.num_blocks,)) for layer in self.blocks],
             "tail": [one(layer.kind) for layer in self.tail]}
 
+  @on_model_mesh
   def prefill(self, tokens, lengths, cache):
     """Runs right-padded prompts tokens [B, T] (row b has lengths[b] real tokens) and stores them in
     `cache`. Returns (logits [B, V] at each row's last prompt token, cache)."""
@@ -166,6 +170,7 @@ class Llama4(nnx.Module):
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.lm_logits(last)[:, 0], cache
 
+  @on_model_mesh
   def extend(self, tokens, starts, lengths, cache):
     """Continues prompts whose first starts[b] tokens are in `cache` with tokens [B, T] (row b has
     lengths[b] real ones, at positions starts[b], starts[b] + 1, ...), so a long prompt can be prefilled
@@ -177,6 +182,7 @@ class Llama4(nnx.Module):
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.lm_logits(last)[:, 0], cache
 
+  @on_model_mesh
   def decode(self, tokens, positions, cache):
     """One token per row: tokens [B] at positions [B]. Returns (logits [B, V], cache). The cache may have
     more than B rows; rows B and beyond are left as they are."""
@@ -186,10 +192,9 @@ class Llama4(nnx.Module):
 
   # --- shared pieces ------------------------------------------------------------------------------
   def _embed(self, ids):
-    table = constrain(self.embed[...], self.mesh, ("vocab", None))  # gather the table, not the tokens
-    h = jnp.take(table, ids, axis=0).astype(dtype_of(self.config.dtype))
-    return constrain(h, self.mesh, ("batch", "seq", "act_embed"))
+    return embed_lookup(self.embed[...], ids, self.mesh, dtype_of(self.config.dtype))
 
+  @on_model_mesh
   def lm_logits(self, h):
     """float32 logits [B, T, V] of the last layer's output h [B, T, D] (final norm, then the LM head)."""
     h = self.final_norm(h)

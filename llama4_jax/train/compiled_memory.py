@@ -2,8 +2,9 @@
 
 The step is lowered from ShapeDtypeStructs carrying the shardings the trainer would use, then compiled;
 `memory_analysis()` of the compiled (SPMD-partitioned) program gives one device's bytes. Used by
-`python -m llama4_jax.plan --measure` to check the planner's estimate on the local devices, by the
-planner's tests, and by the benchmarks.
+`python -m llama4_jax.plan --measure` to check the planner's estimate on the local devices, by
+`--compile` (`llama4_jax.tpu_compile`, for a TPU slice's devices), by the planner's tests, and by the
+benchmarks.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def memory_figures(compiled) -> dict[str, int]:
   return out
 
 
-def compiled_train_step_memory(c, mesh) -> dict[str, int]:
-  """Per-device bytes of run config `c`'s train step compiled for `mesh` (from `memory_analysis()`).
-
-  Returns `memory_figures` of the step (aliased: the donated params and optimizer state).
-  """
+def lower_train_step(c, mesh):
+  """The trainer's jitted step for run config `c` on `mesh`, lowered from ShapeDtypeStructs carrying the
+  trainer's shardings (no memory is allocated). `mesh` may hold devices this host does not have (a TPU
+  topology, see `llama4_jax.tpu_compile`)."""
   cfg = model_config(c)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   tm = TrainModel(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -58,4 +58,12 @@ def compiled_train_step_memory(c, mesh) -> dict[str, int]:
                          step_hparams(c, c.learning_rate))
   step = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
                  out_shardings=(trainable_shardings, opt_shardings, None))
-  return memory_figures(step.lower(trainable, opt_state, frozen, batch, rng, step_no, hparams).compile())
+  return step.lower(trainable, opt_state, frozen, batch, rng, step_no, hparams)
+
+
+def compiled_train_step_memory(c, mesh) -> dict[str, int]:
+  """Per-device bytes of run config `c`'s train step compiled for `mesh` (from `memory_analysis()`).
+
+  Returns `memory_figures` of the step (aliased: the donated params and optimizer state).
+  """
+  return memory_figures(lower_train_step(c, mesh).compile())

@@ -43,7 +43,7 @@ class TrainingDiverged(RuntimeError):
 
 
 _IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "ring_kernel", "moe_impl",
-                "remat_policy", "scan_layers") + ADAPTER_FIELDS
+                "moe_capacity_factor", "remat_policy", "scan_layers") + ADAPTER_FIELDS
 
 
 def _sync(name: str) -> None:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx, traverse_util
 
 from llama4_jax.model.lora import is_adapter
+from llama4_jax.model.platform import compiling_for
 from llama4_jax.sharding import named_sharding
 
 
@@ -135,6 +136,10 @@ def make_train_step(tm: TrainModel, tx: optax.GradientTransformation, c, batch_s
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
   def train_step(params, opt_state, frozen, batch, rng, step, hparams):
+    with compiling_for(batch_sharding.mesh):  # the backward pass is traced here, outside the model
+      return _train_step(params, opt_state, frozen, batch, rng, step, hparams)
+
+  def _train_step(params, opt_state, frozen, batch, rng, step, hparams):
     lr, aux_coef = hparams["learning_rate"], hparams["moe_aux_loss_coef"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
     key = jax.random.fold_in(rng, step)

@@ -1,0 +1,136 @@
+"""Programs compiled by the real TPU compiler (libtpu) on this CPU host, for TPU topologies.
+
+The train step, a ring-attention step and the serving steps of small models compile for a v5e:2x2 slice
+and take the TPU kernels (megablox grouped matmul, splash through Mosaic, ragged all-to-all), chosen from
+the mesh's devices rather than from the host's backend; a Scout-width MoE layer compiled for a v5p slice
+moves neither a whole expert weight nor the whole sequence through any collective.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from train_utils import micro_config
+
+pytest.importorskip("libtpu", reason="the TPU compiler (pip install -e '.[tpu]')")
+
+import llama4_jax as l4  # noqa: E402
+from llama4_jax import hlo_report, planning, tpu_compile  # noqa: E402
+from llama4_jax.model.platform import compiling_for, mesh_platform  # noqa: E402
+from llama4_jax.sharding import named_sharding, state_shardings  # noqa: E402
+
+V5E_4 = planning.parse_tpu("v5e-4")
+
+
+@pytest.fixture(scope="module")
+def v5e_devices():
+  return tpu_compile.tpu_devices(V5E_4)
+
+
+def _config(**changes):
+  c = micro_config("unused", **changes)
+  c.batch_size, c.seq_len = 4, 512
+  # widths of 128 (TPU tiles: narrower arrays are padded in HBM, and the planner counts elements)
+  c.model.update(dtype="bfloat16", attention_chunk_size=128, hidden_size=128, intermediate_size=128,
+                 intermediate_size_mlp=256, head_dim=128, vocab_size=384)
+  return c
+
+
+def _pallas_ops(text):
+  """Names (instruction and JAX op) of the Pallas TPU kernels (Mosaic custom calls) in compiled HLO."""
+  return [f"{i.name} {i.op_name}" for i in hlo_report._parse(text)[0]
+          if i.opcode == "custom-call" and "tpu_custom_call" in i.rest]
+
+
+@pytest.fixture(scope="module")
+def train_step(v5e_devices):
+  """Tiny MoE train step on fsdp=2 x expert=2: compiled, with its HLO and the planner's estimate."""
+  c = _config(mesh=dict(data=1, fsdp=2, tensor=1, expert=2, context=1))
+  mesh = l4.make_mesh(**dict(c.mesh), devices=v5e_devices)
+  assert mesh_platform(mesh) == "tpu" and jax.default_backend() == "cpu"
+  compiled = tpu_compile.lower_train_step(c, mesh).compile()
+  return c, compiled, planning.plan_training(c, 4, V5E_4.hbm_bytes)
+
+
+def test_train_step_takes_the_tpu_kernels(train_step):
+  _, compiled, _ = train_step
+  text = compiled.as_text()
+  assert any("gmm" in op for op in _pallas_ops(text)), "the MoE did not compile to the megablox kernel"
+  assert hlo_report.collectives(text)["ragged-all-to-all"]["count"] > 0  # tokens travel to their experts
+
+
+def test_train_step_memory_against_the_planner(train_step):
+  """The compiler's argument bytes are the trainable parameters and Adam state the planner counts
+  (the same sharding rules), and its peak fits the chip."""
+  _, compiled, plan = train_step
+  mem = tpu_compile.memory_figures(compiled)
+  stored = plan.parts["parameters"] + plan.parts["optimizer state"]
+  assert abs(mem["arguments"] - stored) / stored < 0.05, (mem, plan.parts)
+  assert mem["peak"] < V5E_4.hbm_bytes
+
+
+def test_ring_step_compiles_splash_through_mosaic(v5e_devices):
+  """context=2 ring attention with the splash kernel inside each ring step (runs of 128 tokens)."""
+  c = _config(mesh=dict(data=1, fsdp=2, tensor=1, expert=1, context=2))
+  c.model.update(attention_impl="ring", ring_kernel="auto", num_hidden_layers=2)
+  mesh = l4.make_mesh(**dict(c.mesh), devices=v5e_devices)
+  text = tpu_compile.lower_train_step(c, mesh).compile().as_text()
+  ops = _pallas_ops(text)
+  assert any("splash" in op for op in ops), "the ring did not take the splash kernel"
+  assert hlo_report.collectives(text)["collective-permute"]["count"] > 0  # K/V travel the ring
+
+
+def test_serving_steps_compile(v5e_devices):
+  """The engine's prefill and decode steps for 4 slots, model and KV cache sharded over fsdp=4."""
+  c = _config(mesh=dict(data=1, fsdp=4, tensor=1, expert=1, context=1))
+  c.model.update(num_hidden_layers=2)
+  mesh = l4.make_mesh(**dict(c.mesh), devices=v5e_devices)
+  lowered = tpu_compile.lower_serve_steps(c, mesh, slots=4, length=512, prompt=256)
+  for name, low in lowered.items():
+    r = tpu_compile.report(name, low, V5E_4)
+    assert 0 < r.memory["peak"] < V5E_4.hbm_bytes and r.flops > 0, (name, r.memory)
+
+
+@pytest.mark.slow
+def test_scout_moe_layer_moves_no_whole_expert_or_sequence():
+  """One Scout-width MoE layer (16 experts of 5120 x 8192) on a v5p-16 slice (fsdp=2 x expert=4):
+  no collective's result holds half of a routed-expert weight [E, D, F] (the FSDP gather holds the
+  device's E/4 experts) or the whole batch of tokens (each device exchanges only its own)."""
+  from flax import nnx
+
+  from llama4_jax.model.moe import MoE
+  tpu = planning.parse_tpu("v5p-16")
+  mesh = l4.make_mesh(data=1, fsdp=2, tensor=1, expert=4, context=1,
+                      devices=tpu_compile.tpu_devices(tpu))
+  cfg = l4.get_config("scout", dtype="bfloat16", param_dtype="bfloat16", num_local_experts=16)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, nnx.Rngs(0))))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
+  batch, seq, d = 16, 4096, cfg.hidden_size
+  x = jax.ShapeDtypeStruct((batch, seq, d), jnp.bfloat16,
+                           sharding=named_sharding(mesh, ("batch", "seq", "act_embed")))
+
+  def loss(params, x):
+    nnx.replace_by_pure_dict(state, params)
+    y, aux = nnx.merge(graphdef, state)(x, mesh)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + aux
+
+  with compiling_for(mesh):
+    text = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+  whole_expert = 16 * d * cfg.intermediate_size * 2
+  whole_tokens = batch * seq * d * 2
+  for i in hlo_report._parse(text)[0]:
+    if i.opcode in hlo_report.COLLECTIVES and i.opcode != "ragged-all-to-all":
+      biggest = max(hlo_report.array_bytes(i.shape) or [0])
+      assert biggest < whole_expert // 2 and biggest < whole_tokens, (i.opcode, i.shape, i.op_name)
+  assert any("gmm" in op for op in _pallas_ops(text))
+
+
+def test_plan_compile_needs_a_tpu_and_says_so():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "llama4_jax.plan", "--config=configs/tiny_cpu.py", "--compile"],
+                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0 and "--compile compiles for a TPU slice" in out.stderr + out.stdout
