@@ -37,17 +37,11 @@ ROWS = [
 
 
 def load_config(path: str, overrides: dict):
+  from llama4_jax.planning import changed
   spec = importlib.util.spec_from_file_location("run_config", os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return changed(module.get_config(), overrides)
 
 
 def row(name, path, tpu_name, overrides, serve) -> dict:

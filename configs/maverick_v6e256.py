@@ -5,15 +5,15 @@
         --config.data.tokenizer=/path/to/Llama-4-Maverick/tokenizer.model
 
 Mesh: v6e chips have 32 GB of HBM, so the 401B parameters must be spread over all 256 chips: expert=64
-(2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 for everything else, tensor=1. Parameters
+(2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 x expert=64 for everything else, tensor=1. Parameters
 and Adam moments in bf16, bf16 compute, full remat, batch rows split over data*fsdp*expert = 256 chips: one
 4096-token sequence per chip per step.
 
-DOES NOT FIT YET: `python -m llama4_jax.plan --config=configs/maverick_v6e256.py --tpu=v6e-256` estimates
-78 GiB per chip against 28.8 usable. The non-expert weights (attention, the dense MLP layers, embeddings)
-are sharded over fsdp=4 only, not over the expert axis (9.4 GiB of parameters per chip instead of ~3),
-and the activations take ~40 GiB. Sharding the non-expert weights over the expert axis too is the fix.
-Not yet run on hardware.
+DOES NOT FIT YET. The TPU compiler (`python -m llama4_jax.plan --config=configs/maverick_v6e256.py
+--tpu=v6e-256 --compile`) asks for 45.0G of temporaries per chip against 31.25G (190.3G before tokens
+were routed per device and the non-expert weights sharded over the expert axis too). The dropless
+receive buffer of expert=64 holds 64x each chip's tokens; --config.model.moe_capacity_factor=2.0 bounds it,
+but that compile outgrew a 24 GB host and its figure is not known yet. Not run on hardware.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields

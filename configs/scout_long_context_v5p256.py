@@ -18,10 +18,9 @@ row per host per step. The context axis may also span hosts (hosts that split a 
 tested with two CPU processes), but within a host the ring's hops stay on the chips' fast links.
 loss_chunks=8: the
 loss builds the fp32 logits over the 202K vocabulary for 2,048 of each chip's 16,384 tokens at a time
-(all at once they take about 13 GB per chip). `python -m llama4_jax.plan
---config=configs/scout_long_context_v5p256.py --tpu=v5p-256` estimates 71 of 85.5 usable GiB per chip
-(85 without loss_chunks; fp32 parameters do not fit; 128K-token rows do not either, at ~124 GiB).
-
+(all at once they take about 13 GB per chip). The TPU compiler (`python -m llama4_jax.plan
+--config=configs/scout_long_context_v5p256.py --tpu=v5p-256 --compile`): peak 38.5 GiB per chip of 95,
+with the splash kernel inside the ring compiled through Mosaic; the planner's CPU-fitted estimate is 66.4.
 Not yet run on hardware.
 """
 

@@ -9,8 +9,9 @@ prints XLA's own figure beside the estimate (the devices must match the mesh).
 
 --compile (with --tpu) compiles the run's real train step (with --serve: the serving engine's prefill and
 decode steps) for that slice's topology with the TPU compiler, on any host: per-chip bytes against HBM,
-the largest buffers and the ops that make them, collectives by kind with bytes per step, flops, the
-compiler's step-time estimate and the MFU it implies. Needs libtpu (pip install -e '.[tpu]').
+the largest buffers and the ops that make them, collectives by kind with bytes per step, flops per chip
+counted from the HLO, the step time those flops take at the chip's peak (a lower bound) and the MFU and
+tokens/s/chip that bound implies. Needs libtpu (pip install -e '.[tpu]').
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def _compile(c, plan, tpu, serve_length):
 
 def _compiled_json(reports, c, tpu, plan) -> dict:
   """The JSON `compiled` member: the first program's figures (train step, or prefill), the others under
-  their names, the chip's HBM and, for training, the MFU and tokens/s/chip the compiler's estimate
-  implies."""
+  their names, the chip's HBM and, for training, the MFU and tokens/s/chip bounds its step time implies
+  (the compiler's estimate when it gives one, else its flops at peak)."""
   from llama4_jax import tpu_compile
   out = dict(reports[0].as_json(), hbm_bytes=tpu.hbm_bytes, estimate_bytes=plan.total)
   for r in reports[1:]:
@@ -156,8 +157,8 @@ def _compiled_json(reports, c, tpu, plan) -> dict:
   if plan.mode == "train":
     flops = tpu_compile.train_model_flops(c)
     seconds = reports[0].optimal_seconds or reports[0].compute_seconds
-    out.update(model_flops=flops, mfu=tpu_compile.mfu(flops, seconds, tpu),
-               tokens_per_sec_per_chip=c.batch_size * c.seq_len / seconds / tpu.chips)
+    out.update(model_flops=flops, mfu_bound=tpu_compile.mfu(flops, seconds, tpu),
+               tokens_per_sec_per_chip_bound=c.batch_size * c.seq_len / seconds / tpu.chips)
   return out
 
 

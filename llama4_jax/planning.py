@@ -238,7 +238,8 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
 
 # --- changes that would make a plan fit ---------------------------------------------------------
 
-def _changed(c, changes: dict):
+def changed(c, changes: dict):
+  """A copy of run config `c` with dotted fields set ({"mesh.fsdp": -1, "model.remat_policy": "full"})."""
   import copy
   c = copy.deepcopy(c)
   with c.unlocked():
@@ -295,24 +296,24 @@ def suggest(c, devices: int, hbm_bytes: int, plan_fn, generation: str | None = N
   found, together, best = [], {}, base.total
   for changes, why in _candidates(c, base.mode):
     try:
-      p = plan_fn(_changed(c, changes), devices, hbm_bytes)
+      p = plan_fn(changed(c, changes), devices, hbm_bytes)
     except ValueError:  # e.g. a mesh that does not divide the model
       continue
     if p.fits:
       found.append((_flags(changes, why), p))
     try:  # greedily accumulate the changes that help, for when no single one is enough
-      q = plan_fn(_changed(c, {**together, **changes}), devices, hbm_bytes)
+      q = plan_fn(changed(c, {**together, **changes}), devices, hbm_bytes)
     except ValueError:
       continue
     if q.total < best:
       together, best = {**together, **changes}, q.total
   if not found and together:
-    p = plan_fn(_changed(c, together), devices, hbm_bytes)
+    p = plan_fn(changed(c, together), devices, hbm_bytes)
     if p.fits:
       found.append((_flags(together), p))
   if generation:
     _, cores = TPU_GENERATIONS[generation]
-    grown = _changed(c, {"mesh.fsdp": -1}) if _fixed(c) else c
+    grown = changed(c, {"mesh.fsdp": -1}) if _fixed(c) else c
     scaled = devices
     while scaled < devices * 64:
       scaled *= 2

@@ -17,9 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from llama4_jax import hlo_report
+from llama4_jax.inference.static import split_model
+from llama4_jax.model.transformer import model_shardings
 from llama4_jax.planning import GiB, Tpu, parameter_counts
+from llama4_jax.serving import steps
 from llama4_jax.train.compiled_memory import lower_train_step, memory_figures
 from llama4_jax.train.config import model_config
 
@@ -106,8 +110,9 @@ def report(name: str, lowered, tpu: Tpu, top: int = 8) -> Report:
 
 def train_model_flops(c) -> float:
   """Model FLOPs of one train step (all chips): 6 x active parameters (less the embedding table) x tokens
-  (forward and backward of every matmul) plus causal attention's QK^T and PV (x3 for the backward), chunked layers over at most
-  their chunk. Rematerialisation is not counted: this is the numerator of MFU."""
+  (forward and backward of every matmul; 4 x with LoRA, whose frozen base needs no weight gradients) plus
+  causal attention's QK^T and PV (x3 for the backward), chunked layers over at most their chunk.
+  Rematerialisation is not counted: this is the numerator of MFU."""
   cfg = model_config(c)
   _, active = parameter_counts(cfg)
   active -= cfg.vocab_size * cfg.hidden_size  # the embedding table is read, not multiplied
@@ -116,7 +121,8 @@ def train_model_flops(c) -> float:
   for kind in cfg.layer_kinds():
     span = min(c.seq_len, cfg.attention_chunk_size) if kind.rope and cfg.attention_chunk_size else c.seq_len
     attn += 2 * 2 * cfg.num_attention_heads * cfg.head_dim * span / 2  # per token: QK^T + PV, causal half
-  return 6.0 * active * tokens + 3.0 * attn * tokens
+  passes = 4.0 if cfg.lora_rank else 6.0  # a frozen base needs no weight gradients (adapters: negligible)
+  return passes * active * tokens + 3.0 * attn * tokens
 
 
 def mfu(model_flops: float, seconds: float | None, tpu: Tpu) -> float | None:
@@ -167,11 +173,6 @@ def lower_serve_steps(c, mesh, slots: int, length: int, prompt: int | None = Non
   """The serving engine's prefill (one prompt of `prompt` tokens, default `length`, into one of `slots`
   cache rows of `length` tokens) and decode step (all slots) for run config `c` on `mesh`, lowered from
   ShapeDtypeStructs (no memory is allocated). Returns {"prefill": Lowered, "decode": Lowered}."""
-  from flax import nnx
-
-  from llama4_jax.inference.static import split_model
-  from llama4_jax.model.transformer import model_shardings
-  from llama4_jax.serving import steps
   cfg = model_config(c)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   static, leaves = split_model(nnx.merge(graphdef, abstract_state))

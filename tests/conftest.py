@@ -85,3 +85,16 @@ def maverick_ckpt(tmp_path_factory):
   model = make_hf_checkpoint(MAVERICK_LIKE, d, seed=2, max_shard_size="40KB")  # sharded + index
   return d, model
 
+
+
+# The longest files first: pytest-xdist hands whole files (--dist loadfile) to two workers in collection
+# order, so long files collected last left one worker running alone at the end.
+_LONG_FILES = ("test_train.py", "test_notebooks.py", "test_serve.py", "test_sampler.py",
+               "test_ring_attention.py", "test_tpu_compile.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+  items.sort(key=rank)  # stable: within a file, tests keep their order
