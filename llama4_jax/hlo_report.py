@@ -21,6 +21,7 @@ opcode(operands), attr=..., metadata={op_name="..."}`), stable across the versio
 from __future__ import annotations
 
 import collections
+import functools
 import re
 
 _ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -62,6 +63,7 @@ class _Instr(collections.namedtuple("_Instr", "name shape opcode rest computatio
     return m.group(1) if m else ""
 
 
+@functools.lru_cache(maxsize=2)  # a report reads one text three times (buffers, collectives, flops)
 def _parse(text: str):
   """(instructions, entry computation name, fused computation names). An instruction's attributes may
   run over several lines (a Pallas call's kernel metadata): they are joined to it."""

@@ -42,7 +42,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def _mesh_axes_of(logical: str | None, rules: dict) -> tuple[str, ...]:
+def mesh_axes_of(logical: str | None, rules: dict | None = None) -> tuple[str, ...]:
+  """The mesh axes logical axis `logical` maps to under `rules` (default: RULES), in order."""
+  rules = RULES if rules is None else rules
   if logical is None:
     return ()
   if logical not in rules:
@@ -67,7 +69,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None
   used: dict[str, str] = {}
   spec = []
   for dim, logical in enumerate(logical_axes):
-    axes = _mesh_axes_of(logical, rules)
+    axes = mesh_axes_of(logical, rules)
     if mesh is not None:
       axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
     for a in axes:

@@ -58,8 +58,8 @@ def _starts(sizes):
 
 
 def _swap(x_P):
-  """Element p of x goes to device p; element p of the result came from device p."""
-  return jax.lax.all_to_all(x_P[:, None], AXIS, 0, 0, tiled=True)[:, 0]
+  """x [P, ...]: entry p goes to device p; entry p of the result came from device p."""
+  return jax.lax.all_to_all(x_P, AXIS, 0, 0, tiled=True)
 
 
 def make_exchange(blocks_P, capacity: int | None = None) -> Exchange:
@@ -172,7 +172,7 @@ class ExpertExchange:
       capacity = min(rows, -(-math.ceil(self.capacity_factor * a) // 8) * 8)
       rows = capacity
     ex = make_exchange(sizes_E.reshape(ep, e_loc).sum(axis=1), capacity)
-    counts_PE = jax.lax.all_to_all(sizes_E.reshape(ep, e_loc), AXIS, 0, 0, tiled=True)  # [source, local e]
+    counts_PE = _swap(sizes_E.reshape(ep, e_loc))  # [source device, local expert]
     if capacity is not None:  # each source's block keeps its first ex.recv[p] rows
       ends = jnp.cumsum(counts_PE, axis=1)
       counts_PE = jnp.clip(ex.recv[:, None] - (ends - counts_PE), 0, counts_PE)

@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
-from llama4_jax.sharding import RULES, constrain, logical_to_spec
+from llama4_jax.sharding import constrain, logical_to_spec, mesh_axes_of
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -103,7 +102,7 @@ def embed_lookup(table_VD, ids_BT, mesh, dtype):
   the local [V, D/S] slice (float32, S times smaller) rather than building the whole table's gradient on
   every device and all-reducing it, which is what gathering the table did (Scout: 3.9 GiB per chip).
   """
-  axes = tuple(a for a in _axes_of("embed") if mesh is not None and mesh.shape.get(a, 1) > 1)
+  axes = tuple(a for a in mesh_axes_of("embed") if mesh is not None and mesh.shape.get(a, 1) > 1)
   if not axes:
     table = constrain(table_VD, mesh, ("vocab", None))  # gather the table, not the tokens
     return constrain(jnp.take(table, ids_BT, axis=0).astype(dtype), mesh, ("batch", "seq", "act_embed"))
@@ -117,8 +116,3 @@ def embed_lookup(table_VD, ids_BT, mesh, dtype):
   out_spec = P(*ids_spec, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axes), ids_spec), out_specs=out_spec,
                        check_vma=False)(table_VD, ids_BT)
-
-
-def _axes_of(logical: str) -> tuple[str, ...]:
-  target = RULES[logical]
-  return () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import ModelConfig
+from llama4_jax.model.expert_parallel import expert_parallel
 from llama4_jax.model.layers import SwiGLU, param
 from llama4_jax.model.lora import declare_linear, weight
-from llama4_jax.model.expert_parallel import expert_parallel
 from llama4_jax.model.ops import dot
 from llama4_jax.model.platform import target_platform
 
@@ -36,8 +36,9 @@ def grouped_matmul(x_MK, w_GKN, group_sizes_G, impl: str = "blocked"):
   Rows past the last group (sum(group_sizes) < M) belong to no group and give zeros.
 
   impl "ragged_dot": `jax.lax.ragged_dot` (a native grouped matmul on GPU; on CPU XLA lowers it densely,
-  G times the work). impl "gmm": the megablox Pallas kernel (TPU). impl "blocked": rows are padded per group to whole blocks and a scan runs
-  one [b, K] @ [K, N] matmul per non-empty block, so the work is about M*K*N (plus padding) on any backend.
+  G times the work). impl "gmm": the megablox Pallas kernel (TPU). impl "blocked": rows are padded per
+  group to whole blocks and a scan runs one [b, K] @ [K, N] matmul per non-empty block, so the work is
+  about M*K*N (plus padding) on any backend.
   """
   if impl == "ragged_dot":
     out = jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G, preferred_element_type=jnp.float32)
@@ -159,10 +160,10 @@ class MoE(nnx.Module):
     pd, std = cfg.param_dtype, cfg.initializer_range
     self.router = param(rngs, (d, e), ("embed", None), pd, std=std, stack=stack)
     for name in ("gate", "up"):
-      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "expert_embed", "mlp"), 1, "experts", std,
-                     stack, n_groups=1)
-    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "expert_embed"), 1, "experts", std,
-                   stack, n_groups=1)
+      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "expert_embed", "mlp"), 1, "experts",
+                     std, stack, n_groups=1)
+    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "expert_embed"), 1, "experts",
+                   std, stack, n_groups=1)
     self.shared = SwiGLU(cfg, f, rngs, "shared", stack=stack)
     self.top_k = cfg.num_experts_per_tok
     self.impl = cfg.moe_impl
