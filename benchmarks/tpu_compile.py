@@ -1,7 +1,7 @@
 """The TPU configs compiled by the real TPU compiler on this host: one JSON row per config.
 
     python benchmarks/tpu_compile.py                      # every row below (tens of minutes on 2 cores)
-    python benchmarks/tpu_compile.py --only scout_v5p256  # rows whose name starts with this
+    python benchmarks/tpu_compile.py --only scout_v5p256  # one row (a,b for several; scout* a prefix)
 
 Each row: the slice, the compiler's per-chip peak against HBM, the planner's estimate, flops per chip
 counted from the HLO (loop trip counts included), the step time at peak bf16 that implies (a lower bound:
@@ -30,6 +30,10 @@ ROWS = [
     ("scout_long_context_v5p256", "configs/scout_long_context_v5p256.py", "v5p-256", {}, None),
     ("maverick_v6e256", "configs/maverick_v6e256.py", "v6e-256", {}, None),
     ("lora_scout_v5p8", "configs/lora_scout_v5p8.py", "v5p-8", {}, None),
+    # serving: the engine's prefill (256 tokens), a long prompt's next piece and a decode step of 8 slots
+    ("serve_scout_v5p8", "configs/serve_scout_v5p8.py", "v5p-8", {}, (8, 131072)),
+    ("serve_scout_int8_v6e8", "configs/serve_scout_int8_v6e8.py", "v6e-8", {}, (8, 131072)),
+    ("serve_maverick_int8_v5p16", "configs/serve_maverick_int8_v5p16.py", "v5p-16", {}, (8, 131072)),
     # the notebooks' models on a Colab TPU (one v5e chip)
     ("tiny_cpu_v5e1", "configs/tiny_cpu.py", "v5e-1", {}, None),
     ("lora_tiny_cpu_v5e1", "configs/lora_tiny_cpu.py", "v5e-1", {}, None),
@@ -60,7 +64,7 @@ def row(name, path, tpu_name, overrides, serve) -> dict:
       reports = [tpu_compile.report(f"{k} step", low, tpu)
                  for k, low in tpu_compile.lower_serve_steps(c, mesh, slots, length).items()]
     else:
-      plan = planning.plan_training(c, tpu.chips, tpu.hbm_bytes)
+      plan = planning.plan_training(c, tpu.chips, tpu.hbm_bytes, platform="tpu")
       reports = [tpu_compile.report("train step", tpu_compile.lower_train_step(c, mesh), tpu)]
   except Exception as e:  # a config that does not compile is a row too
     out.update(error=f"{type(e).__name__}: {str(e)[:400]}", seconds=round(time.perf_counter() - start))
@@ -83,11 +87,20 @@ def row(name, path, tpu_name, overrides, serve) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--only", default="", help="run the rows whose name starts with this")
+  parser.add_argument("--only", default="", help="comma-separated row names to run (NAME* for a prefix); "
+                      "default: every row")
   args = parser.parse_args()
+  wanted = [w for w in args.only.split(",") if w]
+  unknown = [w for w in wanted if not any(_matches(spec[0], w) for spec in ROWS)]
+  if unknown:
+    raise SystemExit(f"--only: no row named {', '.join(unknown)}; rows: {', '.join(s[0] for s in ROWS)}")
   for spec in ROWS:
-    if spec[0].startswith(args.only):
+    if not wanted or any(_matches(spec[0], w) for w in wanted):
       print(json.dumps(row(*spec)), flush=True)
+
+
+def _matches(name: str, pattern: str) -> bool:
+  return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
 
 
 if __name__ == "__main__":

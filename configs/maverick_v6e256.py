@@ -7,13 +7,16 @@
 Mesh: v6e chips have 32 GB of HBM, so the 401B parameters must be spread over all 256 chips: expert=64
 (2 of the 128 experts per chip, in the 24 MoE layers), fsdp=4 x expert=64 for everything else, tensor=1. Parameters
 and Adam moments in bf16, bf16 compute, full remat, batch rows split over data*fsdp*expert = 256 chips: one
-4096-token sequence per chip per step.
+4096-token sequence per chip per step. attention_impl="ring" on one device per sequence: the splash
+kernel on TPU, with no [4096, 4096] probabilities in memory.
 
-DOES NOT FIT YET. The TPU compiler (`python -m llama4_jax.plan --config=configs/maverick_v6e256.py
---tpu=v6e-256 --compile`) asks for 45.0G of temporaries per chip against 31.25G (190.3G before tokens
-were routed per device and the non-expert weights sharded over the expert axis too). The dropless
-receive buffer of expert=64 holds 64x each chip's tokens; --config.model.moe_capacity_factor=2.0 bounds it,
-but that compile outgrew a 24 GB host and its figure is not known yet. Not run on hardware.
+Expert capacity factor 1.25 (GShard's training setting): each device's experts take at most 1.25x their
+balanced share of the routed tokens (5,120 rows) and drop the rest, which then pass through the shared
+expert and the residual only; the load-balancing loss keeps drops rare. Dropless
+(--config.model.moe_capacity_factor=0) does not fit: its receive buffer must hold 64x each chip's tokens
+(the TPU compiler asks for 45.0G of temporaries against 31.25G). `python -m llama4_jax.plan
+--config=configs/maverick_v6e256.py --tpu=v6e-256 --compile` gives the compiled figures (README, TPU
+table). Not run on hardware.
 """
 
 from llama4_jax.train.config import default_run_config, model_fields
@@ -32,6 +35,7 @@ def get_config():
   c.eval_batches = 20
   c.checkpoint_every = 500
   c.mesh.update(data=1, fsdp=4, tensor=1, expert=64, context=1)
-  c.model = model_fields("maverick", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
+  c.model = model_fields("maverick", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full",
+                         attention_impl="ring", moe_capacity_factor=1.25)
   c.data.source = "array_record"
   return c

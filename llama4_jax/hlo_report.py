@@ -11,7 +11,8 @@ much it talks:
 - `collectives`: bytes per step by kind (all-gather, reduce-scatter, all-reduce, all-to-all,
   collective-permute, ragged-all-to-all), each instruction's result bytes per device times how often it
   runs: instructions inside a `while` body (a layer scan, the microbatch loop) count once per iteration,
-  from the loop's trip count. A ragged all-to-all's result is its receive buffer, sized for the worst
+  from the loop's trip count. The TPU compiler writes a reduce-scatter as a fusion (`all-reduce-scatter`)
+  of an all-reduce and a slice; it counts as a reduce-scatter of the slice's bytes. A ragged all-to-all's result is its receive buffer, sized for the worst
   case: an upper bound of what it moves.
 
 Hand-written because no library parses HLO text; the grammar used is XLA's printed form (`%name = shape
@@ -146,6 +147,7 @@ def collectives(text: str) -> dict[str, dict[str, int]]:
   """kind -> {"bytes": result bytes per device per step, "count": instructions executed per step}."""
   instrs, entry, _ = _parse(text)
   mult = _multiplicity(instrs, entry)
+  scattered = _reduce_scatter_results(instrs)
   out = {k: {"bytes": 0, "count": 0} for k in sorted(set(COLLECTIVES.values()))}
   for i in instrs:
     kind = COLLECTIVES.get(i.opcode)
@@ -154,9 +156,23 @@ def collectives(text: str) -> dict[str, dict[str, int]]:
     sizes = array_bytes(i.shape)
     # an async start returns (operands, results, ...): its result is the largest member
     nbytes = max(sizes) if i.opcode.endswith("-start") and sizes else sum(sizes)
+    if i.computation in scattered:  # the TPU's reduce-scatter: all-reduce + slice in one fusion
+      kind, nbytes = "reduce-scatter", scattered[i.computation]
     n = mult.get(i.computation, 1)
     out[kind]["bytes"] += nbytes * n
     out[kind]["count"] += n
+  return out
+
+
+def _reduce_scatter_results(instrs) -> dict[str, int]:
+  """Fused computations that the TPU compiler emits as a reduce-scatter (named all-reduce-scatter*: an
+  all-reduce whose result is sliced to this device's shard inside the fusion) -> bytes of the shard."""
+  out = {}
+  for i in instrs:
+    if i.opcode == "fusion":
+      for comp in _CALLS.findall(i.rest):
+        if comp.startswith("all-reduce-scatter"):
+          out[comp] = sum(array_bytes(i.shape))
   return out
 
 

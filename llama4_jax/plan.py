@@ -7,8 +7,8 @@ Without --tpu it plans for --devices devices (default: the config's mesh, or the
 gives no verdict unless --hbm_gib is set. --measure compiles the train step on the local devices and
 prints XLA's own figure beside the estimate (the devices must match the mesh).
 
---compile (with --tpu) compiles the run's real train step (with --serve: the serving engine's prefill and
-decode steps) for that slice's topology with the TPU compiler, on any host: per-chip bytes against HBM,
+--compile (with --tpu) compiles the run's real train step (with --serve: the serving engine's prefill,
+extend (a long prompt's next piece) and decode steps) for that slice's topology with the TPU compiler, on any host: per-chip bytes against HBM,
 the largest buffers and the ops that make them, collectives by kind with bytes per step, flops per chip
 counted from the HLO, the step time those flops take at the chip's peak (a lower bound) and the MFU and
 tokens/s/chip that bound implies. Needs libtpu (pip install -e '.[tpu]').
@@ -34,7 +34,8 @@ _MEASURE = flags.DEFINE_bool("measure", False, "Also compile the train step here
 _COMPILE = flags.DEFINE_bool("compile", False, "Also compile the step(s) for --tpu's topology with the real "
                              "TPU compiler (libtpu; no TPU needed) and print its per-chip figures.")
 _PROMPT = flags.DEFINE_integer("prompt_length", None, "--serve --compile: the prefilled prompt's length "
-                               "(default: the cache length).")
+                               "(default: the serving engine's widest prefill, 256; longer prompts are "
+                               "prefilled in pieces, the extend step).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
 
@@ -67,7 +68,8 @@ def _plan():
     def plan_fn(cfg, n, mem):
       return planning.plan_serving(cfg, n, _BATCH.value, length, mem)
   else:
-    plan_fn = planning.plan_training
+    def plan_fn(cfg, n, mem):  # the activation model fitted to the TPU compiler when a TPU is named
+      return planning.plan_training(cfg, n, mem, platform="tpu" if tpu else "cpu")
   plan = plan_fn(c, devices, hbm)
   cfg = model_config(c)
   total, active = planning.parameter_counts(cfg)

@@ -34,9 +34,14 @@ USABLE_HBM = 0.9  # share of HBM the plan may use: XLA's runtime, programs and f
 
 # Activation model: bytes = sum of coefficient x feature. The features are the sizes of what the step
 # keeps or builds per device (see `activation_features`); the coefficients were fitted (non-negative least
-# squares) to XLA's memory_analysis() of eight tiny configs on CPU (benchmarks/plan_calibration.py).
-COEFFICIENTS = {"attention_probs": 4.0, "attention_io": 0.0, "residual": 13.0, "mlp": 2.6, "logits": 1.3,
-                "gathered_weights": 2.5}
+# squares, residual held at 4) to XLA's memory_analysis() of eight tiny configs on CPU
+# (benchmarks/plan_calibration.py).
+COEFFICIENTS = {"attention_probs": 4.37, "attention_io": 0.0, "residual": 4.0, "mlp": 2.28, "logits": 4.87,
+                "gathered_weights": 1.7}
+# The same for a TPU slice, fitted to the TPU compiler's memory_analysis() of the configs in
+# `benchmarks/plan_calibration.py --tpu` (features: `activation_features(..., platform="tpu")`).
+TPU_COEFFICIENTS = {"attention_probs": 0.0, "attention_io": 0.0, "residual": 1.0, "mlp": 1.0, "logits": 1.0,
+                    "gathered_weights": 1.0, "lm_head": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +104,31 @@ def weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
   return total, trainable
 
 
-def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str, float]:
+def _exchange_rows(c, cfg: ModelConfig, sizes: dict[str, int], tokens: int) -> int:
+  """Rows of one device's expert-parallel receive buffer (model.expert_parallel): the expert axis times
+  its tokens' assignments when dropless, else the capacity."""
+  assigned = tokens * cfg.num_experts_per_tok
+  rows = sizes["expert"] * assigned
+  if cfg.moe_capacity_factor and sizes["expert"] > 1:
+    rows = min(rows, -(-math.ceil(cfg.moe_capacity_factor * assigned) // 8) * 8)
+  return rows
+
+
+def activation_features(c, cfg: ModelConfig, sizes: dict[str, int], platform: str = "cpu") -> dict[str, float]:
   """Sizes (bytes, per device) of what one microbatch's forward and backward keep or build:
 
   attention_probs: float32 [B, heads, query block, keys] blocks of the dense (blocked causal) attention;
   attention_io: q, k, v and the attention output; residual: [tokens, hidden] vectors; mlp: the routed
-  experts' dispatched inputs and gate/up/down outputs, the shared expert, the dense MLP, router logits;
+  experts' rows (the expert-parallel receive buffer: the expert axis times the device's tokens x k when
+  dropless, else the capacity) and their gate/up/down outputs, the shared expert, the dense MLP, router
+  logits;
   logits: float32 [tokens / loss_chunks, vocab]; gathered_weights: one superblock's weights gathered over
   fsdp and context (zero when neither shards them).
   Per-layer features count every layer without remat; with remat, each superblock's input plus the
   layers of one superblock (live while it is recomputed), and the matmul outputs under the dots policies.
+
+  platform="tpu" adds lm_head, the output projection's whole float32 gradient, which each device builds
+  from its tokens before it is reduced (zero when the projection is frozen).
   """
   b = max(1, c.batch_size // (c.microbatches * batch_shards(sizes)))  # (plan_training checks it divides)
   s = c.seq_len // sizes["context"]
@@ -122,8 +142,11 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
   qb = _query_block(s)
   probs = 0 if ring else b * h * s * (s + qb) // 2 * 4
 
+  tpu = platform == "tpu"
+
   def layer(kind):
-    mlp = (t * cfg.num_local_experts * 4 + t * cfg.num_experts_per_tok * (2 * d + 3 * f) * a
+    routed = _exchange_rows(c, cfg, sizes, t)
+    mlp = (t * cfg.num_local_experts * 4 + routed * (2 * d + 3 * f) * a
            + t * (d + 3 * f) * a) if kind.moe else t * (d + 3 * fm) * a
     return {"attention_probs": probs, "attention_io": t * ((2 * h + 2 * k) * hd * a + h * 4),
             "residual": t * d * a, "mlp": mlp}
@@ -139,7 +162,8 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
     kept.append({"residual": blocks * t * d * a})  # each superblock's input
     if cfg.remat_policy.startswith("dots"):
       kept.append({"mlp": blocks * t * a * ((2 * h + 2 * k) * hd + 2 * d + 4 * f)})
-  out = {name: float(sum(x.get(name, 0) for x in kept)) for name in COEFFICIENTS}
+  names = TPU_COEFFICIENTS if tpu else COEFFICIENTS
+  out = {name: float(sum(x.get(name, 0) for x in kept)) for name in names}
   out["logits"] = float(t // c.get("loss_chunks", 1) * (cfg.vocab_size // tp) * 4)  # one chunk's at a time
   # One superblock's weights (still split over tensor / expert) are gathered over fsdp x context, and
   # cast to the compute dtype when stored otherwise (an int8 base, bfloat16 compute over float32).
@@ -152,14 +176,17 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int]) -> dict[str,
   if cfg.base_quant != "none" or cfg.param_dtype != cfg.dtype:
     gathered += sum(n for n, _ in layer_weights) * a / split
   out["gathered_weights"] = gathered
+  if tpu:
+    out["lm_head"] = 0.0 if cfg.lora_rank else float(d * (cfg.vocab_size // tp) * 4)
   return out
 
 
-def activation_bytes(c, cfg: ModelConfig, sizes: dict[str, int]) -> int:
+def activation_bytes(c, cfg: ModelConfig, sizes: dict[str, int], platform: str = "cpu") -> int:
   """Bytes one device holds for the backward pass of one microbatch, the loss's logits and gathered
-  weights (the fitted model: `COEFFICIENTS` x `activation_features`)."""
-  feats = activation_features(c, cfg, sizes)
-  return int(sum(COEFFICIENTS[k] * v for k, v in feats.items()))
+  weights (the fitted model: `COEFFICIENTS` x `activation_features`; `TPU_COEFFICIENTS` for "tpu")."""
+  feats = activation_features(c, cfg, sizes, platform)
+  coefficients = TPU_COEFFICIENTS if platform == "tpu" else COEFFICIENTS
+  return int(sum(coefficients[k] * v for k, v in feats.items()))
 
 
 def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: int) -> int:
@@ -188,8 +215,9 @@ class Plan:
     return None if self.hbm_bytes is None else self.total <= USABLE_HBM * self.hbm_bytes
 
 
-def plan_training(c, devices: int, hbm_bytes: int | None = None) -> Plan:
-  """Per-device bytes of training run config `c` on `devices` chips."""
+def plan_training(c, devices: int, hbm_bytes: int | None = None, platform: str = "cpu") -> Plan:
+  """Per-device bytes of training run config `c` on `devices` chips of `platform` ("cpu": the model
+  fitted to XLA CPU; "tpu": the one fitted to the TPU compiler)."""
   from llama4_jax.model.transformer import check_mesh_fits
   from llama4_jax.train.config import model_config
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)
@@ -204,26 +232,35 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None) -> Plan:
   weights, trainable = weight_bytes(cfg, sizes)
   parts = {"parameters": weights, "optimizer state": 2 * trainable,
            "gradients": trainable * (2 if c.microbatches > 1 else 1),
-           "activations": activation_bytes(c, cfg, sizes)}
+           "activations": activation_bytes(c, cfg, sizes, platform)}
   return Plan("train", sizes, parts, hbm_bytes)
 
 
-def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None) -> Plan:
-  """Per-device bytes of sampling with batch `batch` and cache length `length` (run config `c`'s model).
+# The serving engine's widest prefill (serving.engine._PREFILL_PIECE): longer prompts go in pieces of it.
+SERVE_PREFILL_PIECE = 256
 
-  Parameters and the KV cache are exact; the activations are a rough allowance for prefilling `length`
-  tokens per row (a few hidden-width buffers per token and the last position's logits), not fitted."""
+
+def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None) -> Plan:
+  """Per-device bytes of serving with `batch` slots of `length` tokens (run config `c`'s model).
+
+  Parameters and the KV cache are exact; the activations are a rough allowance (not fitted) for the
+  serving engine's largest program: a 256-token piece of a long prompt prefilled into a row of its own
+  (that row's cache, one layer's float32 scores of the piece against the row, a few hidden-width buffers
+  per token) and the logits of the slots."""
   from llama4_jax.model.transformer import check_mesh_fits
   from llama4_jax.train.config import model_config
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)
   cfg = model_config(c)
   check_mesh_fits(cfg, _Sizes(sizes))
   weights, _ = weight_bytes(cfg, sizes)
-  rows = max(1, batch // batch_shards(sizes))
-  prefill = 3 * rows * length * (cfg.hidden_size * np.dtype(cfg.dtype).itemsize * 8) + \
-      rows * cfg.vocab_size // sizes["tensor"] * 4 * 2
+  tp, a = sizes["tensor"], np.dtype(cfg.dtype).itemsize
+  piece = min(length, SERVE_PREFILL_PIECE)
+  heads = max(1, cfg.num_attention_heads // tp)
+  prefill = (piece * length * heads * 4 + piece * cfg.hidden_size * a * 8
+             + (kv_cache_bytes(cfg, sizes, 1, length) if length > piece else 0))
+  logits = max(1, batch // batch_shards(sizes)) * cfg.vocab_size // tp * 4 * 2
   parts = {"parameters": weights, "kv cache": kv_cache_bytes(cfg, sizes, batch, length),
-           "activations": int(prefill)}
+           "activations": int(prefill + logits)}
   return Plan("serve", sizes, parts, hbm_bytes)
 
 

@@ -39,6 +39,9 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer 
                                "$LLAMA4_JAX_API_KEY; none: open).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
 _MESH = flags.DEFINE_string("mesh", None, MESH_FLAG_HELP)
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: hold the linear weights as int8 "
+                              "with per-channel scales (weight-only; half of bf16's memory), quantized "
+                              "weight by weight as they load.")
 
 API_KEY_ENV = "LLAMA4_JAX_API_KEY"
 
@@ -64,7 +67,8 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"serve: {e}")
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)
-  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value, mesh=mesh)
+  quant = {"base_quant": _QUANTIZE.value} if _QUANTIZE.value != "none" else {}
+  model = l4.load_model(_CHECKPOINT.value, dtype=_DTYPE.value, mesh=mesh, **quant)
   name = _MODEL_NAME.value or model_name(_CHECKPOINT.value)
   where = f"mesh {dict(mesh.shape)}" if mesh is not None else "one device"
   print(f"serve: loaded {name} in {time.perf_counter() - t0:.1f}s on {where}; compiling the prefill and "

@@ -170,23 +170,41 @@ def _short(op_name: str, width: int = 90) -> str:
 # The programs
 
 def lower_serve_steps(c, mesh, slots: int, length: int, prompt: int | None = None) -> dict:
-  """The serving engine's prefill (one prompt of `prompt` tokens, default `length`, into one of `slots`
-  cache rows of `length` tokens) and decode step (all slots) for run config `c` on `mesh`, lowered from
-  ShapeDtypeStructs (no memory is allocated). Returns {"prefill": Lowered, "decode": Lowered}."""
+  """The serving engine's programs for run config `c` on `mesh`, lowered from ShapeDtypeStructs (no
+  memory is allocated), with `slots` cache rows of `length` tokens:
+
+  prefill: one prompt of `prompt` tokens (default: the engine's largest prefill bucket, 256) into a
+    fresh row, written into the slots' cache; its first token sampled;
+  extend: the next 256-token piece of a long prompt into its own row of `length` tokens (how the engine
+    prefills prompts longer than a bucket, between decode steps);
+  decode: one step of all slots.
+
+  Returns {"prefill": Lowered, "extend": Lowered, "decode": Lowered} (extend only when `length` exceeds
+  a piece)."""
+  from llama4_jax.serving.engine import prefill_piece
   cfg = model_config(c)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   static, leaves = split_model(nnx.merge(graphdef, abstract_state))
   leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
             for x, s in zip(leaves, jax.tree.leaves(shardings))]
-  cache_fn = steps.empty_state.lower(static, leaves, batch=slots, length=length).compile()
-  cache, tok = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(lambda: cache_fn.out_info), cache_fn.output_shardings)
+
+  def abstract_state_of(batch):
+    fn = steps.empty_state.lower(static, leaves, batch=batch, length=length).compile()
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(lambda: fn.out_info), fn.output_shardings)
+
+  cache, tok = abstract_state_of(slots)
   ints = lambda n, dt=jnp.int32: jax.ShapeDtypeStruct((n,), dt)  # noqa: E731
   floats = lambda n: jax.ShapeDtypeStruct((n,), jnp.float32)  # noqa: E731
-  prompt = prompt or length
-  prefill = steps.prefill_insert.lower(
+  piece = prefill_piece(length)
+  prompt = prompt or min(piece, length)
+  out = {"prefill": steps.prefill_insert.lower(
       static, leaves, jax.ShapeDtypeStruct((1, prompt), jnp.int32), ints(1), cache, tok, ints(1),
-      ints(1, jnp.uint32), floats(1), ints(1), floats(1), length=length)
-  decode = steps.decode_step.lower(static, leaves, tok, ints(slots), cache, ints(slots, jnp.uint32),
-                                   floats(slots), ints(slots), floats(slots), rows=slots)
-  return {"prefill": prefill, "decode": decode}
+      ints(1, jnp.uint32), floats(1), ints(1), floats(1), length=length)}
+  if length > piece:
+    row, _ = abstract_state_of(1)
+    out["extend"] = steps.extend_row.lower(static, leaves, jax.ShapeDtypeStruct((1, piece), jnp.int32),
+                                           ints(1), ints(1), row)
+  out["decode"] = steps.decode_step.lower(static, leaves, tok, ints(slots), cache, ints(slots, jnp.uint32),
+                                          floats(slots), ints(slots), floats(slots), rows=slots)
+  return out

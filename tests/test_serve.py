@@ -422,12 +422,14 @@ def test_text_stream_holds_back_stop_strings(tokenizer):
 
 def test_serve_cli(tmp_path, model, tokenizer):
   """The CLI serving a model sharded over the 8 devices (data=2, fsdp=2, tensor=2: batch and kv heads of
-  the cache split): greedy completions equal `generate` on one device."""
+  the cache split) with an int8 base (--quantize=int8): greedy completions equal `generate` of the same
+  checkpoint loaded with an int8 base on one device."""
   ckpt = tmp_path / "ckpt"
   l4.save_pretrained(model, str(ckpt))
   os.link(tokenizer.path, ckpt / "tokenizer.json")
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
-                           "--slots=2", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1"],
+                           "--slots=2", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1",
+                           "--quantize=int8"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in proc.stdout:
@@ -447,7 +449,8 @@ def test_serve_cli(tmp_path, model, tokenizer):
         return json.loads(r.read())
     with cf.ThreadPoolExecutor(2) as pool:
       served = list(pool.map(one, prompts))
-    for out, prompt, ref in zip(served, prompts, generate(model, prompts, 20, stop_tokens=stop)):
+    quantized = l4.load_model(str(ckpt), base_quant="int8")
+    for out, prompt, ref in zip(served, prompts, generate(quantized, prompts, 20, stop_tokens=stop)):
       assert out["usage"]["prompt_tokens"] == len(prompt)
       assert out["choices"][0]["text"] == tokenizer.decode([t for t in ref if t not in stop])
   finally:

@@ -81,20 +81,21 @@ def test_train_step_memory_against_the_planner(train_step):
 
 @pytest.mark.slow
 def test_scout_moe_layer_moves_no_whole_expert_or_sequence():
-  """One Scout-width MoE layer (16 experts of 5120 x 8192) on a v5p-16 slice (fsdp=2 x expert=4):
-  no collective's result holds half of a routed-expert weight [E, D, F] (the FSDP gather holds the
-  device's E/4 experts) or an array over the whole batch's tokens (each device exchanges only its own)."""
+  """One Scout-width MoE layer (8 experts of 5120 x 8192, 2 per device) on a v5p-16 slice (fsdp=2 x
+  expert=4): no collective's result holds half of the routed-expert weights [E, D, F] (the FSDP gather
+  holds the device's E/4 experts) or an array over the whole batch's tokens (each device exchanges only
+  its own), and the experts' weight gradients are reduce-scattered (each device receives its shard)."""
   from flax import nnx
 
   from llama4_jax.model.moe import MoE
   tpu = planning.parse_tpu("v5p-16")
   mesh = l4.make_mesh(data=1, fsdp=2, tensor=1, expert=4, context=1,
                       devices=tpu_compile.tpu_devices(tpu))
-  cfg = l4.get_config("scout", dtype="bfloat16", param_dtype="bfloat16", num_local_experts=16)
+  cfg = l4.get_config("scout", dtype="bfloat16", param_dtype="bfloat16", num_local_experts=8)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, nnx.Rngs(0))))
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
-  batch, seq, d = 8, 768, cfg.hidden_size  # 6,144 tokens: a count no weight dimension shares
+  batch, seq, d = 8, 192, cfg.hidden_size  # 1,536 tokens: a count no weight dimension shares
   x = jax.ShapeDtypeStruct((batch, seq, d), jnp.bfloat16,
                            sharding=named_sharding(mesh, ("batch", "seq", "act_embed")))
 
@@ -105,7 +106,7 @@ def test_scout_moe_layer_moves_no_whole_expert_or_sequence():
 
   with compiling_for(mesh):
     text = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
-  whole_expert = 16 * d * cfg.intermediate_size * 2
+  whole_expert = 8 * d * cfg.intermediate_size * 2
   for i in hlo_report._parse(text)[0]:
     if i.opcode in hlo_report.COLLECTIVES and i.opcode != "ragged-all-to-all":
       biggest = max(hlo_report.array_bytes(i.shape) or [0])
@@ -115,6 +116,8 @@ def test_scout_moe_layer_moves_no_whole_expert_or_sequence():
         joined = sizes + [a * b for a, b in zip(sizes, sizes[1:])]
         assert batch * seq not in joined, (i.opcode, i.shape, i.op_name)
   assert any("gmm" in op for op in _pallas_ops(text))
+  scattered = [i.shape for i in hlo_report._parse(text)[0] if i.opcode == "reduce-scatter"]
+  assert len(scattered) == 3 and all(hlo_report.array_bytes(s)[0] == whole_expert // 8 for s in scattered)
 
 
 def test_plan_compile_cli_json():
@@ -143,3 +146,10 @@ def test_plan_compile_needs_a_tpu_and_says_so():
   out = subprocess.run([sys.executable, "-m", "llama4_jax.plan", "--config=configs/tiny_cpu.py", "--compile"],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode != 0 and "--compile compiles for a TPU slice" in out.stderr + out.stdout
+
+
+def test_without_libtpu_the_error_names_the_install(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` now raises ImportError
+  with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
+    tpu_compile.tpu_devices(V5E_4)

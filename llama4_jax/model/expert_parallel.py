@@ -36,6 +36,7 @@ from llama4_jax.model.platform import target_platform
 from llama4_jax.sharding import logical_to_spec
 
 AXIS = "expert"
+TENSOR = "tensor"
 
 
 class Exchange(NamedTuple):
@@ -121,30 +122,58 @@ def exchange(x_RD, ex: Exchange, out_rows: int):
   return _exchange(x_RD, ex, out_rows, target_platform() != "cpu")
 
 
-def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, num_experts: int, key=None,
-                    capacity_factor: float = 0.0):
+def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, weight_axes, num_experts: int,
+                    key=None, capacity_factor: float = 0.0):
   """The routed experts of tokens x [B, T, D] over `mesh`. `routed(x_ND, idx_Nk, score_Nk, weights, key,
   exchange)` is the one-device computation (`MoE._routed`); `exchange` (None without an expert axis)
-  runs its expert FFN on the rows the local experts receive. Returns [B, T, D], sharded like x.
+  runs its expert FFN on the rows the local experts receive. `weight_axes`: the weights' logical axes
+  (same tree, a tuple per array). Returns [B, T, D], sharded like x.
 
   Tokens are split as activations are (batch over data/fsdp/expert, sequence over context) and stay
-  whole over `tensor` (each tensor device computes them all, so a tensor axis gains nothing here)."""
+  whole over `tensor`. The weights enter as stored: experts over `expert`, the FFN width over `tensor`
+  (Megatron style: each tensor device computes its slice of the width, and the down projection's
+  partial sums are summed over `tensor` at the end), the model dim over fsdp / context, which is
+  all-gathered here (in the compute dtype: the caller casts first). The transpose of that gather is a
+  reduce-scatter, so each device receives only its shard of the weight gradients; gathered outside by
+  the compiler, they came back as all-reduces of whole gradients."""
   ep = mesh.shape.get(AXIS, 1)
   tokens = logical_to_spec(("batch", "seq", None), mesh, x_BTD.shape, strict=False)
-  expert_dim = P(AXIS if ep > 1 else None)
-  w_specs = jax.tree.map(lambda _: expert_dim, weights)
-  batch_axes = [a for a in mesh.axis_names if a != "tensor"]
+  w_specs = jax.tree.map(lambda w, axes: logical_to_spec(axes, mesh, w.shape, strict=False), weights,
+                         weight_axes)
+  width_split = any(TENSOR in _axes(part) for spec in jax.tree.leaves(w_specs, is_leaf=_is_spec)
+                    for part in spec)
+  batch_axes = [a for a in mesh.axis_names if a != TENSOR]
 
   def local(x, i, s, w, k):
     b, t, d = x.shape
     if k is not None:  # each device's tokens draw their own dropout masks
       k = jax.random.fold_in(k, _linear_index(mesh, batch_axes))
+    w = jax.tree.map(_gather, w, w_specs)
     ex = None if ep == 1 else ExpertExchange(ep, num_experts, capacity_factor)
     y = routed(x.reshape(b * t, d), i.reshape(b * t, -1), s.reshape(b * t, -1), w, k, ex)
+    if width_split:
+      y = jax.lax.psum(y, TENSOR)
     return y.reshape(b, t, d)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (w_specs, P()), out_specs=tokens,
                        check_vma=False)(x_BTD, idx_BTk, score_BTk, weights, key)
+
+
+def _axes(part) -> tuple[str, ...]:
+  return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def _gather(w, spec):
+  """The local shard of a weight split per `spec`, all-gathered along every dim but the first (the
+  expert dim) and those split over `tensor` alone (the FFN width, computed in slices)."""
+  for dim, part in enumerate(spec):
+    if dim and part and _axes(part) != (TENSOR,):
+      w = jax.lax.all_gather(w, part, axis=dim, tiled=True)
+  return w
 
 
 def _linear_index(mesh, axes):

@@ -57,27 +57,33 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
   from llama4_jax.model.layers import param
   w = param(rngs, shape, axes, cfg.param_dtype, std=std, stack=stack)
   lead = len(stack)
-  g_axes, in_axes = tuple(axes[:n_groups]), tuple(axes[n_groups:n_groups + n_in])
-  out_axes = tuple(axes[n_groups + n_in:])
   g_shape, in_shape = tuple(shape[:n_groups]), tuple(shape[n_groups:n_groups + n_in])
   out_shape = tuple(shape[n_groups + n_in:])
+  part_axes = linear_part_axes(axes, n_in, n_groups)
   if cfg.base_quant == "int8" and target is not None:
     q, scale = quantize_int8(w[...], lead + n_groups, n_in)
     w = nnx.Param(q, logical_axes=w.get_metadata()["logical_axes"])
     setattr(module, name + SCALE_SUFFIX, nnx.Param(
-        scale, logical_axes=("layers",) * lead + g_axes + out_axes))
+        scale, logical_axes=("layers",) * lead + part_axes["scale"]))
   setattr(module, name, w)
   if cfg.lora_rank and target in cfg.lora_targets:
     r = cfg.lora_rank
-    setattr(module, name + "_lora_a", param(rngs, g_shape + in_shape + (r,), g_axes + in_axes + (None,),
+    setattr(module, name + "_lora_a", param(rngs, g_shape + in_shape + (r,), part_axes["lora_a"],
                                             "float32", std=math.prod(in_shape) ** -0.5, stack=stack,
                                             stream="lora"))
-    setattr(module, name + "_lora_b", param(rngs, g_shape + (r,) + out_shape, g_axes + (None,) + out_axes,
+    setattr(module, name + "_lora_b", param(rngs, g_shape + (r,) + out_shape, part_axes["lora_b"],
                                             "float32", init="zeros", stack=stack))
   module.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
   module.lora_dropout = cfg.lora_dropout
   # (name, leading dims before the input dims incl. the stack): what `adapt_model` walks
   module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups),)
+
+
+def linear_part_axes(axes: Sequence[str | None], n_in: int, n_groups: int = 0) -> dict[str, tuple]:
+  """Logical axes of the parts of a linear weight whose kernel has `axes` [*groups, *in, *out]: the
+  kernel, its int8 scale [*groups, *out] and the adapter A [*groups, *in, r], B [*groups, r, *out]."""
+  g, i, o = tuple(axes[:n_groups]), tuple(axes[n_groups:n_groups + n_in]), tuple(axes[n_groups + n_in:])
+  return {"kernel": tuple(axes), "scale": g + o, "lora_a": g + i + (None,), "lora_b": g + (None,) + o}
 
 
 def contract(eq: str, x, w):
@@ -119,6 +125,20 @@ class Weight:
   n_groups: int = 0
   lora_scale: float = 0.0
   dropout: float = 0.0
+
+  def axes(self, kernel_axes: Sequence[str | None], n_in: int) -> "Weight":
+    """This weight's logical axes: a `Weight` holding, for each array it has, that array's axes
+    (see `linear_part_axes`), to map over together with it (`jax.tree.map(f, w, w.axes(...))`)."""
+    parts = linear_part_axes(kernel_axes, n_in, self.n_groups)
+    return dataclasses.replace(self, **{k: None if getattr(self, k) is None else v for k, v in parts.items()})
+
+  def narrowed(self, dtype) -> "Weight":
+    """This weight with a float kernel wider than `dtype` cast to it (what the matmul would cast it to;
+    int8 kernels and adapters unchanged): to move or gather it at the compute dtype's size."""
+    k = self.kernel
+    if jnp.issubdtype(k.dtype, jnp.floating) and jnp.dtype(k.dtype).itemsize > jnp.dtype(dtype).itemsize:
+      return dataclasses.replace(self, kernel=k.astype(dtype))
+    return self
 
   def value(self, dtype):
     """The dequantized base kernel in `dtype` (the adapter excluded)."""

@@ -152,6 +152,11 @@ def default_moe_impl() -> str:
   return {"cpu": "blocked", "tpu": "gmm"}.get(target_platform(), "ragged_dot")
 
 
+# Logical axes of the routed experts' kernels [E, in, out].
+EXPERT_AXES = {"gate": ("experts", "expert_embed", "mlp"), "up": ("experts", "expert_embed", "mlp"),
+               "down": ("experts", "mlp", "expert_embed")}
+
+
 class MoE(nnx.Module):
   """router [D, E]; experts gate/up [E, D, F], down [E, F, D]; shared expert SwiGLU of width F."""
 
@@ -159,11 +164,8 @@ class MoE(nnx.Module):
     d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     pd, std = cfg.param_dtype, cfg.initializer_range
     self.router = param(rngs, (d, e), ("embed", None), pd, std=std, stack=stack)
-    for name in ("gate", "up"):
-      declare_linear(self, name, rngs, cfg, (e, d, f), ("experts", "expert_embed", "mlp"), 1, "experts",
-                     std, stack, n_groups=1)
-    declare_linear(self, "down", rngs, cfg, (e, f, d), ("experts", "mlp", "expert_embed"), 1, "experts",
-                   std, stack, n_groups=1)
+    for name, shape in (("gate", (e, d, f)), ("up", (e, d, f)), ("down", (e, f, d))):
+      declare_linear(self, name, rngs, cfg, shape, EXPERT_AXES[name], 1, "experts", std, stack, n_groups=1)
     self.shared = SwiGLU(cfg, f, rngs, "shared", stack=stack)
     self.top_k = cfg.num_experts_per_tok
     self.impl = cfg.moe_impl
@@ -187,7 +189,7 @@ class MoE(nnx.Module):
     b, t, d = x_BTD.shape
     logits, idx, score = self.route(x_BTD)
     impl = default_moe_impl() if self.impl == "auto" else self.impl
-    weights = tuple(weight(self, name, n_groups=1) for name in ("gate", "up", "down"))
+    weights = tuple(weight(self, name, n_groups=1) for name in EXPERT_AXES)
     flat = lambda a: a.reshape(b * t, a.shape[-1])  # noqa: E731
     few = 2 * b * t * self.top_k <= self.gate.shape[0]  # few tokens (decoding)
     routed = functools.partial(self._routed, impl=impl, remat=self.remat)
@@ -195,7 +197,9 @@ class MoE(nnx.Module):
       routed_BTD = self._dense(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
     elif mesh is not None and mesh.size > 1 and not few:
       # each device routes its own tokens (a global sort would gather them all onto every device)
-      routed_BTD = expert_parallel(routed, mesh, x_BTD, idx, score, weights, self.gate.shape[0], key,
+      axes = tuple(w.axes(EXPERT_AXES[name], 1) for w, name in zip(weights, EXPERT_AXES))
+      weights = tuple(w.narrowed(x_BTD.dtype) for w in weights)  # gathered in the compute dtype
+      routed_BTD = expert_parallel(routed, mesh, x_BTD, idx, score, weights, axes, self.gate.shape[0], key,
                                    self.capacity_factor)
     elif few:
       routed_BTD = self._gathered(flat(x_BTD), flat(idx), flat(score), weights, key).reshape(b, t, d)
