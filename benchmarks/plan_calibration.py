@@ -85,13 +85,17 @@ TPU_FIT = {
         "configs/scout_v5p256.py", "v5p-256", dict(_SB, seq_len=4096, **{"model.moe_capacity_factor": 1.5})),
     "scout 4 layers, v5p-32 fsdp2 expert8": (
         "configs/scout_v5p256.py", "v5p-32", dict(_SB, batch_size=32, mesh=_mesh(fsdp=2, expert=8))),
+    "scout 4 layers, v5p-32 tensor2 expert8": (
+        "configs/scout_v5p256.py", "v5p-32", dict(_SB, batch_size=16, mesh=_mesh(tensor=2, expert=8))),
+    "scout 4 layers, 2 sequences per chip": ("configs/scout_v5p256.py", "v5p-256", dict(_SB, microbatches=1)),
 }
 TPU_HELD_OUT = {
     "scout_v5p256_2seq": ("configs/scout_v5p256.py", "v5p-256", {"microbatches": 1}),
     "scout_v5p256_capacity2": ("configs/scout_v5p256.py", "v5p-256", {"model.moe_capacity_factor": 2.0}),
     "lora_tiny_cpu_v5e1": ("configs/lora_tiny_cpu.py", "v5e-1", {}),
-    "scout 4 layers, tensor2 expert8": (
-        "configs/scout_v5p256.py", "v5p-32", dict(_SB, batch_size=16, mesh=_mesh(tensor=2, expert=8))),
+    "scout 4 layers, v5p-64 fsdp4 expert8, seq 4096": (
+        "configs/scout_v5p256.py", "v5p-64", dict(_SB, batch_size=64, seq_len=4096,
+                                                  mesh=_mesh(fsdp=4, expert=8))),
 }
 
 

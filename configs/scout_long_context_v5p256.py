@@ -19,8 +19,8 @@ tested with two CPU processes), but within a host the ring's hops stay on the ch
 loss_chunks=8: the
 loss builds the fp32 logits over the 202K vocabulary for 2,048 of each chip's 16,384 tokens at a time
 (all at once they take about 13 GB per chip). The TPU compiler (`python -m llama4_jax.plan
---config=configs/scout_long_context_v5p256.py --tpu=v5p-256 --compile`): peak 38.5 GiB per chip of 95,
-with the splash kernel inside the ring compiled through Mosaic; the planner's CPU-fitted estimate is 66.4.
+--config=configs/scout_long_context_v5p256.py --tpu=v5p-256 --compile`): peak 38.3 GiB per chip of 95,
+with the splash kernel inside the ring compiled through Mosaic; the planner's TPU-fitted estimate is 37.8.
 Not yet run on hardware.
 """
 

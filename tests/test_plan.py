@@ -83,12 +83,12 @@ def test_cli_verdict_and_changes_that_fit():
   ok = plan()
   assert ok["fits"] and ok["devices"] == 128 and ok["mesh"]["expert"] == 16
   assert ok["parameters"] == pytest.approx(107.77e9, rel=5e-5)
-  # dense attention keeps every query block's probabilities: 8K tokens no longer fit, and the planner
+  # without remat every layer's activations stay for the backward pass: no longer fits, and the planner
   # names the changes that do (each verified by planning it)
-  bad = plan("--config.model.attention_impl=dense", "--config.microbatches=1")
+  bad = plan("--config.model.remat_policy=none", "--config.microbatches=1")
   assert not bad["fits"] and bad["total"] > 2 * ok["total"]
   assert bad["fixes"] and all(f["total"] <= 0.9 * 95 * 2**30 for f in bad["fixes"])
-  assert any("attention_impl=ring" in f["change"] for f in bad["fixes"])
+  assert any("remat_policy=full" in f["change"] for f in bad["fixes"])
   # a mesh the slice cannot hold: one line naming the problem, no traceback
   proc = subprocess.run([sys.executable, "-m", "llama4_jax.plan", "--config=configs/scout_v5p256.py",
                          "--tpu=v5p-64"], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -58,11 +58,12 @@ def test_loss_falls(trained):
 
 # (data=2 x fsdp=4, then fsdp=2 x tensor=2 x expert=2, are compared with the same reference in
 # test_resume_onto_a_different_mesh; fsdp=8 over two processes in test_two_processes_equal_one.)
-@pytest.mark.parametrize("mesh", [dict(context=8), dict(context=2, fsdp=4)])
-def test_same_losses_on_eight_devices(mesh, reference_losses, tmp_path):
+def test_same_losses_on_eight_devices(reference_losses, tmp_path):
+  """Ring attention over 8 devices trains as one device does (context mixed with fsdp: the ring tests'
+  model-level checks and the two-process run below)."""
   want, c = reference_losses
   c = micro_config(c.data.path, steps=8, checkpoint_every=8,
-                   mesh=dict(dict(data=1, fsdp=1, tensor=1, expert=1, context=1), **mesh))
+                   mesh=dict(data=1, fsdp=1, tensor=1, expert=1, context=8))
   train(c, str(tmp_path))
   got = read_metrics(tmp_path)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
@@ -225,9 +226,9 @@ def test_tpu_configs_validate_for_their_slices(name, tpu, tmp_path):
   validate(c, num_devices=chips)
   cfg = model_config(c)
   assert cfg.num_params() == l4.get_config("scout" if "scout" in name else "maverick").num_params()
-  # the memory planner's verdict on the slice (Maverick does not fit yet: README, "Not yet")
-  plan = planning.plan_training(c, chips, planning.parse_tpu(tpu).hbm_bytes)
-  assert plan.fits == (name != "maverick_v6e256"), plan.parts
+  # the memory planner's verdict on the slice (its model fitted to the TPU compiler)
+  plan = planning.plan_training(c, chips, planning.parse_tpu(tpu).hbm_bytes, platform="tpu")
+  assert plan.fits, plan.parts
   if c.mesh.fsdp != -1:
     with pytest.raises(ValueError, match="config.mesh"):
       validate(c, num_devices=chips // 2)
