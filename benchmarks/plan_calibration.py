@@ -3,8 +3,8 @@
 CPU (default): for a set of tiny training configs on 8 simulated CPU devices, compiles the train step
 (`compiled_train_step_memory`, XLA's memory_analysis) and computes the planner's features; fits the
 non-negative coefficients of `llama4_jax.planning.COEFFICIENTS` (those in CPU_FIXED held) by least
-squares on the error relative to the peak, and prints JSON: the fitted coefficients and, per config, XLA's peak, the plan's
-total with the current coefficients and their ratio.
+squares on the error relative to the peak, and prints JSON: the fitted coefficients and, per config,
+XLA's peak, the plan's total with the current coefficients and their ratio.
 
 --tpu: the same for `planning.TPU_COEFFICIENTS` against the TPU compiler (libtpu, on this host): the
 train steps of `TPU_FIT` (Scout-width configs of one superblock on v5p slices, and the TPU configs) are

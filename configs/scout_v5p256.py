@@ -14,9 +14,9 @@ rematerialisation of each 4-layer superblock, dropless MoE, and the blockwise cu
 (attention_impl="ring" on one device per sequence: the splash kernel on TPU).
 
 The TPU compiler, on any host (`python -m llama4_jax.plan --config=configs/scout_v5p256.py
---tpu=v5p-256 --compile`, ~7 minutes on 2 cores): peak 48.3 GiB per chip of 95 (arguments 9.42,
-temporaries 38.9); with --config.microbatches=1 (2 sequences per chip at once) 66.6 GiB; with
---config.model.moe_capacity_factor=2.0 32.6 GiB. The planner's estimate (fitted to XLA CPU) is 57.9.
+--tpu=v5p-256 --compile`, ~8 minutes on 2 cores): peak 48.4 GiB per chip of 95 (arguments 9.42,
+temporaries 39.0); with --config.microbatches=1 (2 sequences per chip at once) 66.6 GiB; with
+--config.model.moe_capacity_factor=2.0 32.6 GiB. The planner's TPU-fitted estimate is 50.3.
 Expected: loss ~2.5 after a few thousand steps on web text; not yet measured on hardware.
 """
 

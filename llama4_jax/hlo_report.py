@@ -12,8 +12,8 @@ much it talks:
   collective-permute, ragged-all-to-all), each instruction's result bytes per device times how often it
   runs: instructions inside a `while` body (a layer scan, the microbatch loop) count once per iteration,
   from the loop's trip count. The TPU compiler writes a reduce-scatter as a fusion (`all-reduce-scatter`)
-  of an all-reduce and a slice; it counts as a reduce-scatter of the slice's bytes. A ragged all-to-all's result is its receive buffer, sized for the worst
-  case: an upper bound of what it moves.
+  of an all-reduce and a slice; it counts as a reduce-scatter of the slice's bytes. A ragged
+  all-to-all's result is its receive buffer, sized for the worst case: an upper bound of what it moves.
 
 Hand-written because no library parses HLO text; the grammar used is XLA's printed form (`%name = shape
 opcode(operands), attr=..., metadata={op_name="..."}`), stable across the versions we pin.

@@ -8,10 +8,11 @@ gives no verdict unless --hbm_gib is set. --measure compiles the train step on t
 prints XLA's own figure beside the estimate (the devices must match the mesh).
 
 --compile (with --tpu) compiles the run's real train step (with --serve: the serving engine's prefill,
-extend (a long prompt's next piece) and decode steps) for that slice's topology with the TPU compiler, on any host: per-chip bytes against HBM,
-the largest buffers and the ops that make them, collectives by kind with bytes per step, flops per chip
-counted from the HLO, the step time those flops take at the chip's peak (a lower bound) and the MFU and
-tokens/s/chip that bound implies. Needs libtpu (pip install -e '.[tpu]').
+extend (a long prompt's next piece) and decode steps) for that slice's topology with the TPU compiler,
+on any host: per-chip bytes against HBM, the largest buffers and the ops that make them, collectives by
+kind with bytes per step, flops per chip counted from the HLO, the step time those flops take at the
+chip's peak (a lower bound) and the MFU and tokens/s/chip that bound implies. Needs libtpu (pip install
+-e '.[tpu]'). With --tpu the activation estimate is the one fitted to the TPU compiler.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ COEFFICIENTS = {"attention_probs": 4.37, "attention_io": 0.0, "residual": 4.0, "
                 "gathered_weights": 1.7}
 # The same for a TPU slice (features: `activation_features(..., platform="tpu")`), fitted to the TPU
 # compiler's peaks of the ten train steps of `benchmarks/plan_calibration.py --tpu`: within 0.86-1.06 of
-# them, but 0.70 and 1.40 on the two configs held out (a LoRA tiny model, Scout at fsdp4 x expert8):
+# them, but 0.70-1.41 on the four configs held out (1.12 / 1.41 / 0.70 / 1.40, see TPU_HELD_OUT there):
 # an estimate, not a verdict; `plan --compile` is the answer for a TPU run.
 TPU_COEFFICIENTS = {"attention_probs": 0.0, "attention_io": 0.0, "residual": 7.137, "mlp": 0.577,
                     "logits": 2.131, "gathered_weights": 9.61, "lm_head": 0.0}
@@ -116,7 +116,8 @@ def _exchange_rows(c, cfg: ModelConfig, sizes: dict[str, int], tokens: int) -> i
   return rows
 
 
-def activation_features(c, cfg: ModelConfig, sizes: dict[str, int], platform: str = "cpu") -> dict[str, float]:
+def activation_features(c, cfg: ModelConfig, sizes: dict[str, int],
+                        platform: str = "cpu") -> dict[str, float]:
   """Sizes (bytes, per device) of what one microbatch's forward and backward keep or build:
 
   attention_probs: float32 [B, heads, query block, keys] blocks of the dense (blocked causal) attention;
