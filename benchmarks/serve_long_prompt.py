@@ -1,5 +1,5 @@
 """How long a decoding request stalls while a long prompt is prefilled: in pieces (the engine's default,
-`_PREFILL_PIECE` tokens between decode steps) against one call (the piece as large as the context).
+`PREFILL_PIECE` tokens between decode steps) against one call (the piece as large as the context).
 
     python benchmarks/serve_long_prompt.py [--prompt 3000] [--context 4096] [--repeats 3]
 
@@ -22,7 +22,7 @@ def run(piece: int, prompt: int, context: int, repeats: int) -> dict:
   import llama4_jax as l4
   from llama4_jax.serving import Engine, Request, SamplingParams
   from llama4_jax.serving import engine as engine_module
-  engine_module._PREFILL_PIECE = piece
+  engine_module.PREFILL_PIECE = piece
   engine = Engine(l4.create_model(l4.get_config("tiny")), 8, context)
   engine.warmup()
   engine.start()
@@ -52,7 +52,7 @@ def main():
   args = p.parse_args()
   from common import emit, machine
   from llama4_jax.serving import engine as engine_module
-  default = engine_module._PREFILL_PIECE
+  default = engine_module.PREFILL_PIECE
   results = [run(piece, args.prompt, args.context, args.repeats) for piece in (default, args.context)]
   emit({"benchmark": "serve_long_prompt", "prompt_tokens": args.prompt, "context": args.context,
         "in_pieces": results[0], "one_call": results[1], "machine": machine()})

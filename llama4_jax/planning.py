@@ -243,10 +243,6 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None, platform: str =
   return Plan("train", sizes, parts, hbm_bytes)
 
 
-# The serving engine's widest prefill (serving.engine._PREFILL_PIECE): longer prompts go in pieces of it.
-SERVE_PREFILL_PIECE = 256
-
-
 def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None) -> Plan:
   """Per-device bytes of serving with `batch` slots of `length` tokens (run config `c`'s model).
 
@@ -255,13 +251,14 @@ def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None
   (that row's cache, one layer's float32 scores of the piece against the row, a few hidden-width buffers
   per token) and the logits of the slots."""
   from llama4_jax.model.transformer import check_mesh_fits
+  from llama4_jax.serving.engine import PREFILL_PIECE
   from llama4_jax.train.config import model_config
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)
   cfg = model_config(c)
   check_mesh_fits(cfg, _Sizes(sizes))
   weights, _ = weight_bytes(cfg, sizes)
   tp, a = sizes["tensor"], np.dtype(cfg.dtype).itemsize
-  piece = min(length, SERVE_PREFILL_PIECE)
+  piece = min(length, PREFILL_PIECE)
   heads = max(1, cfg.num_attention_heads // tp)
   prefill = (piece * length * heads * 4 + piece * cfg.hidden_size * a * 8
              + (kv_cache_bytes(cfg, sizes, 1, length) if length > piece else 0))

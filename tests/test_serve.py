@@ -393,7 +393,7 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   wanted = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, temperature=0.8, seed=3)]
   wait_idle(engine)
   monkeypatch.setattr(steps, "extend_row", spy)
-  monkeypatch.setattr(engine_module, "_PREFILL_PIECE", 32)
+  monkeypatch.setattr(engine_module, "PREFILL_PIECE", 32)
   engine.submit(running)
   while running.generated < 2:
     time.sleep(0.01)
@@ -401,7 +401,7 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   collect(running)
   assert [s for s, _ in starts] == [0, 32, 64, 96]
   assert all(a < b for (_, a), (_, b) in zip(starts, starts[1:])), starts  # decoding went on in between
-  monkeypatch.setattr(engine_module, "_PREFILL_PIECE", 256)
+  monkeypatch.setattr(engine_module, "PREFILL_PIECE", 256)
   assert pieces == [collect(engine.submit(Request(long, p))) for p in wanted] and len(starts) == 4
   wait_idle(engine)
 

@@ -35,7 +35,6 @@ import jax
 import numpy as np
 from llama4_jax.inference.sampler import check_prompt_ids
 from llama4_jax.inference.static import split_model
-from llama4_jax.planning import SERVE_PREFILL_PIECE
 from llama4_jax.serving import steps
 from llama4_jax.sharding import RULES, batch_shards
 
@@ -43,14 +42,14 @@ _IN_FLIGHT = 2  # decode steps left running while the host hands out older token
 _MIN_BUCKET = 16  # prompts are padded to a power of two >= this: few prefill shapes get compiled
 _PREFILL_ROWS = 8  # up to this many prompts share a prefill call (of 1, 4 or 8 rows, padded) ...
 _PREFILL_WIDTH = 64  # ... if each pads to at most this many tokens; longer ones are prefilled alone
-_PREFILL_PIECE = SERVE_PREFILL_PIECE  # longer prompts are prefilled this many tokens at a time, between
-                                      # decode steps (256; the planner sizes serving memory by it)
+PREFILL_PIECE = 256  # longer prompts are prefilled this many tokens at a time, between decode steps
+                     # (the planner sizes serving memory by it)
 
 
 def prefill_piece(max_length: int) -> int:
-  """The engine's widest prefill: the largest power of two >= 16 within the context and _PREFILL_PIECE
+  """The engine's widest prefill: the largest power of two >= 16 within the context and PREFILL_PIECE
   (the piece a long prompt is prefilled in)."""
-  return _powers_of_two(_MIN_BUCKET, min(max_length, _PREFILL_PIECE))[-1]
+  return _powers_of_two(_MIN_BUCKET, min(max_length, PREFILL_PIECE))[-1]
 
 
 class QueueFull(Exception):
@@ -257,7 +256,7 @@ class Engine:
 
   def buckets(self) -> list[int]:
     """The padded prompt widths that get compiled: powers of two from 16 up to the context or
-    _PREFILL_PIECE (longer prompts are prefilled in pieces of that many tokens)."""
+    PREFILL_PIECE (longer prompts are prefilled in pieces of that many tokens)."""
     return _powers_of_two(_MIN_BUCKET, prefill_piece(self.max_length))
 
   def _long(self, request: Request) -> bool:
