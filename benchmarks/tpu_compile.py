@@ -37,6 +37,7 @@ ROWS = [
     # the notebooks' models on a Colab TPU (one v5e chip)
     ("tiny_cpu_v5e1", "configs/tiny_cpu.py", "v5e-1", {}, None),
     ("lora_tiny_cpu_v5e1", "configs/lora_tiny_cpu.py", "v5e-1", {}, None),
+    ("tiny_cpu_v6e1", "configs/tiny_cpu.py", "v6e-1", {}, None),
 ]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import re
 
 _ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -31,7 +32,8 @@ _ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16":
 _ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_BRANCH_PAIR = re.compile(r"\b(?:true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -109,38 +111,69 @@ def _loop_bounds(instrs) -> dict[str, int]:
   return out
 
 
-def _multiplicity(instrs, entry: str) -> dict[str, int]:
-  """How many times each computation runs per execution of the entry: the sum over its call sites of the
-  caller's count, times the trip count for a while loop's body and condition."""
+def _call_sites(instrs) -> dict[str, list[tuple[tuple[str, ...], int, bool]]]:
+  """computation -> its call sites [(targets, trip count, alternatives)]: a while loop's body and
+  condition run `trip` times; a conditional's branches are alternatives (one of them runs)."""
   bounds = _loop_bounds(instrs)
-  calls = collections.defaultdict(list)
+  sites = collections.defaultdict(list)
   for i in instrs:
     trip = 1
     if i.opcode == "while":
       t = _TRIP.search(i.rest)
       cond = re.search(r"condition=%([\w.\-]+)", i.rest)
       trip = int(t.group(1)) if t else bounds.get(cond.group(1) if cond else None, 1)
-    targets = _CALLS.findall(i.rest)
+    sites[i.computation] += [((target,), trip, False) for target in _CALLS.findall(i.rest)]
+    branches = _BRANCH_PAIR.findall(i.rest)
     for b in _BRANCHES.findall(i.rest):
-      targets += [x.strip().lstrip("%") for x in b.split(",") if x.strip()]
-    calls[i.computation] += [(target, trip) for target in targets]
-  order, state = [], {}
-  stack = [(entry, False)]
-  while stack:  # iterative DFS post-order; its reverse is a topological order of the call DAG
+      branches += [x.strip().lstrip("%") for x in b.split(",") if x.strip()]
+    if branches:
+      sites[i.computation].append((tuple(branches), 1, True))
+  return sites
+
+
+def _callees_first(sites, entry: str) -> list[str]:
+  """The computations reachable from `entry`, every callee before its callers (DFS post-order)."""
+  order, seen, stack = [], set(), [(entry, False)]
+  while stack:
     comp, done = stack.pop()
     if done:
       order.append(comp)
       continue
-    if comp in state:
+    if comp in seen:
       continue
-    state[comp] = True
+    seen.add(comp)
     stack.append((comp, True))
-    stack += [(t, False) for t, _ in calls.get(comp, ()) if t not in state]
+    stack += [(t, False) for targets, _, _ in sites.get(comp, ()) for t in targets if t not in seen]
+  return order
+
+
+def _multiplicity(instrs, entry: str) -> dict[str, int]:
+  """How many times each computation runs per execution of the entry: the sum over its call sites of the
+  caller's count, times the trip count for a while loop's body and condition. Every branch of a
+  conditional counts as run (an upper bound)."""
+  sites = _call_sites(instrs)
   mult = collections.defaultdict(int, {entry: 1})
-  for comp in reversed(order):
-    for target, trip in calls.get(comp, ()):
-      mult[target] += mult[comp] * trip
+  for comp in reversed(_callees_first(sites, entry)):
+    for targets, trip, _ in sites.get(comp, ()):
+      for target in targets:
+        mult[target] += mult[comp] * trip
   return dict(mult)
+
+
+def _totals(instrs, entry: str, own: dict[str, dict[str, float]], rank: str) -> dict[str, float]:
+  """Sums per-computation figures `own` over one execution of `entry`, as `_multiplicity` counts runs,
+  except that a conditional contributes only its branch with the largest `rank` figure."""
+  sites = _call_sites(instrs)
+  total: dict[str, collections.Counter] = {}
+  for comp in _callees_first(sites, entry):
+    t = collections.Counter(own.get(comp, {}))
+    for targets, trip, alternatives in sites.get(comp, ()):
+      options = [total.get(x, collections.Counter()) for x in targets]
+      for chosen in [max(options, key=lambda o: o[rank])] if alternatives else options:
+        for k, v in chosen.items():
+          t[k] += trip * v
+    total[comp] = t
+  return dict(total.get(entry, {}))
 
 
 def collectives(text: str) -> dict[str, dict[str, int]]:
@@ -207,20 +240,21 @@ def _dims(shape_text: str) -> list[int]:
 
 def flops(text: str) -> dict[str, float]:
   """Per-device flops of one execution, counted from the HLO with while loops' trip counts (XLA's
-  `cost_analysis()` counts a loop body once, so a scanned model's figure is off by the layer count):
+  `cost_analysis()` counts a loop body once, so a scanned model's figure is off by the layer count) and
+  the costliest branch of each conditional:
   2 x output elements x contraction size for every dot and convolution (fused ones included; XLA TPU
   writes some batched matmuls as convolutions whose windows mostly read padding or dilation holes, so
   a convolution counts only the taps that read real input), plus
-  the cost estimate of each Pallas kernel. Returns {"matmul": ..., "pallas": ..., "pallas_uncounted":
-  number of Pallas calls per step that carry no cost estimate}."""
+  the cost estimate of each Pallas kernel. Splash attention's kernels (jax's, which carry no cost
+  estimate) are counted from their operand shapes: every block of every query run against its key run
+  (`splash_flops`). Returns {"matmul": ..., "pallas": ..., "splash": ..., "splash_calls": ...,
+  "pallas_uncounted": number of Pallas calls per step counted by neither}."""
   instrs, entry, _ = _parse(text)
-  mult = _multiplicity(instrs, entry)
   shapes = {i.name: i.shape for i in instrs}
-  out = {"matmul": 0.0, "pallas": 0.0, "pallas_uncounted": 0}
+  keys = ("matmul", "pallas", "splash", "splash_calls", "pallas_uncounted")
+  own = collections.defaultdict(lambda: dict.fromkeys(keys, 0.0))
   for i in instrs:
-    n = mult.get(i.computation, 0)
-    if not n:
-      continue
+    out, n = own[i.computation], 1
     if i.opcode == "dot":
       lhs = re.match(r"\s*%([\w.\-]+)", i.rest)
       contract = _CONTRACT.search(i.rest)
@@ -233,11 +267,44 @@ def flops(text: str) -> dict[str, float]:
       out["matmul"] += n * _conv_flops(i, shapes)
     elif i.opcode == "custom-call" and "tpu_custom_call" in i.rest:
       f = _PALLAS_FLOPS.search(i.rest)
+      splash = None if f else splash_flops(i, shapes)
       if f:
         out["pallas"] += n * float(f.group(1))
+      elif splash is not None:
+        out["splash"] += n * splash
+        out["splash_calls"] += n
       else:
         out["pallas_uncounted"] += n
+  for figures in own.values():
+    figures["all"] = figures["matmul"] + figures["pallas"] + figures["splash"]
+  totals = _totals(instrs, entry, own, rank="all")
+  out = {k: totals.get(k, 0.0) for k in keys}
+  out["splash_calls"], out["pallas_uncounted"] = int(out["splash_calls"]), int(out["pallas_uncounted"])
   return out
+
+
+# Matmuls of splash attention's kernels per (query, key) pair of a block: the forward's QK^T and PV, the
+# dq kernel's QK^T, dO V^T and dS K, the dkv kernel's QK^T, P^T dO, dO V^T and dS^T Q.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_KERNEL = re.compile(r"splash_\w*?_(fwd|dq|dkv)_")
+
+
+def splash_flops(i, shapes) -> float | None:
+  """Flops of one splash attention kernel call from its operands (q [..., queries, head_dim], then k
+  [..., keys, head_dim] after the int mask-info operands): 2 x q's elements x keys per matmul. Every
+  block is counted: exact for runs of one block (the ring's runs at most 512 tokens), an upper bound
+  where a causal mask lets the kernel skip blocks. None when `i` is not a splash kernel."""
+  kind = _SPLASH_KERNEL.match(i.name + "_")
+  if not kind:
+    return None
+  operands = re.findall(r"%([\w.\-]+)", i.rest.split("custom_call_target")[0])
+  floats = [shapes.get(o, "") for o in operands if re.match(r"\s*(bf16|f32|f16)\[", shapes.get(o, ""))]
+  if len(floats) < 2:
+    return None
+  q, k = _dims(floats[0]), _dims(floats[1])
+  if len(q) < 2 or len(k) < 2:
+    return None
+  return 2.0 * _SPLASH_MATMULS[kind.group(1)] * math.prod(q) * k[-2]
 
 
 def _elements(shape_text: str) -> int:

@@ -71,6 +71,7 @@ class Report:
   memory: dict[str, int]  # arguments, outputs, aliased, temporaries, peak (bytes per chip)
   flops: float  # per chip per execution, counted from the HLO with loop trip counts (hlo_report.flops)
   pallas_uncounted: int  # Pallas calls per execution without a cost estimate (their flops are missing)
+  splash_flops: float  # of `flops`: splash attention's kernels, counted from their shapes (no estimate)
   compiler_flops: float  # cost_analysis()'s figure, which counts each while-loop body once
   optimal_seconds: float | None  # the compiler's own time estimate, None when it gives no positive one
   compute_seconds: float  # flops at the chip's peak bf16 rate: a lower bound of the step time
@@ -83,6 +84,7 @@ class Report:
             "arguments_bytes": self.memory["arguments"], "outputs_bytes": self.memory["outputs"],
             "aliased_bytes": self.memory["aliased"], "temporaries_bytes": self.memory["temporaries"],
             "flops": self.flops, "pallas_calls_without_cost": self.pallas_uncounted,
+            "splash_flops_from_shapes": self.splash_flops,
             "compiler_flops": self.compiler_flops, "optimal_seconds": self.optimal_seconds,
             "compute_seconds": self.compute_seconds,
             "collectives": {k: v["bytes"] for k, v in self.collectives.items()},
@@ -101,8 +103,8 @@ def report(name: str, lowered, tpu: Tpu, top: int = 8) -> Report:
   optimal = cost.get("optimal_seconds")
   text = compiled.as_text()
   counted = hlo_report.flops(text)
-  total = counted["matmul"] + counted["pallas"]
-  return Report(name, memory_figures(compiled), total, counted["pallas_uncounted"],
+  total = counted["matmul"] + counted["pallas"] + counted["splash"]
+  return Report(name, memory_figures(compiled), total, counted["pallas_uncounted"], counted["splash"],
                 float(cost.get("flops", 0.0)), float(optimal) if optimal is not None and optimal > 0 else None,
                 total / PEAK_BF16_FLOPS[tpu.generation], hlo_report.collectives(text),
                 hlo_report.largest_buffers(text, top), seconds)
@@ -144,6 +146,7 @@ def format_report(r: Report, tpu: Tpu, model_flops: float | None = None, tokens:
            f"arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, aliased {gib(m['aliased'])}, "
            f"temporaries {gib(m['temporaries'])}",
            f"  flops per chip {r.flops:.3e} (counted from the HLO"
+           + (f"; splash attention {r.splash_flops:.3e}, from its kernels' shapes" if r.splash_flops else "")
            + (f"; {r.pallas_uncounted} Pallas calls without a cost estimate not counted" if r.pallas_uncounted
               else "") + f"); at peak bf16: {r.compute_seconds:.3f} s; compiler's own estimate "
            + (f"{r.optimal_seconds:.3f} s" if r.optimal_seconds else "none (no positive figure)")]

@@ -53,3 +53,48 @@ def test_largest_buffers_skip_fused_computations():
   assert {b["opcode"] for b in every[:2]} == {"all-gather", "all-reduce"}
   assert all(b["bytes"] == 8 * 16 * 4 for b in every[:2]) and every[2]["opcode"] == "fusion"
   assert all(b["opcode"] != "dynamic-slice" for b in every)  # inside the fusion: not a buffer
+
+
+# A loop of 4 iterations around a conditional: one branch multiplies [8,16] x [16,32], the other
+# [8,16] x [16,8].
+COND_HLO = """HloModule jit_cond
+
+%big (p.3: f32[8,16]) -> f32[8,32] {
+  %p.3 = f32[8,16]{1,0} parameter(0)
+  %w.1 = f32[16,32]{1,0} constant({...})
+  ROOT %dot.1 = f32[8,32]{1,0} dot(%p.3, %w.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%small (p.4: f32[8,16]) -> f32[8,8] {
+  %p.4 = f32[8,16]{1,0} parameter(0)
+  %w.2 = f32[16,8]{1,0} constant({...})
+  ROOT %dot.2 = f32[8,8]{1,0} dot(%p.4, %w.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p.1: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p.1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %x.1 = f32[8,16]{1,0} get-tuple-element(%p.1), index=1
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %c.1 = f32[8,32]{1,0} conditional(%i.1, %x.1, %x.1), branch_computations={%small, %big}
+  ROOT %t.1 = (s32[], f32[8,16]{1,0}) tuple(%i.1, %x.1)
+}
+
+%cond (p.2: (s32[], f32[8,16])) -> pred[] {
+  %p.2 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%p.2), index=0
+  %constant.3 = s32[] constant(4)
+  ROOT %lt.1 = pred[] compare(%i.2, %constant.3), direction=LT
+}
+
+ENTRY %main (a.1: f32[8,16]) -> f32[8,16] {
+  %a.1 = f32[8,16]{1,0} parameter(0)
+  %zero.1 = s32[] constant(0)
+  %t.2 = (s32[], f32[8,16]{1,0}) tuple(%zero.1, %a.1)
+  %while.1 = (s32[], f32[8,16]{1,0}) while(%t.2), condition=%cond, body=%body
+  ROOT %y.1 = f32[8,16]{1,0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_flops_count_loop_trips_and_the_costlier_branch():
+  assert hlo_report.flops(COND_HLO)["matmul"] == 4 * 2 * 8 * 32 * 16  # not the small branch's too

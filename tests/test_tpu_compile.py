@@ -69,6 +69,19 @@ def test_train_step_takes_the_tpu_kernels(train_step):
   assert moved["ragged-all-to-all"]["count"] > 0 and moved["collective-permute"]["count"] > 0
 
 
+def test_splash_kernels_are_counted_from_their_shapes(train_step):
+  """Splash carries no cost estimate; hlo_report counts its kernels from their operand shapes. Per
+  device the count lies between the causal attention's matmuls (forward 2, backward 7 per query-key
+  pair, half the pairs) and every pair of every run with the forward recomputed (11)."""
+  c, compiled, _ = train_step
+  counted = hlo_report.flops(compiled.as_text())
+  assert counted["pallas_uncounted"] == 0 and counted["splash_calls"] > 0
+  m = c.model
+  pairs = (c.batch_size // 2) * (c.seq_len // 2) * c.seq_len  # expert=2 splits rows, context=2 queries
+  unit = 2.0 * pairs * m.num_attention_heads * m.head_dim * m.num_hidden_layers
+  assert 9 * unit / 2 <= counted["splash"] <= 11 * unit, (counted, unit)
+
+
 def test_train_step_memory_against_the_planner(train_step):
   """The compiler's argument bytes are the trainable parameters and Adam state the planner counts
   (the same sharding rules), and its peak fits the chip."""
