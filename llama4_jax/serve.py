@@ -21,6 +21,7 @@ import time
 
 from absl import app, flags, logging
 
+from llama4_jax import storage
 from llama4_jax.sharding import MESH_FLAG_HELP
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint, Orbax checkpoint or training workdir.",
@@ -48,9 +49,9 @@ API_KEY_ENV = "LLAMA4_JAX_API_KEY"
 
 def model_name(checkpoint: str) -> str:
   """The served name: the checkpoint directory's name (a workdir's, for .../checkpoints)."""
-  path = os.path.abspath(checkpoint).rstrip("/")
-  name = os.path.basename(path)
-  return os.path.basename(os.path.dirname(path)) if name == "checkpoints" else name
+  path = storage.check(checkpoint, "--checkpoint")
+  name = storage.basename(path)
+  return storage.basename(storage.parent(path)) if name == "checkpoints" else name
 
 
 def main(argv):

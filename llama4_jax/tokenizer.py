@@ -8,10 +8,11 @@ report bits per byte exactly: sum of per-token losses / ln 2 / sum of the target
 from __future__ import annotations
 
 import base64
-import os
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
+
+from llama4_jax import storage
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_SPECIALS = ("<|header_start|>", "<|header_end|>", "<|eot|>")  # Llama 4's chat-template tokens
@@ -35,10 +36,10 @@ class HFTokenizer:
 
   def __init__(self, path: str, bos: str | None = None, eos: str | None = None, pad: str | None = None):
     from tokenizers import Tokenizer as _T
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"tokenizer file {path} does not exist")
     self.path = path
-    self._tok = _T.from_file(path)
+    self._tok = _T.from_str(storage.read_text(path))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
     self.bos_id = self._find(bos, ("<bos>", "<|begin_of_text|>", "<s>"))
@@ -86,9 +87,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(texts, trainer)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, path)
+  storage.write_text(path, tok.to_str())  # atomically, local or gs://
   return HFTokenizer(path)
 
 
@@ -129,17 +128,16 @@ class TiktokenTokenizer:
 
   def __init__(self, path: str):
     import tiktoken
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"tokenizer file {path} does not exist")
     ranks = {}
-    with open(path, "rb") as f:
-      for n, line in enumerate(f):
-        if line.strip():
-          token, rank = line.split()
-          ranks[base64.b64decode(token)] = int(rank)
+    for line in storage.read_bytes(path).splitlines():
+      if line.strip():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
     specials = {name: len(ranks) + i for i, name in enumerate(llama4_special_tokens())}
     self.path = path
-    self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=O200K_PATTERN,
+    self._enc = tiktoken.Encoding(name=storage.basename(path), pat_str=O200K_PATTERN,
                                   mergeable_ranks=ranks, special_tokens=specials)
     self.special_tokens = specials
     self.vocab_size = len(ranks) + len(specials)
@@ -213,10 +211,10 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> list
 def find_tokenizer(checkpoint: str) -> str | None:
   """tokenizer.model or tokenizer.json in `checkpoint` or its parent directory (a workdir's checkpoints/
   folder), or None."""
-  for d in (checkpoint, os.path.dirname(os.path.abspath(checkpoint).rstrip("/"))):
+  for d in (checkpoint, storage.parent(checkpoint)):
     for name in ("tokenizer.model", TOKENIZER_FILE):
-      if os.path.exists(os.path.join(d, name)):
-        return os.path.join(d, name)
+      if storage.exists(storage.join(d, name)):
+        return storage.join(d, name)
   return None
 
 
@@ -237,10 +235,11 @@ def tokenizer_for(checkpoint: str, path: str | None = None) -> Tokenizer:
 
 def load_tokenizer(path: str) -> Tokenizer:
   """A tokenizer from a file or a directory holding `tokenizer.model` or `tokenizer.json`."""
-  if os.path.isdir(path):
+  path = storage.check(path, "tokenizer")
+  if storage.isdir(path):
     for name in ("tokenizer.model", TOKENIZER_FILE):
-      if os.path.exists(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name))
+      if storage.exists(storage.join(path, name)):
+        return load_tokenizer(storage.join(path, name))
     raise FileNotFoundError(f"no tokenizer.model or {TOKENIZER_FILE} in {path}")
   if path.endswith(".json"):
     return HFTokenizer(path)

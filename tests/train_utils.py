@@ -91,13 +91,15 @@ def train_command(workdir, c, devices=1):
 
 
 def read_metrics(workdir):
+  """step -> loss from a workdir's metrics.jsonl (local or gs://)."""
   import json
+
+  from llama4_jax import storage
   out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "loss" in rec:
-        out[rec["step"]] = rec["loss"]  # a resumed run's later records win
+  for line in storage.read_text(storage.join(str(workdir), "metrics.jsonl")).splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec["loss"]  # a resumed run's later records win
   return out
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from llama4_jax import storage
 from llama4_jax.checkpoint.keys import (ParamPlan, hf_tensor_specs, plan, sharding_table, state_leaves,
                                         state_path)
 from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFile, contiguous,
@@ -137,14 +138,14 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lo
   applied after loading (`lora_rank=16` adds adapters initialised from `lora_seed`, `base_quant="int8"`
   quantizes the base, `lora_rank=0` merges a checkpoint's adapters; see `model.lora.adapt_model`).
   """
-  directory = os.fspath(path)
-  if not os.path.isdir(directory):
+  directory = storage.check(os.fspath(path), "checkpoint")
+  if not storage.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   if dtype is not None:
     name = jnp.dtype(dtype).name
     overrides = {"param_dtype": name, "dtype": name, **overrides}
   adapters = {k: overrides.pop(k) for k in ADAPTER_FIELDS if k in overrides}
-  if not os.path.exists(os.path.join(directory, "config.json")):
+  if not storage.exists(storage.join(directory, "config.json")):
     from llama4_jax.checkpoint import orbax
     try:
       orbax.find_checkpoints(directory)
@@ -152,6 +153,9 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lo
       raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor an "
                               "Orbax checkpoint of this project (no step directories)") from None
     model = orbax.load_orbax_model(directory, mesh, **overrides)
+  elif storage.is_remote(directory):
+    raise ValueError(f"{directory}: Hugging Face checkpoints are read from local disk (gcloud storage cp "
+                     "-r them there first); Orbax checkpoints of this project load from gs:// directly")
   else:
     model = _load_hf(directory, mesh, overrides)
   if model.config.replace(**adapters) == model.config:

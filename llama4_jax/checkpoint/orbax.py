@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from llama4_jax import storage
 from llama4_jax.config import ModelConfig
 
 # Converted checkpoints (checkpoint/convert.py) keep params in <step>/tensors/ as parameter slices (one
@@ -36,10 +37,9 @@ def slice_item(name: str, index: int | None) -> str:
 def read_manifest(tensor_dir: str) -> dict:
   """The manifest of a converted checkpoint's `tensors/` directory, checked for its format."""
   from llama4_jax.checkpoint.safetensors_io import CheckpointError
-  path = os.path.join(tensor_dir, MANIFEST)
+  path = storage.join(tensor_dir, MANIFEST)
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} cannot be read ({e}): the converted checkpoint is incomplete") from None
   if manifest.get("format") != FORMAT:
@@ -54,8 +54,8 @@ def slice_path(tensor_dir: str, manifest: dict, name: str) -> tuple[str, str]:
   if name not in manifest["slices"]:
     raise CheckpointError(f"{tensor_dir}/{MANIFEST} does not list slice {name}")
   item, key = manifest["slices"][name]
-  path = os.path.join(tensor_dir, item)
-  if not os.path.isdir(path):
+  path = storage.join(tensor_dir, item)
+  if not storage.isdir(path):
     raise CheckpointError(f"{path} (holding {name}) is missing: the converted checkpoint is incomplete")
   return path, key
 
@@ -82,10 +82,9 @@ class StateLeaves:
 
   def __init__(self, state_dir: str):
     from llama4_jax.checkpoint.safetensors_io import CheckpointError
-    self.dir = os.path.abspath(state_dir)
+    self.dir = storage.check(state_dir, "checkpoint")
     try:
-      with open(os.path.join(self.dir, "_METADATA")) as f:
-        meta = json.load(f)
+      meta = json.loads(storage.read_text(storage.join(self.dir, "_METADATA")))
     except (OSError, json.JSONDecodeError) as e:
       raise CheckpointError(f"{self.dir}/_METADATA cannot be read ({e}): the checkpoint is "
                             "incomplete") from None
@@ -105,8 +104,8 @@ class StateLeaves:
         raise CheckpointError(f"{self.dir} has no leaf {'.'.join(path)}: the checkpoint was written for "
                               "another model (or is incomplete)")
       name = self.names[path]
-      kvstore = ({"driver": "ocdbt", "base": f"file://{self.dir}/", "path": name} if self.ocdbt else
-                 {"driver": "file", "path": os.path.join(self.dir, name)})
+      kvstore = ({"driver": "ocdbt", "base": storage.kvstore_url(self.dir), "path": name} if self.ocdbt
+                 else storage.kvstore_url(storage.join(self.dir, name)))
       spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": kvstore}
       try:
         self._open[path] = ts.open(spec, open=True, read=True).result()
@@ -134,17 +133,27 @@ class StateLeaves:
                             f"({_ts_error(e)}): the checkpoint is incomplete or damaged") from None
 
 
+# Orbax's mark of a finished save on Cloud Storage, which has no atomic rename of a prefix: a step
+# prefix without it is a save cut off mid-write.
+COMMIT_MARKER = "commit_success.txt"
+
+
 def checkpoint_steps(directory: str) -> list[int]:
-  """Completed checkpoint steps in an Orbax directory (in-progress saves carry a temporary suffix)."""
-  if not os.path.isdir(directory):
+  """Completed checkpoint steps in an Orbax directory: locally in-progress saves carry a temporary
+  suffix until renamed; on gs:// a step counts once its commit marker is written."""
+  if not storage.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  names = [n.rstrip("/") for n in storage.listdir(directory)]
+  if storage.is_remote(directory):
+    return sorted(int(n) for n in names
+                  if n.isdigit() and storage.exists(storage.join(directory, n, COMMIT_MARKER)))
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def find_checkpoints(directory: str) -> str:
   """The Orbax directory under a workdir (`checkpoints/`) or the directory itself."""
-  for candidate in (os.path.join(directory, "checkpoints"), directory):
+  directory = storage.check(directory, "checkpoint")
+  for candidate in (storage.join(directory, "checkpoints"), directory):
     if checkpoint_steps(candidate):
       return candidate
   raise FileNotFoundError(f"no checkpoint of this project under {directory} (expected step "
@@ -155,9 +164,7 @@ def read_metadata(directory: str) -> tuple[dict, int]:
   """The config metadata ({"run", "model", maybe "frozen_base"}) and step of the latest checkpoint."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
-  path = os.path.join(ckpt_dir, str(step), "config", "metadata")
-  with open(path) as f:
-    return json.load(f), step
+  return json.loads(storage.read_text(storage.join(ckpt_dir, str(step), "config", "metadata"))), step
 
 
 def read_model_config(directory: str) -> tuple[ModelConfig, int]:
@@ -173,10 +180,10 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
   Reads training checkpoints (the `state` item) and converted ones (`tensors/`, parameter slices)."""
   ckpt_dir = find_checkpoints(directory)
   step = checkpoint_steps(ckpt_dir)[-1]
-  tensor_dir = os.path.join(ckpt_dir, str(step), TENSORS)
-  if os.path.isdir(tensor_dir):
+  tensor_dir = storage.join(ckpt_dir, str(step), TENSORS)
+  if storage.isdir(tensor_dir):
     return _restore_converted(tensor_dir, abstract_params)
-  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+  with ocp.CheckpointManager(ckpt_dir) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": abstract_params},
                                      restore_args=jax.tree.map(_restore_arg, {"params": abstract_params}),
@@ -232,7 +239,7 @@ def load_orbax_model(path: str, mesh=None, **overrides):
     from llama4_jax.checkpoint.hf import load_model
     from llama4_jax.checkpoint.safetensors_io import CheckpointError
     from llama4_jax.model.lora import ADAPTER_FIELDS, is_adapter
-    if not os.path.isdir(base):
+    if not storage.exists(base):
       raise CheckpointError(f"{path} holds LoRA adapters only; their frozen base {base!r} (the run's "
                             "init_from) is missing. Restore that directory, or export a merged model "
                             "while it exists (llama4-convert orbax-to-hf --merge-lora)")

@@ -21,8 +21,11 @@ import glob
 import hashlib
 import json
 import os
+import posixpath
 import sysconfig
 from typing import Sequence
+
+from llama4_jax import storage
 
 
 class DocumentSource(Sequence[str]):
@@ -33,11 +36,9 @@ class DocumentSource(Sequence[str]):
 
 
 def _expand(path: str) -> list[str]:
-  if os.path.isdir(path):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-  else:
-    files = glob.glob(path, recursive=True)
-  files = sorted(f for f in files if os.path.isfile(f))
+  """The files of a directory (or gs:// prefix), a file, or a glob."""
+  path = storage.check(path, "data.path")
+  files = storage.files_under(path) if storage.isdir(path) else storage.glob(path)
   if not files:
     raise FileNotFoundError(f"data path {path!r} matches no files (data.path must be a directory, a "
                             "file or a glob such as 'corpus/**/*.txt')")
@@ -53,11 +54,12 @@ class TextFiles(DocumentSource):
     return len(self.files)
 
   def __getitem__(self, i):
-    with open(self.files[i], encoding="utf-8", errors="replace") as f:
-      return f.read()
+    return storage.read_bytes(self.files[i]).decode("utf-8", errors="replace")
 
   def key(self, i):
-    return os.path.relpath(self.files[i], self.root) if self.root else self.files[i]
+    if not self.root:
+      return self.files[i]
+    return (posixpath if storage.is_remote(self.root) else os.path).relpath(self.files[i], self.root)
 
 
 def builtin_corpus() -> TextFiles:
@@ -124,7 +126,7 @@ class JsonLines(DocumentSource):
     self.files, self.field = list(files), field
     self.index: list[tuple[int, int]] = []
     for fi, path in enumerate(self.files):
-      with open(path, "rb") as f:
+      with storage.open_file(path, "rb") as f:
         offset = 0
         for line in f:
           if line.strip():
@@ -136,7 +138,7 @@ class JsonLines(DocumentSource):
 
   def __getitem__(self, i):
     fi, offset = self.index[i]
-    with open(self.files[fi], "rb") as f:
+    with storage.open_file(self.files[fi], "rb") as f:
       f.seek(offset)
       line = f.readline()
     try:
@@ -159,7 +161,7 @@ class Parquet(DocumentSource):
     self.files, self.field = list(files), field
     self.index: list[tuple[int, int, int]] = []  # (file, row group, row)
     for fi, path in enumerate(self.files):
-      meta = pq.ParquetFile(path).metadata
+      meta = pq.ParquetFile(storage.open_file(path, "rb")).metadata
       for g in range(meta.num_row_groups):
         self.index.extend((fi, g, r) for r in range(meta.row_group(g).num_rows))
     self._cache: tuple | None = None
@@ -171,7 +173,7 @@ class Parquet(DocumentSource):
     import pyarrow.parquet as pq
     fi, g, r = self.index[i]
     if self._cache is None or self._cache[0] != (fi, g):
-      table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.field])
+      table = pq.ParquetFile(storage.open_file(self.files[fi], "rb")).read_row_group(g, columns=[self.field])
       self._cache = ((fi, g), table.column(self.field).to_pylist())
     return str(self._cache[1][r])
 
@@ -184,6 +186,10 @@ class ArrayRecords(DocumentSource):
   def __init__(self, files: Sequence[str]):
     from array_record.python.array_record_data_source import ArrayRecordDataSource
     self.files = list(files)
+    remote = [f for f in self.files if storage.is_remote(f)]
+    if remote:
+      raise ValueError(f"data.source='array_record' reads local files only ({remote[0]}); copy the files "
+                       "to local disk (gcloud storage cp) or use jsonl/parquet/text, which read gs://")
     self._src = ArrayRecordDataSource(self.files)
 
   def __len__(self):
@@ -206,7 +212,7 @@ def open_source(kind: str, path: str = "", field: str = "text") -> DocumentSourc
     raise ValueError(f"data.source={kind!r} needs data.path (a directory, file or glob)")
   files = _expand(path)
   if kind == "text":
-    return TextFiles(files, root=path if os.path.isdir(path) else None)
+    return TextFiles(files, root=path if storage.isdir(path) else None)
   if kind == "jsonl":
     return JsonLines(files, field)
   if kind == "parquet":

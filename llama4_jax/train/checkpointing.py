@@ -14,12 +14,12 @@ superblock (`layer_chunks`), so a reader can take one layer of a weight without 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from llama4_jax import storage
 from llama4_jax.checkpoint.keys import state_path
 from llama4_jax.config import ModelConfig
 
@@ -37,7 +37,7 @@ def layer_chunks(state):
 
 class Checkpointer:
   def __init__(self, directory: str, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.check(directory, "checkpoint directory")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -8,13 +8,12 @@ overrides any field (`--config.steps=100`, `--config.model.hidden_size=512`, `--
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
-import os
 
 import ml_collections
 from ml_collections import config_dict
 
+from llama4_jax import storage
 from llama4_jax.config import ModelConfig, get_config
 from llama4_jax.data.pipeline import FORMATS
 from llama4_jax.sharding import batch_shards
@@ -144,9 +143,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   builtin = c.data.source in ("builtin", "builtin_chat")
   if not builtin and not c.data.path:
     bad("data.path", f"data.source={c.data.source!r} needs a path (directory, file or glob)")
-  if not builtin and not (os.path.exists(c.data.path) or glob.glob(c.data.path, recursive=True)):
-    raise FileNotFoundError(f"config.data.path: {c.data.path!r} matches no files")
+  if not builtin:
+    path = storage.check(c.data.path, "config.data.path")
+    if not (storage.exists(path) or storage.glob(path)):
+      raise FileNotFoundError(f"config.data.path: {c.data.path!r} matches no files")
   for field, value in (("data.tokenizer", c.data.tokenizer), ("init_from", c.init_from)):
-    if value and not os.path.exists(value):
+    if value and not storage.exists(storage.check(value, f"config.{field}")):
       raise FileNotFoundError(f"config.{field}: {value!r} does not exist")
 

@@ -10,8 +10,6 @@ what remains.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -22,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama4_jax import storage
 from llama4_jax.checkpoint.hf import load_model
 from llama4_jax.config import from_hf_config, read_hf_config
 from llama4_jax.data import HostBatches, eval_batches, open_source, split_train_eval
@@ -59,13 +58,12 @@ def get_tokenizer(c, workdir: str, train_docs, log) -> Any:
   if given:
     tokenizer = load_tokenizer(given)
     src = tokenizer.path
-    dst = os.path.join(workdir, os.path.basename(src))
-    if jax.process_index() == 0 and not os.path.exists(dst):
-      shutil.copyfile(src, dst + ".tmp")
-      os.replace(dst + ".tmp", dst)
+    dst = storage.join(workdir, storage.basename(src))
+    if jax.process_index() == 0 and not storage.exists(dst):
+      storage.copy(src, dst)
     return tokenizer
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(path) and jax.process_index() == 0:
+  path = storage.join(workdir, TOKENIZER_FILE)
+  if not storage.exists(path) and jax.process_index() == 0:
     t0 = time.time()
     train_bpe((_plain_text(train_docs[i]) for i in range(len(train_docs))), c.data.vocab_size, path)
     log(f"trained a {c.data.vocab_size}-token byte-level BPE on {len(train_docs)} documents in "
@@ -155,8 +153,9 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   on_log(step, metrics), on process 0, receives what is written to metrics.jsonl as it is written
   (training metrics every log_every steps, eval_* metrics at each evaluation): e.g. a live loss plot.
   """
+  workdir = storage.check(workdir, "workdir")
   validate(c, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0)
   log = logger.info
 
@@ -171,7 +170,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   tokenizer = get_tokenizer(c, workdir, train_docs, log)
 
   cfg = model_config(c)
-  if c.init_from and os.path.exists(os.path.join(c.init_from, "config.json")):
+  if c.init_from and storage.exists(storage.join(c.init_from, "config.json")):
     cfg = from_hf_config(read_hf_config(c.init_from), **{k: getattr(cfg, k) for k in _IMPL_FIELDS})
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -195,7 +194,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
 
   rows = host_rows(bsharding, c.batch_size, c.seq_len)
   train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed, rows, c.data.format)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints,
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), c.keep_checkpoints,
                                     c.async_checkpointing)
   start = ckpt.latest_step() or 0
   if start:
@@ -209,7 +208,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
 
   step_fn = jax.jit(make_train_step(tm, tx, c, bsharding), donate_argnums=(0, 1),
                     out_shardings=(param_shardings, opt_shardings, None))
-  base = {"frozen_base": os.path.abspath(c.init_from)} if frozen else {}  # checkpoints hold adapters only
+  base = {"frozen_base": storage.check(c.init_from)} if frozen else {}  # checkpoints hold adapters only
   eval_fn = jax.jit(make_eval_step(tm, c.loss_chunks))
   schedule = learning_rate_schedule(c)
   held_out_batches = eval_batches(held_out, tokenizer, c.batch_size, c.seq_len, c.eval_batches, rows,
@@ -223,6 +222,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
     state = {"params": params, "opt_state": opt_state, "rng": rng,
              "step": _replicated(np.asarray(step, np.int32), replicated)}
     ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force, extra=base)
+    logger.flush()  # the log in a bucket catches up with each checkpoint
 
   def run_eval(step, label):
     ev = evaluate(eval_fn, params, frozen, held_out_batches, bsharding, c.batch_size, byte_lengths)
@@ -246,6 +246,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
       loss = float(m["loss"])
       if not math.isfinite(loss):
         ckpt.wait()
+        logger.close()
         raise TrainingDiverged(
             f"the loss became {loss} at step {step}; stopping without saving. The last good checkpoint "
             f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower learning_rate or enable "

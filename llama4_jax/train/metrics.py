@@ -1,19 +1,21 @@
 """Training metrics: the live progress line, metrics.jsonl, TensorBoard event files, FLOPs and MFU.
 
 The TensorBoard writer emits the event-file format directly (length-prefixed records with masked
-CRC32C, `Event` protos holding scalar summaries), so no TensorFlow is needed to produce the files.
+CRC32C, `Event` protos holding scalar summaries), so no TensorFlow is needed to produce the files. Both
+files may live in Cloud Storage (`storage.AppendFile`): there they are rewritten at most every
+`REMOTE_FLUSH_SECONDS` and on `flush()` / `close()`, so a killed run loses at most that much of its log.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import time
 
 import jax
 
+from llama4_jax import storage
 from llama4_jax.config import ModelConfig
 
 # --- FLOPs and peak ---------------------------------------------------------------------------
@@ -112,9 +114,8 @@ def _scalar_summary(tag: str, value: float) -> bytes:
 
 class TensorBoardWriter:
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._f = open(os.path.join(logdir, name), "ab")
+    self._f = storage.AppendFile(storage.join(logdir, name), binary=True, keep_existing=False)
     self._write(_event(time.time(), 0, file_version="brain.Event:2"))
 
   def _write(self, data: bytes):
@@ -126,6 +127,8 @@ class TensorBoardWriter:
     now = time.time()
     for tag, value in values.items():
       self._write(_event(now, step, _scalar_summary(tag, float(value))))
+
+  def flush(self):
     self._f.flush()
 
   def close(self):
@@ -134,23 +137,36 @@ class TensorBoardWriter:
 
 # --- the logger ---------------------------------------------------------------------------------
 
+REMOTE_FLUSH_SECONDS = 30.0
+
+
 class MetricsLogger:
-  """Writes metrics.jsonl and TensorBoard files (process 0) and prints the progress line."""
+  """Writes metrics.jsonl and TensorBoard files (process 0) and prints the progress line. Local files
+  are flushed every record; Cloud Storage ones every `REMOTE_FLUSH_SECONDS` and on `flush()`."""
 
   def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
     self.enabled = enabled
     self.total = total_steps
     self._created = time.time()
+    self._flushed = time.time()
+    self._remote = storage.is_remote(workdir)
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"))
+      self._tb = TensorBoardWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
     self._tb.scalars(step, metrics)
+    if not self._remote or time.time() - self._flushed >= REMOTE_FLUSH_SECONDS:
+      self.flush()
+
+  def flush(self):
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
+      self._flushed = time.time()
 
   def progress(self, step: int, m: dict[str, float], seconds_per_step: float):
     if not self.enabled:

@@ -1,0 +1,248 @@
+"""Paths a user gives: a local path or a Cloud Storage URL (`gs://BUCKET/PREFIX`), nothing else.
+
+Every file the stack reads or writes outside Orbax/tensorstore goes through here (fsspec, which reads
+`gs://` with gcsfs). Orbax and tensorstore take the same `gs://` strings natively. `check` rejects
+any other scheme (s3://, http://, ...) before anything is computed, so a URL is never turned into a local
+directory (`./gs:/bucket/...`).
+
+A Cloud Storage object is written whole and appears only when the upload completes, so `write_bytes`
+is atomic there as `os.replace` makes it locally. Objects cannot be appended to: `AppendFile` keeps what
+it has written and rewrites the object on `flush` (rate-limited by the caller).
+
+Emulators: with `STORAGE_EMULATOR_HOST` set (fake-gcs-server, as the tests use), tensorstore is pointed at
+the same address (`TENSORSTORE_GCS_HTTP_URL`) and gcsfs's bucket-type probe (a gRPC call no emulator
+answers, 60 s per bucket) is switched off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+SCHEMES = ("gs",)
+
+
+def _configure_emulator() -> None:
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+_configure_emulator()
+
+
+def scheme(path: str) -> str | None:
+  m = _SCHEME.match(str(path))
+  return m.group(1).lower() if m else None
+
+
+def is_remote(path) -> bool:
+  return scheme(str(path)) is not None
+
+
+def check(path, what: str = "path") -> str:
+  """`path` as a string, local ones made absolute; raises ValueError for a scheme we do not read."""
+  path = str(path)
+  s = scheme(path)
+  if s is None:
+    if path.startswith("gs:/"):  # gs:/bucket (one slash): a typo that would make a local "gs:" directory
+      raise ValueError(f"{what}={path!r}: did you mean gs://{path[4:].lstrip('/')}? Cloud Storage URLs "
+                       "take two slashes")
+    return os.path.abspath(path)
+  if s not in SCHEMES:
+    raise ValueError(f"{what}={path!r}: the {s}:// scheme is not supported; give a local path or a Cloud "
+                     "Storage URL (gs://BUCKET/PREFIX)")
+  if not path[len(s) + 3:].strip("/"):
+    raise ValueError(f"{what}={path!r}: a gs:// URL needs a bucket name (gs://BUCKET/PREFIX)")
+  if s == "gs":
+    try:
+      import gcsfs  # noqa: F401
+    except ImportError as e:
+      raise ImportError(f"{what}={path!r}: reading gs:// needs gcsfs, a dependency of this package: "
+                        "reinstall it (pip install -e .) or pip install gcsfs") from e
+  return path.rstrip("/")
+
+
+def join(base, *parts: str) -> str:
+  base = str(base)
+  return posixpath.join(base, *parts) if is_remote(base) else os.path.join(base, *parts)
+
+
+def parent(path) -> str:
+  path = str(path).rstrip("/")
+  return posixpath.dirname(path) if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def basename(path) -> str:
+  return posixpath.basename(str(path).rstrip("/"))
+
+
+def kvstore_url(p) -> str:
+  """`p` as a TensorStore kvstore URL ending in "/" (file:// for local paths)."""
+  p = str(p).rstrip("/")
+  return (p if is_remote(p) else "file://" + os.path.abspath(p)) + "/"
+
+
+def _fs(p):
+  """(fsspec filesystem, path without the scheme) of a gs:// URL, its listing cache dropped: another
+  process (or host) may have written since this one last looked."""
+  import fsspec
+  fs, root = fsspec.core.url_to_fs(str(p))
+  fs.invalidate_cache()
+  return fs, root
+
+
+def exists(p) -> bool:
+  if not is_remote(p):
+    return os.path.exists(p)
+  fs, root = _fs(p)
+  return fs.exists(root)
+
+
+def isdir(p) -> bool:
+  if not is_remote(p):
+    return os.path.isdir(p)
+  fs, root = _fs(p)
+  return fs.isdir(root)
+
+
+def makedirs(p) -> None:
+  """A local directory tree; nothing for gs:// (object stores have no directories)."""
+  if not is_remote(p):
+    os.makedirs(p, exist_ok=True)
+
+
+def listdir(p) -> list[str]:
+  """Names of the entries (files and sub-prefixes) directly in `p`."""
+  if not is_remote(p):
+    return os.listdir(p)
+  fs, root = _fs(p)
+  return [posixpath.basename(x.rstrip("/")) for x in fs.ls(root, detail=False)]
+
+
+def files_under(p) -> list[str]:
+  """Every file below directory `p` (every object under the prefix for gs://), sorted."""
+  if not is_remote(p):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
+  fs, root = _fs(p)
+  return sorted(f"{scheme(p)}://{f}" for f in fs.find(root))
+
+
+def glob(pattern) -> list[str]:
+  """The files matching `pattern` (`**` crosses directories), sorted."""
+  if not is_remote(pattern):
+    import glob as _glob
+    return sorted(f for f in _glob.glob(pattern, recursive=True) if os.path.isfile(f))
+  fs, root = _fs(pattern)
+  return sorted(f"{scheme(pattern)}://{f}" for f in fs.glob(root) if fs.isfile(f))
+
+
+def open_file(p, mode: str = "r"):
+  """A file object (reads of gs:// objects are ranged: seek and read fetch only what they need)."""
+  if not is_remote(p):
+    return open(p, mode)
+  fs, root = _fs(p)
+  return fs.open(root, mode)
+
+
+def read_bytes(p) -> bytes:
+  if not is_remote(p):
+    with open(p, "rb") as f:
+      return f.read()
+  fs, root = _fs(p)
+  return fs.cat_file(root)
+
+
+def read_text(p) -> str:
+  return read_bytes(p).decode("utf-8")
+
+
+def write_bytes(p, data: bytes) -> None:
+  """Atomically: a reader sees the old content or the new, never part (a temporary file renamed into
+  place locally; one object upload on Cloud Storage)."""
+  p = str(p)
+  if is_remote(p):
+    fs, root = _fs(p)
+    fs.pipe_file(root, data)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(p)), prefix=".tmp-" + os.path.basename(p))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, p)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(p, text: str) -> None:
+  write_bytes(p, text.encode("utf-8"))
+
+
+def copy(src, dst) -> None:
+  """Copies a file between any two of local / gs:// (whole, then published atomically)."""
+  if not is_remote(src) and not is_remote(dst):
+    tmp = str(dst) + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return
+  write_bytes(dst, read_bytes(src))
+
+
+@contextlib.contextmanager
+def local_file(p) -> Iterator[str]:
+  """A local filename holding `p` (a download into a temporary directory for gs://), for libraries that
+  only open POSIX paths (tokenizer files, for one)."""
+  if not is_remote(p):
+    yield str(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="llama4_jax_") as d:
+    local = os.path.join(d, basename(p))
+    with open(local, "wb") as f:
+      f.write(read_bytes(p))
+    yield local
+
+
+class AppendFile:
+  """A file written by appending (metrics.jsonl, TensorBoard events). Locally an append-mode file. On
+  Cloud Storage, where objects cannot be appended to, everything written is kept (after what the object
+  already held) and the whole object is rewritten on `flush`: call it every few seconds, not per line."""
+
+  def __init__(self, p, binary: bool = False, keep_existing: bool = True):
+    self.path, self.binary = str(p), binary
+    self.remote = is_remote(self.path)
+    self._dirty = False
+    if self.remote:
+      self._data = bytearray(read_bytes(self.path) if keep_existing and exists(self.path) else b"")
+    else:
+      makedirs(os.path.dirname(self.path))
+      self._f = open(self.path, "ab" if binary else "a")
+
+  def write(self, data) -> None:
+    if self.remote:
+      self._data += data if self.binary else data.encode("utf-8")
+      self._dirty = True
+    else:
+      self._f.write(data)
+
+  def flush(self) -> None:
+    if self.remote:
+      if self._dirty:
+        write_bytes(self.path, bytes(self._data))
+        self._dirty = False
+    else:
+      self._f.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if not self.remote:
+      self._f.close()
