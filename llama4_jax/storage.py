@@ -198,6 +198,83 @@ def copy(src, dst) -> None:
   write_bytes(dst, read_bytes(src))
 
 
+def size(p) -> int:
+  if not is_remote(p):
+    return os.path.getsize(p)
+  fs, root = _fs(p)
+  return int(fs.size(root))
+
+
+def is_nonempty_dir(p) -> bool:
+  if not is_remote(p):
+    return os.path.exists(p) and (not os.path.isdir(p) or bool(os.listdir(p)))
+  fs, root = _fs(p)
+  return fs.exists(root) and (fs.isfile(root) or bool(fs.ls(root, detail=False)))
+
+
+# Files a reader takes as the sign of a complete directory: moved into place after everything else.
+COMMIT_NAMES = ("commit_success.txt", "config.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir, overwrite: bool = False, enabled: bool = True):
+  """Yields a temporary sibling of `out_dir` to fill; on success it replaces `out_dir`, on any error it
+  is removed, so a failure never leaves a partial output.
+
+  Locally the sibling is renamed into place (the old directory kept until then). Cloud Storage has no
+  rename of a prefix: the objects are moved (server-side copies) once all are written, those named in
+  `COMMIT_NAMES` last, so readers that wait for those (Orbax's commit marker, a Hugging Face
+  config.json) never see a partial output. `enabled=False` (processes that do not write) only checks.
+  """
+  out_dir = check(out_dir, "output directory")
+  if is_nonempty_dir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to "
+                          "replace it")
+  if not enabled:
+    yield None
+    return
+  if is_remote(out_dir):
+    yield from _remote_atomic_directory(out_dir)
+    return
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    old = None
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.replace(out_dir, os.path.join(old, "previous"))
+    os.replace(tmp, out_dir)
+    tmp = None
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remote_atomic_directory(out_dir: str):
+  import uuid
+  tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:12]}"
+  fs, tmp_root = _fs(tmp)
+  _, out_root = _fs(out_dir)
+  done = False
+  try:
+    yield tmp
+    fs.invalidate_cache()
+    objects = fs.find(tmp_root)
+    if fs.exists(out_root):
+      fs.rm(out_root, recursive=True)
+    for obj in sorted(objects, key=lambda o: (posixpath.basename(o) in COMMIT_NAMES, o)):
+      fs.mv(obj, out_root + obj[len(tmp_root):])
+    done = True
+  finally:
+    fs.invalidate_cache()
+    if not done and fs.exists(tmp_root):
+      fs.rm(tmp_root, recursive=True)
+
+
 @contextlib.contextmanager
 def local_file(p) -> Iterator[str]:
   """A local filename holding `p` (a download into a temporary directory for gs://), for libraries that

@@ -15,15 +15,18 @@ of `checkpoint/keys.py` (the same table `load_model` and `save_pretrained` use, 
 handed to an asynchronous writer that holds at most a few items, so host memory is bounded by a few
 tensors whatever the model size. Items are uncompressed unless `compress=True` (zstd saves about 25% of
 the disk for bf16 weights, at the cost of compressing every byte on the host's cores). Output is written
-into a temporary sibling and renamed at the end: a failure leaves no partial DST.
+into a temporary sibling and renamed at the end: a failure leaves no partial DST. Either side may be in
+Cloud Storage (gs://) except a Hugging Face or Meta source: in a bucket the temporary prefix's objects are
+moved into place when all are written, the files readers wait for (the step's commit marker, config.json)
+last, and safetensors are streamed out with resumable uploads (memory stays flat as on disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -36,13 +39,14 @@ from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_ten
                                       checkpoint_order, generation_config, hf_tensor_producer,
                                       text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
-from llama4_jax.checkpoint.orbax import (FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
+from llama4_jax import storage
+from llama4_jax.checkpoint.orbax import (COMMIT_MARKER, FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
                                         read_manifest, slice_item, slice_path)
 from llama4_jax.checkpoint.safetensors_io import CheckpointError, contiguous, write_safetensors
 from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
 
-EXTRA_FILE = os.path.join("extra", "model-extra.safetensors")
+EXTRA_FILE = "extra/model-extra.safetensors"
 HF_CONFIG = "hf_config.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "chat_template.json", "chat_template.jinja",
@@ -94,8 +98,8 @@ def _dtype(name) -> np.dtype:
 def _copy_side_files(src: str, dst: str) -> list[str]:
   copied = []
   for name in COPIED_FILES:
-    if os.path.isfile(os.path.join(src, name)):
-      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    if storage.exists(storage.join(src, name)):
+      storage.copy(storage.join(src, name), storage.join(dst, name))
       copied.append(name)
   return copied
 
@@ -111,7 +115,10 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   projector of a `Llama4ForConditionalGeneration` checkpoint are carried through unchanged. Returns a
   summary dict (tensors, bytes, seconds, bytes/s).
   """
-  src = os.fspath(src)
+  src = storage.check(os.fspath(src), "source")
+  if storage.is_remote(src):
+    raise ValueError(f"{src}: hf-to-orbax reads the Hugging Face checkpoint from local disk (gcloud storage "
+                     "cp -r it there); the output may be gs://")
   hf = read_hf_config(src)
   _check_architecture(hf, src)
   tensors = HFTensors(src)
@@ -150,9 +157,9 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, o
   total += sum(int(np.prod(tensors.shape(k))) * tensors.dtype(k).itemsize for k in carried)
   report = Progress(what, total, units + len(carried), progress)
   with atomic_directory(dst, overwrite) as tmp:
-    step_dir = os.path.join(tmp, "checkpoints", "0")
-    tensor_dir = os.path.join(step_dir, TENSORS)
-    os.makedirs(tensor_dir)
+    step_dir = storage.join(tmp, "checkpoints", "0")
+    tensor_dir = storage.join(step_dir, TENSORS)
+    storage.makedirs(tensor_dir)
     manifest: dict[str, Any] = {"format": FORMAT, "text_prefix": prefix}
     order = sorted(((p, i) for p in plans for i in range(len(p.hf_keys))),
                    key=lambda u: (checkpoint_order(u[0].hf_keys[u[1]]), u[0].layout.fused_part or 0))
@@ -170,11 +177,11 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, o
     manifest["params"] = {param_name(p.path): {"shape": list(p.shape), "dtype": out_dtype.name,
                                                "stacked": p.stacked} for p in plans}
     manifest["slices"] = writer.slices
-    write_json(os.path.join(tensor_dir, MANIFEST), manifest)
-    os.makedirs(os.path.join(step_dir, "config"))
-    write_json(os.path.join(step_dir, "config", "metadata"), {"model": dataclasses.asdict(cfg)})
+    write_json(storage.join(tensor_dir, MANIFEST), manifest)
+    storage.makedirs(storage.join(step_dir, "config"))
+    write_json(storage.join(step_dir, "config", "metadata"), {"model": dataclasses.asdict(cfg)})
     if carried:
-      os.makedirs(os.path.join(tmp, "extra"))
+      storage.makedirs(storage.join(tmp, "extra"))
       specs = {k: (tensors.shape(k), tensors.dtype(k)) for k in carried}
 
       def carry(k):
@@ -182,10 +189,11 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, o
         report.update(x.nbytes)
         return x
 
-      write_safetensors(os.path.join(tmp, EXTRA_FILE), specs, carry, {"format": "pt"})
-    write_json(os.path.join(tmp, HF_CONFIG), hf)
+      write_safetensors(storage.join(tmp, EXTRA_FILE), specs, carry, {"format": "pt"})
+    write_json(storage.join(tmp, HF_CONFIG), hf)
     copied = _copy_side_files(src, tmp)
-  return report.summary(src=src, dst=os.path.abspath(dst), dtype=out_dtype.name,
+    storage.write_text(storage.join(step_dir, COMMIT_MARKER), "")  # the step is complete (read on gs://)
+  return report.summary(src=src, dst=storage.check(dst), dtype=out_dtype.name,
                         carried_tensors=len(carried), copied_files=copied)
 
 
@@ -251,7 +259,7 @@ class _GroupWriter:
     saver = self._savers[self._next]
     self._next = (self._next + 1) % len(self._savers)
     saver.wait_until_finished()  # frees the item this saver held
-    saver.save(os.path.join(self._dir, f"group.{self._items:05d}"),
+    saver.save(storage.join(self._dir, f"group.{self._items:05d}"),
                args=self._ocp.args.PyTreeSave(self._group))
     self._group, self._bytes, self._items = {}, 0, self._items + 1
 
@@ -284,13 +292,13 @@ class OrbaxSlices:
     self.ckpt_dir = orbax_io.find_checkpoints(directory)
     self.step = orbax_io.checkpoint_steps(self.ckpt_dir)[-1]
     self.config, _ = orbax_io.read_model_config(directory)
-    self.step_dir = os.path.join(self.ckpt_dir, str(self.step))
-    self.tensor_dir = os.path.join(self.step_dir, TENSORS)
-    self.converted = os.path.isdir(self.tensor_dir)
+    self.step_dir = storage.join(self.ckpt_dir, str(self.step))
+    self.tensor_dir = storage.join(self.step_dir, TENSORS)
+    self.converted = storage.isdir(self.tensor_dir)
     self.manifest = {"text_prefix": ""}
     if self.converted:
       self.manifest = read_manifest(self.tensor_dir)
-    self._leaves = None if self.converted else StateLeaves(os.path.join(self.step_dir, "state"))
+    self._leaves = None if self.converted else StateLeaves(storage.join(self.step_dir, "state"))
     self._warned = False
     self._group: tuple[str, dict] | None = None
     items = sorted({item for item, _ in self.manifest.get("slices", {}).values()})
@@ -322,10 +330,10 @@ class OrbaxSlices:
     group = ahead[1].result() if ahead is not None and ahead[0] == path else None
     if group is None:
       group = ocp.PyTreeCheckpointer().restore(path)
-    following = self._after.get(os.path.basename(path))
+    following = self._after.get(storage.basename(path))
     if following is not None:
       self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="orbax-read-ahead")
-      nxt = os.path.join(self.tensor_dir, following)
+      nxt = storage.join(self.tensor_dir, following)
       self._ahead = (nxt, self._pool.submit(lambda: ocp.PyTreeCheckpointer().restore(nxt)))
     return group
 
@@ -347,19 +355,19 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=Non
   rebuilt when `src` was converted from Hugging Face; otherwise `Llama4ForCausalLM`. Sharded safetensors
   of at most `max_shard_size` with an index, config.json, generation_config.json and tokenizer files.
   """
-  src = os.fspath(src)
+  src = storage.check(os.fspath(src), "source")
   slices = OrbaxSlices(src)
   cfg = slices.config
   if cfg.lora_rank or cfg.base_quant != "none":
     raise ValueError(f"{src} is a LoRA fine-tune (adapters on a frozen base): pass --merge-lora to "
                      "write the base with the adapters folded in, or use export-lora for the adapters")
-  hf_cfg_path = os.path.join(src, HF_CONFIG)
-  hf_cfg = read_hf_config(hf_cfg_path) if os.path.isfile(hf_cfg_path) else None
-  extra = os.path.join(src, EXTRA_FILE)
+  hf_cfg_path = storage.join(src, HF_CONFIG)
+  hf_cfg = json.loads(storage.read_text(hf_cfg_path)) if storage.exists(hf_cfg_path) else None
+  extra = storage.join(src, EXTRA_FILE)
   with contextlib.closing(slices):
     return write_hf("orbax-to-hf", cfg, slices.get, src, dst, hf_cfg=hf_cfg,
                     prefix=slices.manifest.get("text_prefix", ""),
-                    extra_file=extra if os.path.isfile(extra) else None, max_shard_size=max_shard_size,
+                    extra_file=extra if storage.exists(extra) else None, max_shard_size=max_shard_size,
                     dtype=dtype, overwrite=overwrite, progress=progress)
 
 
@@ -405,8 +413,8 @@ def write_hf(what: str, cfg, get_slice, src: str, dst: str, hf_cfg: dict | None 
       hf_cfg["text_config"] = dict(hf_cfg["text_config"], dtype=out_dtype.name)
     hf_cfg["dtype"] = out_dtype.name
     hf_cfg.pop("torch_dtype", None)
-    write_json(os.path.join(tmp, "config.json"), hf_cfg)
+    write_json(storage.join(tmp, "config.json"), hf_cfg)
     copied = sorted({name for d in (*side_dirs, src) for name in _copy_side_files(d, tmp)})
     if "generation_config.json" not in copied:
-      write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
-  return report.summary(src=src, dst=os.path.abspath(dst), dtype=out_dtype.name, copied_files=copied)
+      write_json(storage.join(tmp, "generation_config.json"), generation_config(cfg))
+  return report.summary(src=src, dst=storage.check(dst), dtype=out_dtype.name, copied_files=copied)

@@ -10,12 +10,9 @@ config.json that `transformers.Llama4ForCausalLM.from_pretrained` loads; the dir
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -279,38 +276,12 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
       hf_cfg = to_hf_config(cfg)
       if dtype is not None:
         hf_cfg["dtype"] = jnp.dtype(dtype).name
-      write_json(os.path.join(tmp, "config.json"), hf_cfg)
-      write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
-  return os.path.abspath(os.fspath(out_dir))
+      write_json(storage.join(tmp, "config.json"), hf_cfg)
+      write_json(storage.join(tmp, "generation_config.json"), generation_config(cfg))
+  return storage.check(os.fspath(out_dir))
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, enabled: bool = True):
-  """Yields a temporary sibling of `out_dir` to fill; on success it replaces `out_dir` (kept until the new
-  one is in place), on any error it is removed, so a crash never leaves a partial or missing output."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to "
-                          "replace it")
-  if not enabled:
-    yield None
-    return
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
-    yield tmp
-    old = None
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-      os.replace(out_dir, os.path.join(old, "previous"))
-    os.replace(tmp, out_dir)
-    tmp = None
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+atomic_directory = storage.atomic_directory  # (local: a renamed sibling; gs://: moved, config.json last)
 
 
 def write_sharded(directory: str, specs: dict, produce, max_shard_size: int | str = "5GB",
@@ -341,14 +312,14 @@ def write_sharded(directory: str, specs: dict, produce, max_shard_size: int | st
   total = 0
   for name, shard in zip(names, shards):
     if writer:
-      total += write_safetensors(os.path.join(directory, name), shard, arrays(shard), {"format": "pt"})
+      total += write_safetensors(storage.join(directory, name), shard, arrays(shard), {"format": "pt"})
     else:
       for _ in arrays(shard):
         pass
   if writer and len(shards) > 1:
     index = {"metadata": {"total_size": total},
              "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-    write_json(os.path.join(directory, INDEX_FILE), index)
+    write_json(storage.join(directory, INDEX_FILE), index)
   return total
 
 
@@ -358,6 +329,4 @@ def generation_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

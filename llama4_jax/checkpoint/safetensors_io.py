@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from llama4_jax import storage
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -46,10 +48,11 @@ class SafetensorsFile:
 
   def __init__(self, path: str):
     self.path = path
-    if not os.path.exists(path):
+    self.remote = storage.is_remote(path)
+    if not storage.exists(path):
       raise CheckpointError(f"safetensors file {path} does not exist")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = storage.size(path)
+    with storage.open_file(path, "rb") as f:
       head = f.read(8)
       if len(head) < 8:
         raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
@@ -95,6 +98,8 @@ class SafetensorsFile:
     dtype, shape, begin = self._entries[name]
     if 0 in shape:
       return np.zeros(shape, dtype)
+    if self.remote:  # no memory map of an object in a bucket: a copy
+      return self.read(name)
     return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
   def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
@@ -113,7 +118,7 @@ class SafetensorsFile:
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     inner = index[1:]
     offset = self._data_start + begin + rows.start * row_bytes
-    with open(self.path, "rb", buffering=0) as f:
+    with (storage.open_file(self.path, "rb") if self.remote else open(self.path, "rb", buffering=0)) as f:
       if all(s.start == 0 and s.stop == n for s, n in zip(inner, shape[1:])):
         self._pread(f, out.reshape(-1).view(np.uint8), offset, name)
         return out
@@ -127,8 +132,10 @@ class SafetensorsFile:
 
   def _pread(self, f, buf: np.ndarray, offset: int, name: str) -> None:
     view, done = memoryview(buf), 0
+    if self.remote:  # a ranged read of the object
+      f.seek(offset)
     while done < len(view):
-      n = os.preadv(f.fileno(), [view[done:]], offset + done)
+      n = f.readinto(view[done:]) if self.remote else os.preadv(f.fileno(), [view[done:]], offset + done)
       if n == 0:
         raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
       done += n
@@ -214,7 +221,7 @@ def write_safetensors(path: str, specs: Mapping[str, tuple[tuple[int, ...], np.d
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
   items = produce if not callable(produce) else ((n, produce(n)) for n in specs)
-  with open(path, "wb") as f:
+  with storage.open_file(path, "wb") as f:  # to a bucket: a streamed (resumable) upload
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for (name, (shape, dtype)), (got_name, array) in zip(specs.items(), items, strict=True):
