@@ -268,7 +268,9 @@ def flops(text: str) -> dict[str, float]:
     elif i.opcode == "custom-call" and "tpu_custom_call" in i.rest:
       f = _PALLAS_FLOPS.search(i.rest)
       splash = None if f else splash_flops(i, shapes)
-      if f:
+      if i.name.startswith(_NO_MATMUL_KERNELS):
+        pass
+      elif f:
         out["pallas"] += n * float(f.group(1))
       elif splash is not None:
         out["splash"] += n * splash
@@ -283,6 +285,9 @@ def flops(text: str) -> dict[str, float]:
   return out
 
 
+# Pallas kernels of XLA's own that do no matmul (the TPU lowering of `ragged_dot` computes its group
+# metadata in one): zero flops, not "uncounted".
+_NO_MATMUL_KERNELS = ("ragged-dot-metadata",)
 # Matmuls of splash attention's kernels per (query, key) pair of a block: the forward's QK^T and PV, the
 # dq kernel's QK^T, dO V^T and dS K, the dkv kernel's QK^T, P^T dO, dO V^T and dS^T Q.
 _SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}

@@ -141,7 +141,7 @@ def test_plan_compile_cli_json():
   import sys
   out = subprocess.run([sys.executable, "-m", "llama4_jax.plan", "--config=configs/tiny_cpu.py", "--tpu=v5e-4",
                         "--serve", "--compile", "--json", "--cache_length=256", "--serve_batch=4",
-                        "--config.model.num_hidden_layers=2", "--config.mesh.fsdp=-1"],
+                        "--config.model.num_hidden_layers=1", "--config.mesh.fsdp=-1"],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])

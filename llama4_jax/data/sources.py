@@ -17,6 +17,7 @@ stable key (its path and index) falls below `eval_fraction`, so the split does n
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -72,41 +73,49 @@ def builtin_corpus() -> TextFiles:
   return TextFiles(sorted(files), root=root)
 
 
+_QUESTIONS = ("What does `{q}` do?", "Explain `{q}` briefly.", "In Python, what is `{q}` for?")
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_chat_items() -> list[tuple[str, str, str]]:
+  """(key, question, answer) of every conversation of `BuiltinChat`."""
+  import ast
+  files = builtin_corpus()
+  items: list[tuple[str, str, str]] = []  # (key, question, answer)
+  for i in range(len(files)):
+    rel = files.key(i)
+    if "test" in rel.split(os.sep)[0] or os.sep + "test" in rel:
+      continue
+    try:
+      tree = ast.parse(files[i])
+    except (SyntaxError, ValueError):
+      continue
+    module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    for node in tree.body:
+      if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+        continue
+      doc = ast.get_docstring(node)
+      answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+      if not 40 <= len(answer) <= 600:
+        continue
+      name = f"{module}.{node.name}"
+      if isinstance(node, ast.FunctionDef):
+        name += f"({ast.unparse(node.args)})"
+      key = f"{rel}:{node.name}"
+      template = _QUESTIONS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % 3]
+      items.append((key, template.format(q=name), answer))
+  if not items:
+    raise FileNotFoundError("no documented functions found in the standard library for builtin_chat")
+  return items
+
+
 class BuiltinChat(DocumentSource):
   """Conversations about the standard library: for each public top-level function or class whose
   docstring opens with a paragraph of 40-600 characters, the user asks what it does and the assistant
   answers with that paragraph. Built by parsing (not importing) the files; about 1,800 on CPython 3.11."""
 
-  _QUESTIONS = ("What does `{q}` do?", "Explain `{q}` briefly.", "In Python, what is `{q}` for?")
-
   def __init__(self):
-    import ast
-    files = builtin_corpus()
-    self.items: list[tuple[str, str, str]] = []  # (key, question, answer)
-    for i in range(len(files)):
-      rel = files.key(i)
-      if "test" in rel.split(os.sep)[0] or os.sep + "test" in rel:
-        continue
-      try:
-        tree = ast.parse(files[i])
-      except (SyntaxError, ValueError):
-        continue
-      module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
-      for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
-          continue
-        doc = ast.get_docstring(node)
-        answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
-        if not 40 <= len(answer) <= 600:
-          continue
-        name = f"{module}.{node.name}"
-        if isinstance(node, ast.FunctionDef):
-          name += f"({ast.unparse(node.args)})"
-        key = f"{rel}:{node.name}"
-        template = self._QUESTIONS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % 3]
-        self.items.append((key, template.format(q=name), answer))
-    if not self.items:
-      raise FileNotFoundError("no documented functions found in the standard library for builtin_chat")
+    self.items = _builtin_chat_items()  # parsed once per process
 
   def __len__(self):
     return len(self.items)
