@@ -108,45 +108,53 @@ def test_exact_resume_after_sigkill_in_a_bucket(reference_losses, gcs):
 
 
 @pytest.mark.parametrize("axis", ["fsdp", "context"])
-def test_two_processes_equal_one(axis, reference_losses, tmp_path):
+def test_two_processes_equal_one(axis, reference_losses, gcs, tmp_path):
   """Two processes of one device each (gloo): the batch split over fsdp, or each row split over the
-  context axis (ring attention across the processes, which then load the same rows)."""
+  context axis (ring attention across the processes, which then load the same rows). The fsdp run keeps
+  its workdir in the bucket: process 0 trains the tokenizer there and process 1 reads it back, both
+  write their shards of each checkpoint."""
   want, c, _ = reference_losses
-  cmd, env = train_command(tmp_path, c)
-  env = dict(env, DEVICES_PER_PROCESS="1")
+  bucket, gcs_env = gcs
+  workdir = f"{bucket}/two-{axis}" if axis == "fsdp" else str(tmp_path)
+  cmd, env = train_command(workdir, c)
+  env = dict(env, DEVICES_PER_PROCESS="1", **gcs_env)
   mh = ["bash", "launch/local_multihost.sh", "2"] + cmd[3:] + [
-      "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2", "--config.async_checkpointing=True"]
+      "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2", "--config.async_checkpointing=True",
+      f"--config.checkpoint_every={4 if axis == 'fsdp' else 0}"]  # (0: only the final save)
   run(mh, dict(env, PYTHON=cmd[0]), timeout=400)
-  got = read_metrics(tmp_path)
+  got = read_metrics(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
   if axis == "context":
     return
   # the checkpoint both processes wrote exports a layer at a time as it loads
   from llama4_jax.checkpoint.convert import orbax_to_hf
   from test_convert import assert_same_tensors
-  l4.save_pretrained(l4.load_model(str(tmp_path)), tmp_path / "loaded")
-  orbax_to_hf(tmp_path, tmp_path / "exported", progress=False)
+  l4.save_pretrained(l4.load_model(workdir), tmp_path / "loaded")
+  orbax_to_hf(workdir, tmp_path / "exported", progress=False)
   assert_same_tensors(tmp_path / "loaded", tmp_path / "exported")
 
 
-def test_sigterm_saves_and_exits_cleanly(reference_losses, tmp_path):
+def test_sigterm_saves_in_the_bucket_and_exits_cleanly(reference_losses, gcs):
   _, c, _ = reference_losses
-  cmd, env = train_command(tmp_path, c)
-  cmd += ["--config.steps=1000", "--config.checkpoint_every=1000"]
+  bucket, gcs_env = gcs
+  workdir = f"{bucket}/sigterm"
+  cmd, env = train_command(workdir, c)
+  env.update(gcs_env)
+  cmd += ["--config.log_flush_seconds=0", "--config.steps=1000", "--config.checkpoint_every=1000"]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 240
-  while not (tmp_path / "metrics.jsonl").exists() or len(read_metrics(tmp_path)) < 3:
+  while not storage.exists(f"{workdir}/metrics.jsonl") or len(read_metrics(workdir)) < 3:
     assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
+    time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err.decode()[-2000:]
   assert b"SIGTERM: saved the step-" in out
-  steps = checkpoint_steps(str(tmp_path / "checkpoints"))
+  steps = checkpoint_steps(f"{workdir}/checkpoints")
   assert len(steps) == 1 and 3 <= steps[0] < 1000
   # and it restores: a short continuation resumes from it
   run(cmd[:-2] + [f"--config.steps={steps[0] + 1}"], env)
-  assert max(read_metrics(tmp_path)) == steps[0] + 1
+  assert max(read_metrics(workdir)) == steps[0] + 1
 
 
 def test_divergence_keeps_the_last_good_checkpoint(corpus, tmp_path):

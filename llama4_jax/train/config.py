@@ -49,9 +49,12 @@ def default_run_config() -> ml_collections.ConfigDict:
   c.grad_clip = 1.0  # global-norm clipping; 0 disables
   c.moe_aux_loss_coef = 0.001  # load-balancing loss weight (HF's router_aux_loss_coef)
   c.log_every = 10
+  # metrics.jsonl and TensorBoard in a gs:// workdir are rewritten at most this often (and at every
+  # checkpoint): objects cannot be appended to. Local files are flushed every record.
+  c.log_flush_seconds = 30.0
   c.eval_every = 200  # 0: only at the end
   c.eval_batches = 0  # 0: the whole held-out set
-  c.checkpoint_every = 200
+  c.checkpoint_every = 200  # 0: only at the end (and on SIGTERM)
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.seed = 0
@@ -91,6 +94,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 "keep_checkpoints"):
     if int(c[field]) <= 0:
       bad(field, f"must be a positive integer, got {c[field]}")
+  if float(c.log_flush_seconds) < 0:
+    bad("log_flush_seconds", f"must be >= 0, got {c.log_flush_seconds}")
   for field in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
     if int(c[field]) < 0:
       bad(field, f"must be >= 0, got {c[field]}")

@@ -156,7 +156,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   workdir = storage.check(workdir, "workdir")
   validate(c, jax.device_count())
   storage.makedirs(workdir)
-  logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0)
+  logger = MetricsLogger(workdir, c.steps, enabled=jax.process_index() == 0,
+                         flush_seconds=c.log_flush_seconds)
   log = logger.info
 
   mesh_axes = dict(c.mesh)
@@ -273,7 +274,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
         result.update(step=step, preempted=True, **metrics)
         logger.close()
         return result
-      if step % c.checkpoint_every == 0 or step == c.steps:
+      if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
         save(step)
       result.update(step=step, **metrics)
 

@@ -3,7 +3,8 @@
 The TensorBoard writer emits the event-file format directly (length-prefixed records with masked
 CRC32C, `Event` protos holding scalar summaries), so no TensorFlow is needed to produce the files. Both
 files may live in Cloud Storage (`storage.AppendFile`): there they are rewritten at most every
-`REMOTE_FLUSH_SECONDS` and on `flush()` / `close()`, so a killed run loses at most that much of its log.
+`flush_seconds` (the run config's `log_flush_seconds`) and on `flush()` / `close()`, so a killed run
+loses at most that much of its log.
 """
 
 from __future__ import annotations
@@ -137,14 +138,12 @@ class TensorBoardWriter:
 
 # --- the logger ---------------------------------------------------------------------------------
 
-REMOTE_FLUSH_SECONDS = 30.0
-
-
 class MetricsLogger:
   """Writes metrics.jsonl and TensorBoard files (process 0) and prints the progress line. Local files
-  are flushed every record; Cloud Storage ones every `REMOTE_FLUSH_SECONDS` and on `flush()`."""
+  are flushed every record; Cloud Storage ones every `flush_seconds` and on `flush()`."""
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True, flush_seconds: float = 30.0):
+    self.flush_seconds = flush_seconds
     self.enabled = enabled
     self.total = total_steps
     self._created = time.time()
@@ -159,7 +158,7 @@ class MetricsLogger:
       return
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._tb.scalars(step, metrics)
-    if not self._remote or time.time() - self._flushed >= REMOTE_FLUSH_SECONDS:
+    if not self._remote or time.time() - self._flushed >= self.flush_seconds:
       self.flush()
 
   def flush(self):
