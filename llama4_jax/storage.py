@@ -22,7 +22,6 @@ import posixpath
 import re
 import shutil
 import tempfile
-from typing import Iterator
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 SCHEMES = ("gs",)
@@ -273,20 +272,6 @@ def _remote_atomic_directory(out_dir: str):
     fs.invalidate_cache()
     if not done and fs.exists(tmp_root):
       fs.rm(tmp_root, recursive=True)
-
-
-@contextlib.contextmanager
-def local_file(p) -> Iterator[str]:
-  """A local filename holding `p` (a download into a temporary directory for gs://), for libraries that
-  only open POSIX paths (tokenizer files, for one)."""
-  if not is_remote(p):
-    yield str(p)
-    return
-  with tempfile.TemporaryDirectory(prefix="llama4_jax_") as d:
-    local = os.path.join(d, basename(p))
-    with open(local, "wb") as f:
-      f.write(read_bytes(p))
-    yield local
 
 
 class AppendFile:
