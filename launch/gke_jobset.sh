@@ -10,7 +10,8 @@
 #   logs    follow the first pod's log
 #   delete  delete the JobSet
 #
-# The workdir is /gcs/BUCKET/RUN (RUN defaults to NAME), a GCS bucket mounted in every pod. --dry-run
+# The workdir is gs://BUCKET/RUN (RUN defaults to NAME), written by the trainer directly; the bucket is
+# also mounted at /gcs/BUCKET in every pod for readers that need a POSIX path (ArrayRecord data). --dry-run
 # prints the kubectl commands instead of running them. Requires kubectl pointed at a cluster with the
 # JobSet controller and a TPU node pool of the right type.
 set -euo pipefail
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --config=*) config="${1#*=}" ;;
     --run=*) run_dir="${1#*=}" ;;
     --max-restarts=*) max_restarts="${1#*=}" ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     --) shift; extra=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *)
@@ -81,7 +82,7 @@ slice_shape() {
 render() {
   [[ -n "$tpu" ]] || die "--tpu=TYPE is required (e.g. v5p-256); size it with python -m llama4_jax.plan"
   [[ -n "$image" ]] || die "--image=IMAGE is required (build it with launch/Dockerfile)"
-  [[ -n "$bucket" ]] || die "--bucket=BUCKET is required (the workdir is /gcs/BUCKET/RUN)"
+  [[ -n "$bucket" ]] || die "--bucket=BUCKET is required (the workdir is gs://BUCKET/RUN)"
   [[ -n "$config" ]] || die "--config=FILE is required (e.g. configs/scout_v5p256.py)"
   slice_shape "$tpu"
   local extra_args="" f text

@@ -8,7 +8,8 @@
 #   status                                                          the slice (or queued resource) state
 #   install  [--src=DIR] [--bucket=BUCKET]                          copy DIR (default: this checkout) to
 #            every worker, make a venv, pip install it with jax[tpu]; --bucket mounts gs://BUCKET at
-#            /gcs/BUCKET on every worker (gcsfuse) for a workdir all workers share
+#            /gcs/BUCKET on every worker (gcsfuse), for readers that need a POSIX path (ArrayRecord
+#            data); the workdir, tokenizer and other data take gs:// URLs directly
 #   run      --config=FILE --workdir=DIR [-- --config.x=y ...]     start training on all workers (detached;
 #            jax.distributed finds the other workers from the TPU metadata); logs to ~/llama4_jax.log
 #   logs     [--worker=0]                                           follow one worker's log (all: every one)
@@ -21,7 +22,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 # shellcheck source=launch/lib.sh
@@ -114,7 +115,7 @@ case "$command" in
     ;;
   run)
     [[ -n "$config" ]] || die "run needs --config=FILE (relative to the checkout, e.g. configs/scout_v5p256.py)"
-    [[ -n "$workdir" ]] || die "run needs --workdir=DIR, shared by all workers (e.g. /gcs/BUCKET/scout with install --bucket=BUCKET)"
+    [[ -n "$workdir" ]] || die "run needs --workdir=DIR, shared by all workers (e.g. gs://BUCKET/scout)"
     flags=""
     for f in "${extra[@]+"${extra[@]}"}"; do flags+=" $(printf '%q' "$f")"; done
     on_all_workers "cd ~/llama4_jax && LLAMA4_JAX_DISTRIBUTED=auto nohup .venv/bin/python -m llama4_jax.train --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$workdir")$flags > ~/llama4_jax.log 2>&1 < /dev/null &"

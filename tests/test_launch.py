@@ -61,14 +61,14 @@ def test_tpu_vm_dry_run_prints_the_whole_job():
     subprocess.run(["bash", "-n", "-c", line.removeprefix("--command=")], check=True)
 
   rc, out, err = launch("tpu_vm.sh", "run", "--config=configs/scout_v5p256.py",
-                        "--workdir=/gcs/my-bucket/scout", *where, "--", "--config.steps=10",
+                        "--workdir=gs://my-bucket/scout", *where, "--", "--config.steps=10",
                         "--config.data.path=/gcs/my-bucket/data/*.array_record")
   [ssh] = commands(out)
   assert "--worker=all" in ssh and "logs --name=scout" in err
   remote = shlex.split(ssh[-1].removeprefix("--command=").rsplit(">", 1)[0].split(">")[0])
   assert remote[remote.index("nohup") + 1:] == [
       ".venv/bin/python", "-m", "llama4_jax.train", "--config=configs/scout_v5p256.py",
-      "--workdir=/gcs/my-bucket/scout", "--config.steps=10",
+      "--workdir=gs://my-bucket/scout", "--config.steps=10",
       "--config.data.path=/gcs/my-bucket/data/*.array_record"]  # the glob reaches the trainer unexpanded
   assert "LLAMA4_JAX_DISTRIBUTED=auto" in remote
   assert os.path.exists(os.path.join(REPO, "configs/scout_v5p256.py"))
@@ -112,7 +112,7 @@ def test_jobset_renders_the_slice(tpu, hosts, chips, topology, accelerator):
   [container] = pod["containers"]
   assert container["resources"]["limits"]["google.com/tpu"] == chips
   assert container["command"] == ["python", "-m", "llama4_jax.train", "--config=configs/scout_v5p256.py",
-                                  "--workdir=/gcs/bk/scout-pt", "--config.steps=5"]
+                                  "--workdir=gs://bk/scout-pt", "--config.steps=5"]
   assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bk"
 
 
