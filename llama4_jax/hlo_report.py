@@ -254,7 +254,7 @@ def flops(text: str) -> dict[str, float]:
   keys = ("matmul", "pallas", "splash", "splash_calls", "pallas_uncounted")
   own = collections.defaultdict(lambda: dict.fromkeys(keys, 0.0))
   for i in instrs:
-    out, n = own[i.computation], 1
+    out = own[i.computation]  # this computation's own figures; `_totals` multiplies by how often it runs
     if i.opcode == "dot":
       lhs = re.match(r"\s*%([\w.\-]+)", i.rest)
       contract = _CONTRACT.search(i.rest)
@@ -262,21 +262,20 @@ def flops(text: str) -> dict[str, float]:
       k = 1
       for d in (contract.group(1).split(",") if contract and contract.group(1) else []):
         k *= dims[int(d)] if int(d) < len(dims) else 1
-      out["matmul"] += n * 2.0 * _elements(i.shape) * k
+      out["matmul"] += 2.0 * _elements(i.shape) * k
     elif i.opcode == "convolution":
-      out["matmul"] += n * _conv_flops(i, shapes)
-    elif i.opcode == "custom-call" and "tpu_custom_call" in i.rest:
+      out["matmul"] += _conv_flops(i, shapes)
+    elif (i.opcode == "custom-call" and "tpu_custom_call" in i.rest
+          and not i.name.startswith(_NO_MATMUL_KERNELS)):
       f = _PALLAS_FLOPS.search(i.rest)
       splash = None if f else splash_flops(i, shapes)
-      if i.name.startswith(_NO_MATMUL_KERNELS):
-        pass
-      elif f:
-        out["pallas"] += n * float(f.group(1))
+      if f:
+        out["pallas"] += float(f.group(1))
       elif splash is not None:
-        out["splash"] += n * splash
-        out["splash_calls"] += n
+        out["splash"] += splash
+        out["splash_calls"] += 1
       else:
-        out["pallas_uncounted"] += n
+        out["pallas_uncounted"] += 1
   for figures in own.values():
     figures["all"] = figures["matmul"] + figures["pallas"] + figures["splash"]
   totals = _totals(instrs, entry, own, rank="all")

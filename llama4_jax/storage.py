@@ -188,12 +188,7 @@ def write_text(p, text: str) -> None:
 
 
 def copy(src, dst) -> None:
-  """Copies a file between any two of local / gs:// (whole, then published atomically)."""
-  if not is_remote(src) and not is_remote(dst):
-    tmp = str(dst) + ".tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return
+  """Copies a (small: held in memory) file between any two of local / gs://, published atomically."""
   write_bytes(dst, read_bytes(src))
 
 

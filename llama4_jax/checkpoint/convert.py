@@ -35,11 +35,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_tensors, atomic_directory,
+from llama4_jax import storage
+from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_tensors,
                                       checkpoint_order, generation_config, hf_tensor_producer,
                                       text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
-from llama4_jax import storage
 from llama4_jax.checkpoint.orbax import (COMMIT_MARKER, FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
                                         read_manifest, slice_item, slice_path)
 from llama4_jax.checkpoint.safetensors_io import CheckpointError, contiguous, write_safetensors
@@ -156,7 +156,7 @@ def _write_orbax(what, tensors, prefix, cfg, hf, src, dst, source_dtype, cast, o
   total = sum(int(np.prod(p.unit_shape)) * len(p.hf_keys) * out_dtype.itemsize for p in plans)
   total += sum(int(np.prod(tensors.shape(k))) * tensors.dtype(k).itemsize for k in carried)
   report = Progress(what, total, units + len(carried), progress)
-  with atomic_directory(dst, overwrite) as tmp:
+  with storage.atomic_directory(dst, overwrite) as tmp:
     step_dir = storage.join(tmp, "checkpoints", "0")
     tensor_dir = storage.join(step_dir, TENSORS)
     storage.makedirs(tensor_dir)
@@ -407,7 +407,7 @@ def write_hf(what: str, cfg, get_slice, src: str, dst: str, hf_cfg: dict | None 
 
   total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values())
   report = Progress(what, total, len(specs), progress)
-  with atomic_directory(dst, overwrite) as tmp, _Prefetch(produce, list(specs)) as ahead:
+  with storage.atomic_directory(dst, overwrite) as tmp, _Prefetch(produce, list(specs)) as ahead:
     write_sharded(tmp, specs, ahead, max_shard_size, on_tensor=lambda k, n: report.update(n))
     if "text_config" in hf_cfg:
       hf_cfg["text_config"] = dict(hf_cfg["text_config"], dtype=out_dtype.name)

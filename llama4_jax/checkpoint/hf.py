@@ -269,7 +269,7 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
       plan(model), lambda p, i: _gather(leaves[p.path][i] if p.stacked else leaves[p.path]),
       jnp.dtype(dtype or model.config.param_dtype))
   writer = jax.process_index() == 0
-  with atomic_directory(out_dir, overwrite, enabled=writer) as tmp:
+  with storage.atomic_directory(out_dir, overwrite, enabled=writer) as tmp:
     write_sharded(tmp, specs, produce, max_shard_size, writer=writer)
     if writer:
       cfg = model.config
@@ -279,9 +279,6 @@ def save_pretrained(model: Llama4, out_dir: str | os.PathLike, max_shard_size: i
       write_json(storage.join(tmp, "config.json"), hf_cfg)
       write_json(storage.join(tmp, "generation_config.json"), generation_config(cfg))
   return storage.check(os.fspath(out_dir))
-
-
-atomic_directory = storage.atomic_directory  # (local: a renamed sibling; gs://: moved, config.json last)
 
 
 def write_sharded(directory: str, specs: dict, produce, max_shard_size: int | str = "5GB",

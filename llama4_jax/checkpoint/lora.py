@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from llama4_jax.checkpoint.hf import _gather, atomic_directory, write_json
+from llama4_jax import storage
+from llama4_jax.checkpoint.hf import _gather, write_json
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
 from llama4_jax.model.lora import SCALE_SUFFIX, Weight, is_adapter, quantize_int8
 
@@ -55,7 +56,7 @@ def save_adapters(model, out_dir: str, base: str | None = None, overwrite: bool 
   _require_adapters(model)
   params = traverse_util.unflatten_dict(adapter_params(model))
   extra = {"frozen_base": os.path.abspath(base)} if base else {}
-  with atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
+  with storage.atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
     if tmp is not None:  # (one process writes: run it in a single-process job)
       ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
       ckpt.save(0, {"params": params}, None, {}, model.config, force=True, extra=extra)
@@ -107,7 +108,7 @@ def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = Fa
       "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
   }
   specs = {k: (v.shape, v.dtype) for k, v in sorted(tensors.items())}
-  with atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
+  with storage.atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
     if tmp is not None:
       write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), specs,
                         ((k, tensors[k]) for k in specs), {"format": "pt"})
