@@ -170,7 +170,8 @@ class Parquet(DocumentSource):
     self.files, self.field = list(files), field
     self.index: list[tuple[int, int, int]] = []  # (file, row group, row)
     for fi, path in enumerate(self.files):
-      meta = pq.ParquetFile(storage.open_file(path, "rb")).metadata
+      with storage.open_file(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
       for g in range(meta.num_row_groups):
         self.index.extend((fi, g, r) for r in range(meta.row_group(g).num_rows))
     self._cache: tuple | None = None
@@ -182,7 +183,8 @@ class Parquet(DocumentSource):
     import pyarrow.parquet as pq
     fi, g, r = self.index[i]
     if self._cache is None or self._cache[0] != (fi, g):
-      table = pq.ParquetFile(storage.open_file(self.files[fi], "rb")).read_row_group(g, columns=[self.field])
+      with storage.open_file(self.files[fi], "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(g, columns=[self.field])
       self._cache = ((fi, g), table.column(self.field).to_pylist())
     return str(self._cache[1][r])
 
