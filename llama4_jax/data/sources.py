@@ -55,7 +55,8 @@ class TextFiles(DocumentSource):
     return len(self.files)
 
   def __getitem__(self, i):
-    return storage.read_bytes(self.files[i]).decode("utf-8", errors="replace")
+    text = storage.read_bytes(self.files[i]).decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode open() reads it
 
   def key(self, i):
     if not self.root:
