@@ -81,6 +81,18 @@ def row_stream(docs: Sequence, to_example, seq_len: int, seed: int, fmt: str = "
   return ds.map(_finish)
 
 
+def _from_json(state):
+  """A row stream's state as grain made it: JSON turned the packer's (start, stop) slices into lists, and
+  grain (0.2) compares them with the tuple (-1, -1) that means "no remainder", so a list read as a
+  remainder and the restored stream skipped a document (a resume from the first steps read other data)."""
+  if not isinstance(state, dict):
+    return state
+  out = {k: _from_json(v) for k, v in state.items()}
+  if isinstance(state.get("remainder_slices"), dict):
+    out["remainder_slices"] = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+  return out
+
+
 class HostBatches:
   """This host's rows of each global batch (`rows`, default all; see `train.step.host_rows`), from one row
   stream per row: a row's tokens depend only on the row, so hosts that hold the same rows (a context axis
@@ -116,7 +128,7 @@ class HostBatches:
                        f"{len(self._iters)}: was the checkpoint written with another batch_size or "
                        "process count?")
     for it, s in zip(self._iters, states):
-      it.set_state(s)
+      it.set_state(_from_json(s))
 
   def start_prefetch(self) -> None:
     pass
