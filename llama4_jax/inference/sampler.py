@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama4_jax.inference.sampling import make_strategy
+from llama4_jax.inference.sampling import row_keys, sample_rows, settings_rows
 from llama4_jax.inference.static import merge_model, split_model
 
 _BUCKET = 64  # prompt and cache lengths are rounded up to this, so few shapes get compiled
@@ -62,33 +62,31 @@ def _pack(prompts, width):
   return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "strategy"), donate_argnames=("cache",))
-def _generate_loop(model, tokens, lengths, cache, key, stop, max_new_tokens, strategy):
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+def _generate_loop(model, tokens, lengths, cache, seeds, settings, stop, max_new_tokens):
   b = tokens.shape[0]
   logits, cache = model.prefill(tokens, lengths, cache)
-  key, sub = jax.random.split(key)
-  tok = strategy(logits, sub)
+  tok = sample_rows(logits, row_keys(seeds, lengths), *settings)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
   done = jnp.isin(tok, stop)
   count = jnp.ones((b,), jnp.int32)
 
   def cond(state):
-    step, _, _, _, _, done, _, _ = state
+    step, _, _, _, _, done, _ = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, tok, pos, cache, out, done, count, key = state
+    step, tok, pos, cache, out, done, count = state
     logits, cache = model.decode(tok, pos, cache)
-    key, sub = jax.random.split(key)
-    nxt = strategy(logits, sub)
+    nxt = sample_rows(logits, row_keys(seeds, pos + 1), *settings)
     nxt = jnp.where(done, 0, nxt)
     out = out.at[:, step].set(nxt)
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.isin(nxt, stop)
-    return step + 1, nxt, pos + 1, cache, out, done, count, key
+    return step + 1, nxt, pos + 1, cache, out, done, count
 
-  state = (jnp.int32(1), tok, lengths, cache, out, done, count, key)
-  _, _, _, cache, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+  state = (jnp.int32(1), tok, lengths, cache, out, done, count)
+  _, _, _, cache, out, _, count = jax.lax.while_loop(cond, body, state)
   return out, count
 
 
@@ -97,14 +95,18 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
              stop_tokens: Sequence[int] | None = None, cache_length: int | None = None) -> list[list[int]]:
   """New tokens for each prompt (a list of token ids), up to and including a stop token.
 
-  temperature 0 is greedy; otherwise sampling, optionally restricted by top_k or top_p, reproducible
-  from `seed`. stop_tokens default to the model config's eos_token_id. cache_length defaults to the
-  longest prompt + max_new_tokens (rounded up).
+  temperature 0 is greedy; otherwise sampling, optionally restricted by top_k (first) and top_p,
+  reproducible from `seed`: each token is drawn with a key from the seed and its position, so a prompt
+  gets the same tokens whatever else is in the batch, from `generate_stream`, and from the server for
+  the same seed. The settings are traced: one compiled program serves them all. stop_tokens default to
+  the model config's eos_token_id. cache_length defaults to the longest prompt + max_new_tokens (rounded
+  up).
   """
-  strategy, stop, tokens, lengths, cache = _prepare(model, prompts, max_new_tokens, temperature, top_k,
+  settings, stop, tokens, lengths, cache = _prepare(model, prompts, max_new_tokens, temperature, top_k,
                                                     top_p, stop_tokens, cache_length)
-  out, count = _generate_loop(model, tokens, lengths, cache, jax.random.PRNGKey(seed),
-                              jnp.asarray(stop or [-1], jnp.int32), max_new_tokens, strategy)
+  seeds = jnp.full((len(prompts),), seed % 2**32, jnp.uint32)  # as the server takes it
+  out, count = _generate_loop(model, tokens, lengths, cache, seeds, settings,
+                              jnp.asarray(stop or [-1], jnp.int32), max_new_tokens)
   out, count = np.asarray(out), np.asarray(count)
   return [out[i, : count[i]].tolist() for i in range(len(prompts))]
 
@@ -115,13 +117,14 @@ def _init_cache(model, batch, length):
 
 
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length):
-  """Checks the arguments; returns (strategy, stop ids, padded tokens [B, T], lengths [B], empty cache)."""
+  """Checks the arguments; returns (sampling settings per row, stop ids, padded tokens [B, T],
+  lengths [B], empty cache)."""
   longest = _check_prompts(model, prompts, max_new_tokens, cache_length)
-  strategy = make_strategy(temperature, top_k, top_p)
+  settings = settings_rows(len(prompts), temperature, top_k, top_p)
   stop = list(model.config.eos_token_id if stop_tokens is None else stop_tokens)
   tokens, lengths = _pack(prompts, _round_up(longest, _BUCKET))
   cache = _init_cache(model, len(prompts), cache_length or _round_up(longest + max_new_tokens, _BUCKET))
-  return strategy, stop, tokens, lengths, cache
+  return settings, stop, tokens, lengths, cache
 
 
 # The streaming path calls one compiled step per token, so it uses plain jax.jit over `split_model`'s
@@ -129,14 +132,15 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tok
 # 9.6 ms per decode step for the 100M-parameter benchmark model on the 2-core CPU), and a (GraphDef, State)
 # pair costs ~2 ms per call to hash and flatten.
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
-def _prefill_pure(static, leaves, tokens, lengths, cache):
-  return merge_model(static, leaves).prefill(tokens, lengths, cache)
+def _prefill_pure(static, leaves, tokens, lengths, cache, seeds, settings):
+  logits, cache = merge_model(static, leaves).prefill(tokens, lengths, cache)
+  return sample_rows(logits, row_keys(seeds, lengths), *settings), cache
 
 
-@functools.partial(jax.jit, static_argnames=("static", "strategy"), donate_argnames=("cache",))
-def _decode_pure(static, leaves, tok, pos, cache, key, strategy):
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
+def _decode_pure(static, leaves, tok, pos, cache, seeds, settings):
   logits, cache = merge_model(static, leaves).decode(tok, pos, cache)
-  return strategy(logits, key), cache
+  return sample_rows(logits, row_keys(seeds, pos + 1), *settings), cache
 
 
 def generate_stream(model, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -146,20 +150,17 @@ def generate_stream(model, prompt: Sequence[int], max_new_tokens: int = 64, temp
   """Yields the new tokens of one prompt as they are produced (one compiled decode step per token).
 
   Same tokens as `generate` for the same arguments."""
-  strategy, stop, tokens, lengths, cache = _prepare(model, [prompt], max_new_tokens, temperature, top_k,
+  settings, stop, tokens, lengths, cache = _prepare(model, [prompt], max_new_tokens, temperature, top_k,
                                                     top_p, stop_tokens, cache_length)
   stop = set(stop)
   static, leaves = split_model(model)
-  logits, cache = _prefill_pure(static, leaves, tokens, lengths, cache)
-  key = jax.random.PRNGKey(seed)
-  key, sub = jax.random.split(key)
-  tok = strategy(logits, sub)
+  seeds = jnp.full((1,), seed % 2**32, jnp.uint32)
+  tok, cache = _prefill_pure(static, leaves, tokens, lengths, cache, seeds, settings)
   pos = lengths
   for i in range(max_new_tokens):
     t = int(tok[0])
     yield t
     if t in stop or i == max_new_tokens - 1:
       return
-    key, sub = jax.random.split(key)
-    tok, cache = _decode_pure(static, leaves, tok, pos, cache, sub, strategy)
+    tok, cache = _decode_pure(static, leaves, tok, pos, cache, seeds, settings)
     pos = pos + 1

@@ -1,11 +1,9 @@
-"""Sampling strategies: small frozen (hashable) dataclasses, so a strategy is a static jit argument.
-
-Each maps logits [B, V] (float32) and a PRNG key to tokens [B] int32.
+"""Sampling: logits [B, V] (float32) to tokens [B] int32, greedy or sampled with temperature, top-k and
+top-p given per row as arrays. The settings are traced values, not constants of the compiled program, so
+one program serves every strategy (and every request mix in the server).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,63 +18,28 @@ def argmax(logits_BV):
   return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-  def __call__(self, logits, key):
-    return argmax(logits)
-
-
-@dataclasses.dataclass(frozen=True)
-class Temperature:
-  temperature: float
-
-  def __call__(self, logits, key):
-    return jax.random.categorical(key, logits / self.temperature, axis=-1).astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class TopK:
-  k: int
-  temperature: float = 1.0
-
-  def __call__(self, logits, key):
-    top, idx = jax.lax.top_k(logits, self.k)
-    choice = jax.random.categorical(key, top / self.temperature, axis=-1)
-    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class TopP:
-  """Nucleus sampling: the smallest set of tokens whose probability reaches p (the top token always)."""
-  p: float
-  temperature: float = 1.0
-
-  def __call__(self, logits, key):
-    logits = logits / self.temperature
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-    sorted_logits = jnp.where(before < self.p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def make_strategy(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
-  """The strategy for `generate`'s arguments; temperature 0 is greedy whatever top_k/top_p say."""
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+  """Raises ValueError for settings `sample_rows` cannot take."""
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0")
   if top_k is not None and top_k < 1:
     raise ValueError(f"top_k={top_k} must be >= 1")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
-  if temperature == 0 or top_k == 1:
-    return Greedy()
-  if top_k is not None:
-    return TopK(top_k, temperature)
-  if top_p is not None and top_p < 1:
-    return TopP(top_p, temperature)
-  return Temperature(temperature)
+
+
+def settings_rows(batch: int, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(temperature_B, top_k_B, top_p_B) for `sample_rows`, every row alike (checked first)."""
+  check_sampling(temperature, top_k, top_p)
+  return (jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k or 0, jnp.int32),
+          jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32))
+
+
+def row_keys(seeds_B, positions_B):
+  """One PRNG key per row: the row's seed folded with the position of the token being drawn, so a row's
+  draws depend on neither the other rows nor how the decoding was split into calls."""
+  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds_B, positions_B)
 
 
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama4_jax.inference.sampling import sample_rows
+from llama4_jax.inference.sampling import row_keys, sample_rows
 from llama4_jax.inference.static import merge_model
 
 
@@ -37,11 +37,6 @@ def _take_row(cache, slot):
   return {"blocks": jax.tree.map(take(1), cache["blocks"]), "tail": jax.tree.map(take(0), cache["tail"])}
 
 
-def _keys(seeds_B, positions_B):
-  """One PRNG key per row: the request's seed folded with the position of the token being drawn."""
-  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds_B, positions_B)
-
-
 # Plain jax.jit over `split_model`'s (static, leaves): nnx.jit walks the module graph on every call, and a
 # (GraphDef, State) pair costs ~2 ms to hash and flatten per call.
 @functools.partial(jax.jit, static_argnames=("static", "length"), donate_argnames=("cache",))
@@ -53,7 +48,7 @@ def prefill_insert(static, leaves, tokens_bT, lengths_b, cache, tok_S, slots_b, 
   copy its row), tok_S, cache)."""
   model = merge_model(static, leaves)
   logits, rows = model.prefill(tokens_bT, lengths_b, model.init_cache(tokens_bT.shape[0], length))
-  first = sample_rows(logits, _keys(seed_b, lengths_b), temperature_b, top_k_b, top_p_b)
+  first = sample_rows(logits, row_keys(seed_b, lengths_b), temperature_b, top_k_b, top_p_b)
   row_logits = tuple(logits[i:i + 1] for i in range(logits.shape[0]))
   return first, row_logits, _put(tok_S, first, slots_b, 0), _insert_rows(cache, rows, slots_b)
 
@@ -65,7 +60,7 @@ row_at = jax.jit(_take_row)
 def copy_prefill(logits_1V, row, cache, tok_B, slot, length_1, seed_1, temperature_1, top_k_1, top_p_1):
   """A request whose prompt is already prefilled (its cache `row` and logits_1V kept): writes the row at
   `slot` and samples the request's first token with its own key, as a prefill of its own would."""
-  first = sample_rows(logits_1V, _keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
+  first = sample_rows(logits_1V, row_keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
   slots = jnp.reshape(slot, (1,))
   return first, _put(tok_B, first, slots, 0), _insert_rows(cache, row, slots)
 
@@ -82,7 +77,7 @@ def decode_step(static, leaves, tok_S, pos_S, cache, seed_S, temperature_S, top_
   (the new ones in the first `rows` places) and the cache."""
   r = slice(0, rows)
   logits, cache = merge_model(static, leaves).decode(tok_S[r], pos_S[r], cache)
-  nxt = sample_rows(logits, _keys(seed_S[r], pos_S[r] + 1), temperature_S[r], top_k_S[r], top_p_S[r])
+  nxt = sample_rows(logits, row_keys(seed_S[r], pos_S[r] + 1), temperature_S[r], top_k_S[r], top_p_S[r])
   return tok_S.at[r].set(nxt), cache
 
 
