@@ -279,17 +279,18 @@ _DIRECT_FIELDS = (
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads config.json from a directory or file path, with a clear error when it is missing."""
-  path = os.fspath(path)
-  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-  if not os.path.exists(file):
+  """Reads config.json from a directory or file path (local or gs://), with a clear error when it is
+  missing."""
+  from llama4_jax import storage
+  path = storage.check(os.fspath(path), "config path")
+  file = path if path.endswith(".json") else storage.join(path, "config.json")
+  if not storage.exists(file):
     raise FileNotFoundError(f"no config.json at {file}: a Hugging Face checkpoint directory holds "
                             "config.json next to its *.safetensors files")
-  with open(file) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{file} is not valid JSON: {e}") from e
+  try:
+    return json.loads(storage.read_text(file))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file} is not valid JSON: {e}") from e
 
 
 def text_config_dict(hf: Mapping[str, Any]) -> dict[str, Any]:

@@ -159,6 +159,16 @@ def read_bytes(p) -> bytes:
   return fs.cat_file(root)
 
 
+def read_range(p, start: int, length: int) -> bytes:
+  """Bytes [start, start + length) of a file (fewer at its end): one ranged GET on Cloud Storage."""
+  if not is_remote(p):
+    with open(p, "rb") as f:
+      f.seek(start)
+      return f.read(length)
+  fs, root = _fs(p)
+  return fs.cat_file(root, start=start, end=start + length)
+
+
 def read_text(p) -> str:
   return read_bytes(p).decode("utf-8")
 

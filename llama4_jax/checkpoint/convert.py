@@ -16,7 +16,9 @@ handed to an asynchronous writer that holds at most a few items, so host memory 
 tensors whatever the model size. Items are uncompressed unless `compress=True` (zstd saves about 25% of
 the disk for bf16 weights, at the cost of compressing every byte on the host's cores). Output is written
 into a temporary sibling and renamed at the end: a failure leaves no partial DST. Either side may be in
-Cloud Storage (gs://) except a Hugging Face or Meta source: in a bucket the temporary prefix's objects are
+Cloud Storage (gs://) except a Meta source (torch memory-maps its .pth shards): a Hugging Face source there
+is read with one ranged GET per slice, as a local one is with positioned reads; in a bucket the temporary
+prefix's objects are
 moved into place when all are written, the files readers wait for (the step's commit marker, config.json)
 last, and safetensors are streamed out with resumable uploads (memory stays flat as on disk).
 """
@@ -116,9 +118,6 @@ def hf_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progres
   summary dict (tensors, bytes, seconds, bytes/s).
   """
   src = storage.check(os.fspath(src), "source")
-  if storage.is_remote(src):
-    raise ValueError(f"{src}: hf-to-orbax reads the Hugging Face checkpoint from local disk (gcloud storage "
-                     "cp -r it there); the output may be gs://")
   hf = read_hf_config(src)
   _check_architecture(hf, src)
   tensors = HFTensors(src)
@@ -135,7 +134,10 @@ def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progr
   """Converts Meta's original checkpoint (params.json + consolidated.NN.pth model-parallel shards, read
   with `torch.load(weights_only=True, mmap=True)`) into this project's Orbax format at `dst`."""
   from llama4_jax.checkpoint.meta import MetaTensors
-  src = os.fspath(src)
+  src = storage.check(os.fspath(src), "source")
+  if storage.is_remote(src):  # torch.load(mmap=True) needs a file, and every rank's shard at once
+    raise ValueError(f"{src}: meta-to-orbax reads Meta's .pth shards from local disk (torch memory-maps "
+                     "them; gcloud storage cp -r the directory there first); the output may be gs://")
   tensors = MetaTensors(src)
   out_dtype = _dtype(dtype) if dtype is not None else tensors.source_dtype
   cfg = tensors.config(param_dtype=out_dtype.name, dtype=out_dtype.name)

@@ -41,26 +41,25 @@ class HFTensors:
 
   def __init__(self, directory: str):
     self.directory = directory
-    index = os.path.join(directory, INDEX_FILE)
+    index = storage.join(directory, INDEX_FILE)
     self.files: dict[str, SafetensorsFile] = {}
     self.where: dict[str, str] = {}
-    if os.path.exists(index):
+    if storage.exists(index):
       try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(storage.read_text(index))["weight_map"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from None
       for name in sorted(set(weight_map.values())):
-        file = os.path.join(directory, name)
-        if not os.path.exists(file):
+        file = storage.join(directory, name)
+        if not storage.exists(file):
           raise CheckpointError(f"shard {name} is named in {index} but missing from {directory}")
         self.files[name] = SafetensorsFile(file)
       for key, name in weight_map.items():
         if key not in self.files[name]:
           raise CheckpointError(f"{index} places tensor {key!r} in {name}, which does not contain it")
         self.where[key] = name
-    elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      self.files[SINGLE_FILE] = SafetensorsFile(os.path.join(directory, SINGLE_FILE))
+    elif storage.exists(storage.join(directory, SINGLE_FILE)):
+      self.files[SINGLE_FILE] = SafetensorsFile(storage.join(directory, SINGLE_FILE))
       self.where = {k: SINGLE_FILE for k in self.files[SINGLE_FILE].keys()}
     else:
       raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}: not a Hugging Face "
@@ -70,7 +69,7 @@ class HFTensors:
     return self.where.keys()
 
   def file_of(self, key: str) -> str:
-    return os.path.join(self.directory, self.where[key])
+    return storage.join(self.directory, self.where[key])
 
   def shape(self, key: str) -> tuple[int, ...]:
     return self.files[self.where[key]].shape(key)
@@ -150,9 +149,6 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lo
       raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor an "
                               "Orbax checkpoint of this project (no step directories)") from None
     model = orbax.load_orbax_model(directory, mesh, **overrides)
-  elif storage.is_remote(directory):
-    raise ValueError(f"{directory}: Hugging Face checkpoints are read from local disk (gcloud storage cp "
-                     "-r them there first); Orbax checkpoints of this project load from gs:// directly")
   else:
     model = _load_hf(directory, mesh, overrides)
   if model.config.replace(**adapters) == model.config:

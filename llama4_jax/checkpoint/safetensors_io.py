@@ -11,6 +11,7 @@ the file (and tensor).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -52,18 +53,17 @@ class SafetensorsFile:
     if not storage.exists(path):
       raise CheckpointError(f"safetensors file {path} does not exist")
     size = storage.size(path)
-    with storage.open_file(path, "rb") as f:
-      head = f.read(8)
-      if len(head) < 8:
-        raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
-      (n,) = struct.unpack("<Q", head)
-      if n > _MAX_HEADER or 8 + n > size:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file: header length {n} "
-                              f"does not fit in {size} bytes")
-      try:
-        header = json.loads(f.read(n))
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    head = storage.read_range(path, 0, 8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+      raise CheckpointError(f"{path} is truncated or not a safetensors file: header length {n} "
+                            f"does not fit in {size} bytes")
+    try:
+      header = json.loads(storage.read_range(path, 8, n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     self.metadata = header.pop("__metadata__", None) or {}
     self._data_start = 8 + n
     self._entries = {}
@@ -118,7 +118,7 @@ class SafetensorsFile:
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     inner = index[1:]
     offset = self._data_start + begin + rows.start * row_bytes
-    with (storage.open_file(self.path, "rb") if self.remote else open(self.path, "rb", buffering=0)) as f:
+    with (contextlib.nullcontext() if self.remote else open(self.path, "rb", buffering=0)) as f:
       if all(s.start == 0 and s.stop == n for s, n in zip(inner, shape[1:])):
         self._pread(f, out.reshape(-1).view(np.uint8), offset, name)
         return out
@@ -132,10 +132,13 @@ class SafetensorsFile:
 
   def _pread(self, f, buf: np.ndarray, offset: int, name: str) -> None:
     view, done = memoryview(buf), 0
-    if self.remote:  # a ranged read of the object
-      f.seek(offset)
     while done < len(view):
-      n = f.readinto(view[done:]) if self.remote else os.preadv(f.fileno(), [view[done:]], offset + done)
+      if self.remote:  # ranged GETs of the object, at most _READ_BLOCK bytes each
+        data = storage.read_range(self.path, offset + done, min(_READ_BLOCK, len(view) - done))
+        n = len(data)
+        view[done:done + n] = data
+      else:
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
       if n == 0:
         raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
       done += n
