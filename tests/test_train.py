@@ -3,7 +3,9 @@ SIGTERM, divergence, bad configs. Small models on a synthetic corpus."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -15,7 +17,7 @@ from flax import nnx
 import llama4_jax as l4
 from llama4_jax import storage
 from llama4_jax.train import TrainingDiverged, train
-from llama4_jax.checkpoint.orbax import checkpoint_steps
+from llama4_jax.checkpoint.orbax import COMMIT_MARKER, checkpoint_steps
 from train_utils import REPO, make_corpus, micro_config, read_metrics, run, train_command
 
 
@@ -89,43 +91,122 @@ def kill_after_checkpoint(cmd, env, workdir, step):
 
 
 def test_exact_resume_after_sigkill_in_a_bucket(reference_losses, gcs):
-  """The workdir in Cloud Storage (the emulator): SIGKILLed after its step-4 checkpoint, the same command
-  resumes from the bucket with bit-identical losses; the checkpoint loads as the local run's does;
-  nothing is written to a local `gs:` directory."""
+  """The workdir in Cloud Storage (the emulator): SIGKILLed after its step-4 checkpoint. Cloud Storage
+  has no atomic rename, so a save cut off mid-write is a step prefix without Orbax's commit marker: with
+  the latest step's marker deleted, the same command resumes from the step before, from the bucket, with
+  bit-identical losses; the checkpoint loads as the local run's does; nothing is written to a local `gs:`
+  directory."""
+  import fsspec
   want, c, reference = reference_losses
   bucket, gcs_env = gcs
   workdir = f"{bucket}/sigkill"
   cmd, env = train_command(workdir, c, devices=1)
   env.update(gcs_env)
+  cmd += ["--config.checkpoint_every=2"]  # (not part of the compiled program: the same losses)
   kill_after_checkpoint(cmd, env, workdir, 4)
-  run(cmd, env)  # the same command resumes
+  *_, previous, cut = checkpoint_steps(f"{workdir}/checkpoints")
+  fsspec.filesystem("gs").rm(f"{workdir}/checkpoints/{cut}/{COMMIT_MARKER}")
+  assert checkpoint_steps(f"{workdir}/checkpoints")[-1] == previous
+  out = run(cmd, env).stdout  # the same command resumes
+  assert f"resumed from the step-{previous} checkpoint" in out
   got = read_metrics(workdir)
-  assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]  # bitwise on CPU
+  assert [got[s] for s in range(previous + 1, 9)] == [want[s] for s in range(previous + 1, 9)]  # bitwise
   assert not os.path.exists(os.path.join(REPO, "gs:")) and storage.exists(f"{workdir}/tokenizer.json")
   assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{workdir}/tensorboard"))
   here, there = (nnx.to_pure_dict(nnx.state(l4.load_model(w))) for w in (reference, workdir))
   jax.tree.map(np.testing.assert_array_equal, here, there)
 
 
-@pytest.mark.parametrize("axis", ["fsdp", "context"])
-def test_two_processes_equal_one(axis, reference_losses, gcs, tmp_path):
-  """Two processes of one device each (gloo): the batch split over fsdp, or each row split over the
-  context axis (ring attention across the processes, which then load the same rows). The fsdp run keeps
-  its workdir in the bucket: process 0 trains the tokenizer there and process 1 reads it back, both
-  write their shards of each checkpoint."""
+def test_two_processes_over_the_context_axis_equal_one(reference_losses, tmp_path):
+  """Two processes of one device each (gloo), each row split over the context axis: ring attention across
+  the processes, which load the same rows."""
+  want, c, _ = reference_losses
+  cmd, env = train_command(tmp_path, c)
+  mh = ["bash", "launch/local_multihost.sh", "2"] + cmd[3:] + [
+      "--config.mesh.fsdp=1", "--config.mesh.context=2", "--config.async_checkpointing=True",
+      "--config.checkpoint_every=0"]  # (0: only the final save)
+  run(mh, dict(env, DEVICES_PER_PROCESS="1", PYTHON=cmd[0]), timeout=400)
+  got = read_metrics(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def _start_processes(cmd, env, logs):
+  """Starts one training process per log file as one JAX job (gloo, a fresh coordinator port)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen(cmd + [f"--coordinator_address=localhost:{port}", f"--num_processes={len(logs)}",
+                                  f"--process_id={i}"], env=env, cwd=REPO, stdout=open(log, "wb"),
+                           stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+
+
+def _records(workdir):
+  return [json.loads(l) for l in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+
+
+def _losses(records):
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_two_processes_in_a_bucket_survive_preemption_and_sigkill(reference_losses, gcs, tmp_path):
+  """Two processes (the batch split over fsdp, one device each) with the workdir in the bucket: process 0
+  trains the tokenizer there and process 1 reads it back, both write their shards of each checkpoint.
+  1. A preemption notice (SIGTERM) to process 1 only: both save at the step JAX's preemption service
+     agrees on and exit 0. 2. The rerun resumes; both processes are SIGKILLed (as a scheduler restarting
+     the job would) once a step after a later checkpoint is logged. 3. The third run resumes from that
+     checkpoint with bit-identical losses and finishes. Every loss equals the one-process run's."""
   want, c, _ = reference_losses
   bucket, gcs_env = gcs
-  workdir = f"{bucket}/two-{axis}" if axis == "fsdp" else str(tmp_path)
+  workdir, ckpts = f"{bucket}/two-processes", f"{bucket}/two-processes/checkpoints"
   cmd, env = train_command(workdir, c)
-  env = dict(env, DEVICES_PER_PROCESS="1", **gcs_env)
-  mh = ["bash", "launch/local_multihost.sh", "2"] + cmd[3:] + [
-      "--config.mesh.fsdp=1", f"--config.mesh.{axis}=2", "--config.async_checkpointing=True",
-      f"--config.checkpoint_every={4 if axis == 'fsdp' else 0}"]  # (0: only the final save)
-  run(mh, dict(env, PYTHON=cmd[0]), timeout=400)
+  env.update(gcs_env)
+  cmd += ["--config.mesh.fsdp=2", "--config.checkpoint_every=2", "--config.log_flush_seconds=0"]
+  logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
+
+  def output():
+    return "\n".join(f"--- process {i}:\n" + log.read_text()[-2500:] for i, log in enumerate(logs))
+
+  procs = _start_processes(cmd, env, logs)
+  deadline = time.time() + 240
+  while "model:" not in logs[0].read_text():  # logged before the first step compiles
+    assert procs[0].poll() is None and time.time() < deadline, output()
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  assert [p.wait(timeout=240) for p in procs] == [0, 0], output()
+  saved = int(re.search(r"SIGTERM: saved the step-(\d+) checkpoint", logs[0].read_text()).group(1))
+  assert checkpoint_steps(ckpts) == [saved] and saved < 8
+
+  before = len(_records(workdir))
+  procs = _start_processes(cmd, env, logs)
+  deadline = time.time() + 240
+  while True:  # freeze both once a step after a checkpoint later than `saved` is logged, then kill them
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, output()
+    def ready():
+      steps, logged = checkpoint_steps(ckpts), _losses(_records(workdir)[before:])
+      return steps[-1] > saved and max(logged, default=0) > steps[-1]
+    if ready():
+      for p in procs:
+        p.send_signal(signal.SIGSTOP)
+      if ready():
+        break
+      for p in procs:
+        p.send_signal(signal.SIGCONT)
+    time.sleep(0.02)
+  for p in reversed(procs):
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  resumed_from = checkpoint_steps(ckpts)[-1]
+  second = {s: v for s, v in _losses(_records(workdir)[before:]).items() if s > resumed_from}
+  assert second, "the second run logged no step after its last checkpoint"
+
+  before = len(_records(workdir))
+  procs = _start_processes(cmd, env, logs)
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], output()
+  assert f"resumed from the step-{resumed_from} checkpoint" in logs[0].read_text()
+  third = _losses(_records(workdir)[before:])
+  assert {s: third[s] for s in second} == second  # bitwise
   got = read_metrics(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5)
-  if axis == "context":
-    return
   # the checkpoint both processes wrote exports a layer at a time as it loads
   from llama4_jax.checkpoint.convert import orbax_to_hf
   from test_convert import assert_same_tensors

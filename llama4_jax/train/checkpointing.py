@@ -64,6 +64,11 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process has reached the step agreed after a preemption notice (JAX's preemption
+    service, multi-process jobs; False when it is off)."""
+    return self.manager.reached_preemption(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

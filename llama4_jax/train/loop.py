@@ -2,9 +2,10 @@
 restore, steps (with eval, checkpoints, preemption), final eval and a sample.
 
 `train(config, workdir)` is what `python -m llama4_jax.train` runs; notebooks and tests call it directly.
-Rerunning it on the same workdir resumes from the latest checkpoint; SIGTERM saves a checkpoint and returns
-normally; a NaN/Inf loss raises `TrainingDiverged` without writing anything, so the last good checkpoint is
-what remains.
+Rerunning it on the same workdir resumes from the latest checkpoint; SIGTERM (a preemption notice) saves a
+checkpoint at a step every process agrees on and returns normally; a NaN/Inf loss raises `TrainingDiverged`
+without writing anything, so the last good checkpoint is what remains. The host never waits for a step
+to finish before dispatching the next: each step's metrics are read one step late.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from llama4_jax.train.step import (TrainModel, batch_sharding, host_rows, join_p
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf."""
+
+
+class _NonFinite(Exception):
+  def __init__(self, loss: float, step: int):
+    super().__init__(loss, step)
+    self.loss, self.step = loss, step
 
 
 _IMPL_FIELDS = ("param_dtype", "dtype", "attention_impl", "ring_layout", "ring_kernel", "moe_impl",
@@ -119,31 +126,80 @@ def _global_batch(host_batch: dict[str, np.ndarray], sharding, global_batch: int
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and returns."""
+  """A preemption notice (SIGTERM), acted on at one step that every process agrees on.
 
-  def __init__(self):
+  Several processes: JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM
+  in any process and agrees a step with the others in the background; `reached(step)` asks it through
+  Orbax's `CheckpointManager.reached_preemption` and costs no communication until a notice arrives. One
+  process: a SIGTERM handler sets a flag (no Python handler is installed beside JAX's, which it would
+  replace)."""
+
+  def __init__(self, ckpt: checkpointing.Checkpointer):
     self.requested = False
+    self._ckpt = ckpt
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread
+        self._previous = None
     return self
 
   def _handle(self, *_):
     self.requested = True
 
-  def agreed(self) -> bool:
+  def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+    return self._ckpt.reached_preemption(step)
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Reporter:
+  """Turns each step's device metrics into logged host numbers one step late: the host reads step N's
+  metrics after it has dispatched step N+1, so it never waits on the device between steps (no per-step
+  sync), and the time between two reports is one step's wall time. `flush()` reports the step in flight
+  (before an evaluation or a checkpoint, which must not hold a diverged state)."""
+
+  def __init__(self, c, logger, on_log, flops_per_token, peak):
+    self.c, self.logger, self.on_log = c, logger, on_log
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.pending = None
+    self.last_time = time.perf_counter()
+    self.metrics: dict[str, float] = {}
+
+  def submit(self, step: int, learning_rate: float, device_metrics) -> None:
+    self.flush()
+    self.pending = (step, learning_rate, device_metrics)
+
+  def restart_clock(self) -> None:
+    self.last_time = time.perf_counter()
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, lr, m = self.pending
+    self.pending = None
+    m = jax.device_get(m)
+    loss = float(m["loss"])
+    if not math.isfinite(loss):
+      raise _NonFinite(loss, step)
+    now = time.perf_counter()
+    tokens_per_sec = self.c.batch_size * self.c.seq_len / max(now - self.last_time, 1e-9)
+    self.last_time = now
+    self.metrics = {"loss": loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec,
+                    "mfu": self.flops_per_token * tokens_per_sec / self.peak if self.peak else 0.0,
+                    "grad_norm": float(m["grad_norm"]), "moe_aux_loss": float(m["moe_aux_loss"])}
+    if step % self.c.log_every == 0 or step == self.c.steps:
+      self.logger.write(step, self.metrics)
+      self.logger.progress(step, self.metrics, self.c.batch_size * self.c.seq_len / tokens_per_sec)
+      if self.on_log is not None and jax.process_index() == 0:
+        self.on_log(step, dict(self.metrics))
 
 
 def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | None = None
@@ -234,49 +290,42 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
         f"on {int(ev['eval_tokens'])} held-out tokens")
     return ev
 
-  result: dict[str, Any] = {"step": start}
-  last_time = time.perf_counter()
+  # Every step's learning rate, computed once before the first step: evaluating the schedule on the device
+  # each step would queue it behind the step in flight and wait for that step to finish.
+  lrs = np.asarray(jax.jit(schedule)(jnp.arange(c.steps)), np.float64)
+  reporter = _Reporter(c, logger, on_log, flops_per_token, peak)
   step = start
-  with _Preemption() as preemption:
-    while step < c.steps:
-      step += 1
-      batch = _global_batch(next(train_iter), bsharding, c.batch_size)
-      lr = float(schedule(step - 1))
-      params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
-                                     step_hparams(c, lr))
-      loss = float(m["loss"])
-      if not math.isfinite(loss):
-        ckpt.wait()
-        logger.close()
-        raise TrainingDiverged(
-            f"the loss became {loss} at step {step}; stopping without saving. The last good checkpoint "
-            f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower learning_rate or enable "
-            "grad_clip and rerun to resume from it")
-      now = time.perf_counter()
-      tokens_per_sec = c.batch_size * c.seq_len / (now - last_time)
-      last_time = now
-      metrics = {"loss": loss, "learning_rate": lr,
-                 "tokens_per_sec": tokens_per_sec, "mfu": flops_per_token * tokens_per_sec / peak
-                 if peak else 0.0, "grad_norm": float(m["grad_norm"]),
-                 "moe_aux_loss": float(m["moe_aux_loss"])}
-      if step % c.log_every == 0 or step == c.steps:
-        logger.write(step, metrics)
-        logger.progress(step, metrics, c.batch_size * c.seq_len / tokens_per_sec)
-        if on_log is not None and jax.process_index() == 0:
-          on_log(step, dict(metrics))
-      if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
-        run_eval(step, "eval")
-        last_time = time.perf_counter()
-      if preemption.agreed():
-        save(step, force=True)
-        ckpt.close()
-        log(f"SIGTERM: saved the step-{step} checkpoint in {ckpt.directory}; exiting")
-        result.update(step=step, preempted=True, **metrics)
-        logger.close()
-        return result
-      if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
-        save(step)
-      result.update(step=step, **metrics)
+  try:
+    with _Preemption(ckpt) as preemption:
+      while step < c.steps:
+        step += 1
+        batch = _global_batch(next(train_iter), bsharding, c.batch_size)
+        params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
+                                       step_hparams(c, float(lrs[step - 1])))
+        reporter.submit(step, float(lrs[step - 1]), m)  # reports step - 1: it has finished
+        if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
+          reporter.flush()
+          run_eval(step, "eval")
+          reporter.restart_clock()
+        if preemption.reached(step):
+          reporter.flush()
+          save(step, force=True)
+          ckpt.close()
+          log(f"SIGTERM: saved the step-{step} checkpoint in {ckpt.directory}; exiting")
+          logger.close()
+          return {"step": step, "preempted": True, **reporter.metrics}
+        if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
+          reporter.flush()
+          save(step)
+      reporter.flush()
+  except _NonFinite as e:
+    ckpt.wait()
+    logger.close()
+    raise TrainingDiverged(
+        f"the loss became {e.loss} at step {e.step}; stopping without saving. The last good checkpoint "
+        f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower learning_rate or enable "
+        "grad_clip and rerun to resume from it") from None
+  result: dict[str, Any] = {"step": step, **reporter.metrics}
 
   if held_out_batches:
     result.update(run_eval(step, "final eval"))
