@@ -81,6 +81,9 @@ def test_unsupported_or_mistyped_urls_fail_before_anything_runs(tmp_path, monkey
   c.data.source, c.data.path = "jsonl", "http://example.com/data.jsonl"
   with pytest.raises(ValueError, match="http:// scheme is not supported"):
     train(c, str(tmp_path / "run"))
+  from llama4_jax.checkpoint.convert import meta_to_orbax
+  with pytest.raises(ValueError, match="reads Meta's .pth shards from local disk"):
+    meta_to_orbax("gs://bucket/Llama-4-Scout-17B-16E", "out")
   assert os.listdir(tmp_path) == []  # no gs: or s3: directory, and nothing else either
 
 
