@@ -60,15 +60,15 @@ def make_checkpoint(directory: str, gigabytes: float) -> int:
 
 
 def make_training_checkpoint(hf_dir: str, workdir: str) -> None:
-  """The HF checkpoint's weights saved as a training run saves them (`train.checkpointing`: the `state`
+  """The HF checkpoint's weights saved as a training run saves them (`checkpoint.training`: the `state`
   item, stacked leaves in chunks of one superblock), in `workdir`/checkpoints/0."""
   from flax import nnx
 
   import llama4_jax as l4
-  from llama4_jax.train.checkpointing import Checkpointer
+  from llama4_jax.checkpoint.training import Checkpointer
   model = l4.load_model(hf_dir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, None, {}, model.config, force=True)
+  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, {}, model.config, force=True)
   ckpt.close()
 
 

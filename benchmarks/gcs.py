@@ -10,7 +10,7 @@ checkpoint has random bf16 weights in the real key layout (`benchmarks/convert.p
 
 Every operation runs in a fresh process whose peak RSS the kernel reports (ru_maxrss of the child),
 compared with the same interpreter importing the library (the baseline):
-  - a training checkpoint's save (`train.checkpointing.Checkpointer`, synchronous) and its restore
+  - a training checkpoint's save (`checkpoint.training.Checkpointer`, synchronous) and its restore
     (`load_model` of the workdir): these hold the model itself, so their RSS includes its ~1 GB;
   - `hf-to-orbax` and `orbax-to-hf` with either side local or in the bucket: streaming, so RSS should
     stay within a few tensors (the target: < 512 MB over the baseline, as for local conversion).
@@ -34,13 +34,13 @@ def _child(op: str, src: str, dst: str) -> None:
   from flax import nnx
 
   import llama4_jax as l4
-  from llama4_jax.train.checkpointing import Checkpointer
+  from llama4_jax.checkpoint.training import Checkpointer
   if op == "save":
     model = l4.load_model(src)
     state = {"params": nnx.to_pure_dict(nnx.state(model))}
     t0 = time.perf_counter()
     ckpt = Checkpointer(f"{dst}/checkpoints", keep=1, async_save=False)
-    ckpt.save(0, state, None, {}, model.config, force=True)
+    ckpt.save(0, state, {}, model.config, force=True)
     ckpt.close()
   else:  # restore
     t0 = time.perf_counter()

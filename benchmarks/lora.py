@@ -88,10 +88,10 @@ def l4_scout_shapes(rank: int) -> dict:
   from flax import nnx
 
   import llama4_jax as l4
-  from llama4_jax.model.lora import is_adapter
+  from llama4_jax.model.linear import is_adapter
   cfg = l4.get_config("scout", lora_rank=rank, base_quant="int8", param_dtype="bfloat16")
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(l4.abstract_model(cfg)))[0]
-  from llama4_jax.checkpoint.keys import state_path
+  from llama4_jax.model.paths import state_path
   adapters = sum(x.size for p, x in flat if is_adapter(state_path(p)))
   total = cfg.num_params()
   return {"rank": rank, "params": total, "adapter_params": int(adapters),

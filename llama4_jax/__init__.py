@@ -10,7 +10,7 @@ The public API (README, notebooks and tests use exactly these names):
     out = l4.generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
                       seed=0, stop_tokens=None)   # prompts: token-id lists -> new-token lists
 
-LoRA (see llama4_jax/model/lora.py):
+LoRA (see llama4_jax/model/linear.py and model/adapters.py):
 
     model = l4.load_model(path, lora_rank=16, base_quant="int8")   # adapters on a frozen int8 base
     merged = l4.merge_lora(model)                                  # adapters folded into the weights
@@ -21,7 +21,7 @@ from llama4_jax.checkpoint import CheckpointError, load_model, save_adapters, sa
 from llama4_jax.config import ModelConfig, from_hf_config, get_config, to_hf_config
 from llama4_jax.inference import generate, generate_stream
 from llama4_jax.model import Llama4, abstract_model, create_model
-from llama4_jax.model.lora import adapt_model, merge_lora
+from llama4_jax.model.adapters import adapt_model, merge_lora
 from llama4_jax.sharding import make_mesh
 
 __version__ = "0.1.0"

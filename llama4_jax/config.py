@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from llama4_jax import storage
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "dense", "ring")
 RING_LAYOUTS = ("zigzag", "contiguous")
@@ -86,7 +88,7 @@ class ModelConfig:
   moe_capacity_factor: float = 0.0
   remat_policy: str = "none"
   scan_layers: bool = True
-  # --- fine-tuning (model/lora.py): these add weights, so they travel with the model too ---
+  # --- fine-tuning (model/linear.py, model/adapters.py): these add weights, so they travel with the model too ---
   lora_rank: int = 0  # 0: no adapters. > 0: LoRA adapters of this rank on `lora_targets`
   lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
@@ -281,7 +283,6 @@ _DIRECT_FIELDS = (
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
   """Reads config.json from a directory or file path (local or gs://), with a clear error when it is
   missing."""
-  from llama4_jax import storage
   path = storage.check(os.fspath(path), "config path")
   file = path if path.endswith(".json") else storage.join(path, "config.json")
   if not storage.exists(file):

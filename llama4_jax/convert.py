@@ -1,14 +1,16 @@
-"""Checkpoint conversion command line (also installed as `llama4-convert`).
+"""llama4-convert: checkpoint conversion (or python -m llama4_jax.convert).
 
-    python -m llama4_jax.convert hf-to-orbax SRC DST [--dtype=bfloat16] [--overwrite] [--compress]
-    python -m llama4_jax.convert orbax-to-hf SRC DST [--max-shard-size=5GB] [--dtype=...] [--overwrite]
-                                             [--merge-lora]
-    python -m llama4_jax.convert meta-to-orbax SRC DST [--dtype=...] [--overwrite] [--compress]
-    python -m llama4_jax.convert export-lora SRC DST [--format=peft|orbax] [--overwrite]
+    llama4-convert hf-to-orbax SRC DST [--dtype=bfloat16] [--overwrite] [--compress]
+    llama4-convert orbax-to-hf SRC DST [--max-shard-size=5GB] [--dtype=...] [--overwrite] [--merge-lora]
+    llama4-convert meta-to-orbax SRC DST [--dtype=...] [--overwrite] [--compress]
+    llama4-convert export-lora SRC DST [--format=peft|orbax] [--overwrite]
 
-SRC/DST are directories. hf-to-orbax reads a Hugging Face Llama 4 checkpoint (Llama4ForCausalLM or the
-released Llama4ForConditionalGeneration); orbax-to-hf reads a converted checkpoint or a training
-workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards (torch needed; weights-only
+    llama4-convert hf-to-orbax /data/Llama-4-Scout-17B-16E gs://BUCKET/scout-orbax --dtype=bfloat16
+
+SRC/DST are directories (either may be gs://, but a Meta source). Flags may be spelled with dashes or
+underscores (--max-shard-size, --max_shard_size). hf-to-orbax reads a Hugging Face Llama 4 checkpoint
+(Llama4ForCausalLM or the released Llama4ForConditionalGeneration); orbax-to-hf reads a converted
+checkpoint or a training workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards (torch needed; weights-only
 loading). With --merge-lora, orbax-to-hf takes a LoRA fine-tune (its workdir) and writes the base with the
 adapters folded in. export-lora writes a LoRA fine-tune's adapters alone: PEFT's adapter_config.json +
 adapter_model.safetensors (attention, dense MLP and shared-expert adapters), or an Orbax checkpoint.
@@ -21,9 +23,12 @@ import argparse
 import json
 import sys
 
+from llama4_jax.cli import dashed
+
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m llama4_jax.convert", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="llama4-convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (("hf-to-orbax", "Hugging Face safetensors directory -> Orbax checkpoint"),
                           ("orbax-to-hf", "Orbax checkpoint or training workdir -> Hugging Face directory"),
@@ -59,7 +64,7 @@ def _return_freed_memory() -> None:
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  args = _parser().parse_args(dashed(sys.argv[1:] if argv is None else list(argv)))
   _return_freed_memory()
   from llama4_jax.checkpoint.convert import hf_to_orbax, meta_to_orbax, orbax_to_hf
   from llama4_jax.checkpoint.lora import export_lora, merged_to_hf
@@ -84,5 +89,9 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,4 +1,8 @@
-"""python -m llama4_jax.plan --config=FILE [--tpu=v5p-256] [--serve] [--measure] [--json]
+"""llama4-plan --config=FILE [--tpu=v5p-256] [--serve] [--measure] [--compile] [--json]
+(or python -m llama4_jax.plan).
+
+    llama4-plan --config=configs/scout_v5p256.py --tpu=v5p-256
+    llama4-plan --config=configs/serve_scout_v5p8.py --tpu=v5p-8 --serve --compile
 
 Per-device memory of a run config: parameters, optimizer state, gradients and activations for training
 (or parameters, KV cache and activations with --serve), whether it fits the named TPU slice's HBM, and
@@ -20,10 +24,12 @@ from __future__ import annotations
 import json
 import math
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Run config file.",
+from llama4_jax.cli import DEFAULT_CONFIG, run_absl
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Run config file.",
                                           lock_config=False)
 _TPU = flags.DEFINE_string("tpu", None, "Accelerator type, e.g. v5p-256, v6e-64, v5e-8, v4-32.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Devices to plan for when --tpu is not given.")
@@ -165,5 +171,9 @@ def _compiled_json(reports, c, tpu, plan) -> dict:
   return out
 
 
+def run():
+  run_absl(main, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -23,7 +23,7 @@ import numpy as np
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.attention import _query_block
-from llama4_jax.model.lora import is_adapter
+from llama4_jax.model.linear import is_adapter
 from llama4_jax.sharding import batch_shards, logical_to_spec, resolve_mesh_sizes
 
 GiB = 2**30

@@ -1,4 +1,7 @@
-"""python -m llama4_jax.sample --checkpoint=DIR --prompt="..." [--chat] [--prompt_file=F] [...]
+"""llama4-sample --checkpoint=DIR --prompt="..." [--chat] [--prompt-file=F] [...]
+(or python -m llama4_jax.sample).
+
+    llama4-sample --checkpoint=workdir/tiny --prompt="def " --max-new-tokens=80
 
 Streams the continuation to the terminal and prints tokens/s at the end. DIR is a Hugging Face checkpoint
 or a training workdir of this project; the tokenizer is found next to it (tokenizer.model or
@@ -12,6 +15,8 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+from llama4_jax.cli import run_absl
 
 from llama4_jax.sharding import MESH_FLAG_HELP
 
@@ -96,5 +101,9 @@ def main(argv):
         f"compiling); {_rate(tokens, rest)}]")
 
 
+def run():
+  run_absl(main, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

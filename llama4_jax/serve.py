@@ -1,4 +1,5 @@
-"""python -m llama4_jax.serve --checkpoint=DIR [--host=127.0.0.1 --port=8000 --api-key=KEY ...]
+"""llama4-serve --checkpoint=DIR [--host=127.0.0.1 --port=8000 --api-key=KEY ...]
+(or python -m llama4_jax.serve).
 
 An OpenAI-compatible HTTP server with continuous batching: /v1/completions, /v1/chat/completions,
 /v1/models, /health, /metrics (Prometheus). DIR is a Hugging Face checkpoint, one of this project's Orbax
@@ -19,9 +20,10 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from llama4_jax import storage
+from llama4_jax.cli import run_absl
 from llama4_jax.sharding import MESH_FLAG_HELP
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint, Orbax checkpoint or training workdir.",
@@ -88,16 +90,9 @@ def main(argv):
     pass
 
 
-def _underscored(argv: list[str]) -> list[str]:
-  """--api-key=K -> --api_key=K (flag names only), so both spellings work."""
-  out = []
-  for a in argv:
-    if a.startswith("--") and len(a) > 2:
-      name, eq, value = a[2:].partition("=")
-      a = "--" + name.replace("-", "_") + eq + value
-    out.append(a)
-  return out
+def run():
+  run_absl(main, __doc__)
 
 
 if __name__ == "__main__":
-  app.run(main, argv=_underscored(sys.argv))
+  run()

@@ -131,10 +131,16 @@ class TiktokenTokenizer:
     if not storage.exists(path):
       raise FileNotFoundError(f"tokenizer file {path} does not exist")
     ranks = {}
-    for line in storage.read_bytes(path).splitlines():
+    for number, line in enumerate(storage.read_bytes(path).splitlines(), 1):
       if line.strip():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
+        try:
+          token, rank = line.split()
+          ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # (binascii.Error is a ValueError)
+          raise ValueError(
+              f"{path} is not a tiktoken BPE file (line {number} is not 'base64-token rank'): give Llama "
+              "4's tokenizer.model or a Hugging Face tokenizer.json (a sentencepiece .model, as Llama 2 "
+              "used, is not supported)") from None
     specials = {name: len(ranks) + i for i, name in enumerate(llama4_special_tokens())}
     self.path = path
     self._enc = tiktoken.Encoding(name=storage.basename(path), pat_str=O200K_PATTERN,

@@ -30,6 +30,41 @@ def test_missing_directory_and_config(tmp_path):
     l4.load_model(tmp_path)
 
 
+def test_checkpoint_from_a_newer_version(maverick_ckpt, tmp_path):
+  """A converted checkpoint whose model config has a field this version does not know."""
+  from llama4_jax.checkpoint.convert import hf_to_orbax
+  hf_to_orbax(maverick_ckpt[0], tmp_path / "orbax", progress=False)
+  meta_path = tmp_path / "orbax" / "checkpoints" / "0" / "config" / "metadata"
+  meta = json.loads(meta_path.read_text())
+  meta["model"]["flux_capacitor"] = 1
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(l4.CheckpointError, match=r"does not know: \['flux_capacitor'\].*upgrade llama4_jax"):
+    l4.load_model(tmp_path / "orbax")
+
+
+def _crafted(path, entries, data_bytes):
+  header = json.dumps({k: {"dtype": "F32", "shape": shape, "data_offsets": offs}
+                       for k, (shape, offs) in entries.items()}).encode()
+  path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(data_bytes))
+  return str(path)
+
+
+@pytest.mark.parametrize("entries,size,message", [
+    ({"a": ([2], [-8, 0])}, 8, "negative or reversed data_offsets"),  # would read header bytes as data
+    ({"a": ([2], [0, 8]), "b": ([2], [4, 12])}, 12, "starts at data byte 4, not 8: overlapping"),
+    ({"a": ([2], [0, 8]), "b": ([2], [12, 20])}, 20, "starts at data byte 12, not 8: .*gapped"),
+    ({"a": ([2], [0, 8])}, 12, "4 bytes after the last tensor"),
+])
+def test_crafted_safetensors_headers_are_refused(tmp_path, entries, size, message):
+  """What the safetensors library rejects, the streaming reader (which also reads gs://) rejects too."""
+  from safetensors import SafetensorError, safe_open
+  path = _crafted(tmp_path / "bad.safetensors", entries, size)
+  with pytest.raises(SafetensorError):
+    safe_open(path, "numpy")
+  with pytest.raises(l4.CheckpointError, match=message):
+    SafetensorsFile(path)
+
+
 def test_missing_shard(ckpt_copy):
   victim = shard_files(ckpt_copy)[1]
   os.remove(ckpt_copy / victim)

@@ -280,7 +280,7 @@ def test_training_checkpoint_exports_a_layer_at_a_time(layout, tmp_path, monkeyp
 
   from llama4_jax.checkpoint.keys import plan
   from llama4_jax.checkpoint.orbax import StateLeaves
-  from llama4_jax.train import checkpointing
+  from llama4_jax.checkpoint import training as checkpointing
   cfg = dataclasses.replace(MAVERICK_LIKE, num_hidden_layers=8)
   model = l4.create_model(cfg, seed=3)
   stacked = {("params", *map(str, p.path)) for p in plan(model) if p.stacked}
@@ -289,7 +289,7 @@ def test_training_checkpoint_exports_a_layer_at_a_time(layout, tmp_path, monkeyp
     monkeypatch.setattr(checkpointing, "layer_chunks", lambda state: jax.tree.map(lambda _: ocp.SaveArgs(),
                                                                                   state))
   ckpt = checkpointing.Checkpointer(str(tmp_path / "work" / "checkpoints"), keep=1, async_save=False)
-  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, None, {}, cfg, force=True)
+  ckpt.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, {}, cfg, force=True)
   ckpt.close()
   leaves = StateLeaves(str(tmp_path / "work" / "checkpoints" / "0" / "state"))
   assert all(leaves.layer_chunked(path) == (layout == "layer_chunks") for path in stacked)

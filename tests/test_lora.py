@@ -15,7 +15,8 @@ from flax import nnx, traverse_util
 
 import llama4_jax as l4
 from conftest import SEQ, hf_logits, random_ids
-from llama4_jax.model.lora import adapt_model, is_adapter
+from llama4_jax.model.adapters import adapt_model
+from llama4_jax.model.linear import is_adapter
 from llama4_jax.train import train
 from train_utils import apply_changes, micro_config, read_metrics
 

@@ -1,6 +1,8 @@
-"""Metrics: the TensorBoard event-file framing and the FLOPs model."""
+"""Metrics: the TensorBoard event files (framing, and read back by TensorBoard itself) and the FLOPs model."""
 
 import struct
+
+import pytest
 
 import llama4_jax as l4
 from llama4_jax.train import metrics
@@ -26,6 +28,20 @@ def test_event_file_records_are_well_framed(tmp_path):
     data = data[16 + n:]
   assert len(records) == 3 and b"brain.Event:2" in records[0]
   assert b"loss" in records[1] and struct.pack("<f", 1.5) in records[1]
+
+
+def test_tensorboard_reads_the_event_files(tmp_path):
+  """TensorBoard's own event reader (the test extras install tensorboard) sees every scalar."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  w = metrics.TensorBoardWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    w.scalars(step, {"loss": 4.0 / step, "eval_bits_per_byte": 2.5 - step / 10})
+  w.close()
+  acc = EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert set(acc.Tags()["scalars"]) == {"loss", "eval_bits_per_byte"}
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, pytest.approx(4.0 / s)) for s in (1, 2, 3)]
+  assert [e.step for e in acc.Scalars("eval_bits_per_byte")] == [1, 2, 3]
 
 
 def test_flops_per_token_counts_active_experts_only():

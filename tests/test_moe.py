@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from conftest import SCOUT_LIKE
-from llama4_jax.model.moe import MoE, grouped_matmul
+from llama4_jax.model.kernels.grouped_matmul import grouped_matmul
+from llama4_jax.model.moe import MoE
 
 
 @pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])

@@ -46,6 +46,11 @@ def test_builtin_bpe(tmp_path):
     assert tok.decode(tok.encode(t)) == t
     assert tok.byte_lengths()[tok.encode(t)].sum() == len(t.encode())
   assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size
+  # a file that is neither tiktoken ranks nor tokenizer.json (a sentencepiece model is a protobuf)
+  (tmp_path / "sp").mkdir()
+  (tmp_path / "sp" / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+  with pytest.raises(ValueError, match="not a tiktoken BPE file .*sentencepiece .model.* is not supported"):
+    load_tokenizer(str(tmp_path / "sp"))
 
 
 def test_llama4_chat_prompt(llama4):

@@ -42,9 +42,11 @@ from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_ten
                                       checkpoint_order, generation_config, hf_tensor_producer,
                                       text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
+from llama4_jax.checkpoint.meta import MetaTensors
+from llama4_jax.checkpoint import orbax as orbax_io
 from llama4_jax.checkpoint.orbax import (COMMIT_MARKER, FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
                                         read_manifest, slice_item, slice_path)
-from llama4_jax.checkpoint.safetensors_io import CheckpointError, contiguous, write_safetensors
+from llama4_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, contiguous, write_safetensors
 from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
 
@@ -133,7 +135,6 @@ def meta_to_orbax(src: str, dst: str, dtype=None, overwrite: bool = False, progr
                   compress: bool = False) -> dict:
   """Converts Meta's original checkpoint (params.json + consolidated.NN.pth model-parallel shards, read
   with `torch.load(weights_only=True, mmap=True)`) into this project's Orbax format at `dst`."""
-  from llama4_jax.checkpoint.meta import MetaTensors
   src = storage.check(os.fspath(src), "source")
   if storage.is_remote(src):  # torch.load(mmap=True) needs a file, and every rank's shard at once
     raise ValueError(f"{src}: meta-to-orbax reads Meta's .pth shards from local disk (torch memory-maps "
@@ -290,7 +291,6 @@ class OrbaxSlices:
   """
 
   def __init__(self, directory: str):
-    from llama4_jax.checkpoint import orbax as orbax_io
     self.ckpt_dir = orbax_io.find_checkpoints(directory)
     self.step = orbax_io.checkpoint_steps(self.ckpt_dir)[-1]
     self.config, _ = orbax_io.read_model_config(directory)
@@ -397,7 +397,6 @@ def write_hf(what: str, cfg, get_slice, src: str, dst: str, hf_cfg: dict | None 
   specs, produce_text = hf_tensor_producer(plans, checked, out_dtype, prefix)
   extra = None
   if extra_file is not None:
-    from llama4_jax.checkpoint.safetensors_io import SafetensorsFile
     extra = SafetensorsFile(extra_file)
     for k in extra.keys():
       specs[k] = (extra.shape(k), extra.dtype(k))

@@ -22,12 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama4_jax import storage
-from llama4_jax.checkpoint.keys import (ParamPlan, hf_tensor_specs, plan, sharding_table, state_leaves,
-                                        state_path)
+from llama4_jax.checkpoint.keys import ParamPlan, hf_tensor_specs, plan
 from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFile, contiguous,
                                                  write_safetensors)
 from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
-from llama4_jax.model.lora import ADAPTER_FIELDS, adapt_model
+from llama4_jax.model.paths import sharding_table, state_leaves, state_path
 from llama4_jax.model.transformer import Llama4, model_shardings
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
@@ -122,41 +121,8 @@ def _read_param(tensors: HFTensors, prefix: str, p: ParamPlan, idx: tuple[slice,
   return np.stack(parts) if p.stacked else parts[0]
 
 
-def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lora_seed: int = 0,
-               **overrides) -> Llama4:
-  """Loads a Hugging Face Llama 4 checkpoint directory, or an Orbax checkpoint of this project (a training
-  workdir, its checkpoints/ folder, or a converted checkpoint), into a `Llama4` (sharded on `mesh` if
-  given). A LoRA training checkpoint holds adapters only: its frozen base is loaded from the run's
-  `init_from` and the adapters restored onto it.
-
-  dtype: parameter and compute dtype (a name like "bfloat16" or a jnp dtype); default: the checkpoint's.
-  overrides: ModelConfig fields, e.g. `attention_impl="dense"`, `remat_policy="full"`, or adapter fields
-  applied after loading (`lora_rank=16` adds adapters initialised from `lora_seed`, `base_quant="int8"`
-  quantizes the base, `lora_rank=0` merges a checkpoint's adapters; see `model.lora.adapt_model`).
-  """
-  directory = storage.check(os.fspath(path), "checkpoint")
-  if not storage.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  if dtype is not None:
-    name = jnp.dtype(dtype).name
-    overrides = {"param_dtype": name, "dtype": name, **overrides}
-  adapters = {k: overrides.pop(k) for k in ADAPTER_FIELDS if k in overrides}
-  if not storage.exists(storage.join(directory, "config.json")):
-    from llama4_jax.checkpoint import orbax
-    try:
-      orbax.find_checkpoints(directory)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{directory} is neither a Hugging Face checkpoint (no config.json) nor an "
-                              "Orbax checkpoint of this project (no step directories)") from None
-    model = orbax.load_orbax_model(directory, mesh, **overrides)
-  else:
-    model = _load_hf(directory, mesh, overrides)
-  if model.config.replace(**adapters) == model.config:
-    return model
-  return adapt_model(model, seed=lora_seed, release=True, **adapters)
-
-
-def _load_hf(directory: str, mesh: Mesh | None, overrides: dict) -> Llama4:
+def load_hf_model(directory: str, mesh: Mesh | None, overrides: dict) -> Llama4:
+  """The Hugging Face checkpoint in `directory` as a `Llama4` on `mesh`, each device reading its slices."""
   hf = read_hf_config(directory)
   _check_architecture(hf, directory)
   cfg = from_hf_config(hf, **overrides)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from llama4_jax.model.paths import state_leaves
+
 # --- layout transforms -------------------------------------------------------------------------
 # Our index `idx` is a tuple of slices with explicit start/stop (step 1), one per dim of our array.
 
@@ -104,11 +106,6 @@ GATE_HALF = Layout(_half_shape, _half_read(0), _same_to_hf, fused_part=0)
 UP_HALF = Layout(_half_shape, _half_read(1), _same_to_hf, fused_part=1)
 
 # --- the table ---------------------------------------------------------------------------------
-TOP_LEVEL = (
-    ("embed", "model.embed_tokens.weight", SAME),
-    ("final_norm.weight", "model.norm.weight", SAME),
-    ("lm_head", "lm_head.weight", TRANSPOSE),
-)
 LAYER_COMMON = (
     ("attn_norm.weight", "input_layernorm.weight", SAME),
     ("ffn_norm.weight", "post_attention_layernorm.weight", SAME),
@@ -149,34 +146,6 @@ class ParamPlan:
   @property
   def hf_shape(self) -> tuple[int, ...]:
     return tuple(self.layout.hf_shape(self.unit_shape))
-
-
-def state_path(path) -> tuple:
-  """A jax tree path inside an nnx State as plain keys, e.g. ("blocks", 0, "attn", "q")."""
-  import jax
-  out = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(k.key)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(k.idx)
-  return tuple(out)
-
-
-def sharding_table(shardings) -> dict[tuple, Any]:
-  """Path -> Sharding for a tree of shardings over an nnx State (as `model_shardings` returns)."""
-  import jax
-  flat = jax.tree_util.tree_flatten_with_path(
-      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
-  return {state_path(path): s for path, s in flat}
-
-
-def state_leaves(model) -> dict[tuple, Any]:
-  """Path -> array (or ShapeDtypeStruct) for every parameter of an nnx model."""
-  import jax
-  from flax import nnx
-  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
-  return {state_path(path): leaf for path, leaf in flat}
 
 
 def plan(model) -> list[ParamPlan]:

@@ -22,9 +22,16 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from llama4_jax import storage
-from llama4_jax.checkpoint.hf import _gather, write_json
+from llama4_jax.checkpoint.convert import OrbaxSlices, write_hf
+from llama4_jax.checkpoint.hf import HFTensors, _check_tensors, _gather, text_prefix, write_json
+from llama4_jax.checkpoint.keys import plan
+from llama4_jax.checkpoint.load import load_model
+from llama4_jax.checkpoint.orbax import StateLeaves, find_checkpoints, read_metadata, read_model_config
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
-from llama4_jax.model.lora import SCALE_SUFFIX, Weight, is_adapter, quantize_int8
+from llama4_jax.checkpoint.training import Checkpointer
+from llama4_jax.model.linear import SCALE_SUFFIX, Weight, is_adapter, quantize_int8
+from llama4_jax.model.paths import state_leaves
+from llama4_jax.model.transformer import abstract_model
 
 # our (module path inside a layer, weight) -> the HF nn.Linear it adapts
 _PEFT_MODULES = {
@@ -52,14 +59,13 @@ def _require_adapters(model) -> None:
 def save_adapters(model, out_dir: str, base: str | None = None, overwrite: bool = False) -> str:
   """Writes the adapters alone as an Orbax checkpoint of this project; `base` is the frozen base's
   directory (recorded so `load_model(out_dir)` can rebuild the model). Returns the directory."""
-  from llama4_jax.train.checkpointing import Checkpointer
   _require_adapters(model)
   params = traverse_util.unflatten_dict(adapter_params(model))
   extra = {"frozen_base": os.path.abspath(base)} if base else {}
   with storage.atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
     if tmp is not None:  # (one process writes: run it in a single-process job)
       ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
-      ckpt.save(0, {"params": params}, None, {}, model.config, force=True, extra=extra)
+      ckpt.save(0, {"params": params}, {}, model.config, force=True, extra=extra)
       ckpt.close()
   return os.path.abspath(out_dir)
 
@@ -133,8 +139,6 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
   written out, so memory holds a few layers whatever the model size. With an int8 training base, W is the
   dequantized int8 weight the adapters were trained on (quantized again from the base, slice by slice).
   Tokenizer files next to the base and the source are copied (the source's win)."""
-  from llama4_jax.checkpoint.convert import write_hf
-  from llama4_jax.checkpoint.orbax import StateLeaves, find_checkpoints, read_metadata, read_model_config
   src = os.fspath(src)
   meta, step = read_metadata(src)
   cfg, _ = read_model_config(src)
@@ -178,8 +182,6 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
 def _linears(cfg) -> dict[tuple, tuple[int, int | None]]:
   """State path of each linear weight -> (its dims before the input dims: stack + expert groups, its
   number of input dims if it is held in int8, else None)."""
-  from llama4_jax.checkpoint.keys import state_leaves
-  from llama4_jax.model.transformer import abstract_model
   model = abstract_model(cfg)
   shapes = {path: np.shape(x) for path, x in state_leaves(model).items()}
   out = {}
@@ -196,10 +198,6 @@ def _base_slices(base: str, cfg):
   Hugging Face directory or an Orbax checkpoint of this project, checked against `cfg`."""
   import contextlib
 
-  from llama4_jax.checkpoint.convert import OrbaxSlices
-  from llama4_jax.checkpoint.hf import HFTensors, _check_tensors, text_prefix
-  from llama4_jax.checkpoint.keys import plan
-  from llama4_jax.model.transformer import abstract_model
   if not os.path.isfile(os.path.join(base, "config.json")):
     slices = OrbaxSlices(base)
     return slices.get, contextlib.closing(slices)
@@ -218,8 +216,6 @@ def _base_slices(base: str, cfg):
 def export_lora(src: str, dst: str, fmt: str = "peft", overwrite: bool = False) -> dict:
   """A LoRA fine-tune (training workdir or `save_adapters` output) -> its adapters in `fmt` ("peft" or
   "orbax")."""
-  from llama4_jax.checkpoint.hf import load_model
-  from llama4_jax.checkpoint.orbax import read_metadata
   base = read_metadata(src)[0].get("frozen_base")
   model = load_model(src)
   if fmt == "orbax":

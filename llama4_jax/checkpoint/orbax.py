@@ -6,15 +6,22 @@ cut off mid-write is never listed. `load_orbax_model` builds a `Llama4` from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
 
 from llama4_jax import storage
+from llama4_jax.checkpoint.safetensors_io import CheckpointError
 from llama4_jax.config import ModelConfig
+from llama4_jax.model.adapters import ADAPTER_FIELDS
+from llama4_jax.model.linear import is_adapter
+from llama4_jax.model.paths import sharding_table, state_path
+from llama4_jax.model.transformer import model_shardings
 
 # Converted checkpoints (checkpoint/convert.py) keep params in <step>/tensors/ as parameter slices (one
 # layer of a stacked weight, named by `slice_item`) gathered into Orbax items of about 64 MB, with a
@@ -36,7 +43,6 @@ def slice_item(name: str, index: int | None) -> str:
 
 def read_manifest(tensor_dir: str) -> dict:
   """The manifest of a converted checkpoint's `tensors/` directory, checked for its format."""
-  from llama4_jax.checkpoint.safetensors_io import CheckpointError
   path = storage.join(tensor_dir, MANIFEST)
   try:
     manifest = json.loads(storage.read_text(path))
@@ -50,7 +56,6 @@ def read_manifest(tensor_dir: str) -> dict:
 
 def slice_path(tensor_dir: str, manifest: dict, name: str) -> tuple[str, str]:
   """(directory of the Orbax item, key in it) of the slice `name`; an error if either is missing."""
-  from llama4_jax.checkpoint.safetensors_io import CheckpointError
   if name not in manifest["slices"]:
     raise CheckpointError(f"{tensor_dir}/{MANIFEST} does not list slice {name}")
   item, key = manifest["slices"][name]
@@ -76,12 +81,11 @@ def _ts_error(e: Exception) -> str:
 class StateLeaves:
   """Leaves of a training checkpoint's `state` item, read straight from its TensorStore arrays: `read(path,
   index)` gives leaf[index] (or the whole leaf for index None) as numpy, reading only the chunks that hold
-  it. Checkpoints written by `train.checkpointing` keep stacked leaves in chunks of one superblock, so one
+  it. Checkpoints written by `checkpoint.training` keep stacked leaves in chunks of one superblock, so one
   layer of a weight costs one layer's bytes; older ones (a chunk per device shard) are read whole.
   """
 
   def __init__(self, state_dir: str):
-    from llama4_jax.checkpoint.safetensors_io import CheckpointError
     self.dir = storage.check(state_dir, "checkpoint")
     try:
       meta = json.loads(storage.read_text(storage.join(self.dir, "_METADATA")))
@@ -97,7 +101,6 @@ class StateLeaves:
     """The TensorStore of the leaf at `path` (keys below `state`, e.g. ('params', 'blocks', 0, ...))."""
     import tensorstore as ts
 
-    from llama4_jax.checkpoint.safetensors_io import CheckpointError
     path = tuple(str(k) for k in path)
     if path not in self._open:
       if path not in self.names:
@@ -123,7 +126,6 @@ class StateLeaves:
     return store.rank > 0 and store.chunk_layout.read_chunk.shape[0] == 1
 
   def read(self, path: tuple, index: int | None = None):
-    from llama4_jax.checkpoint.safetensors_io import CheckpointError
     store = self.store(path)
     try:
       return (store if index is None else store[index]).read().result()
@@ -171,6 +173,12 @@ def read_model_config(directory: str) -> tuple[ModelConfig, int]:
   """The ModelConfig and step of the latest checkpoint under `directory` (a workdir or checkpoints dir)."""
   meta, step = read_metadata(directory)
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise CheckpointError(f"{directory}: the step-{step} checkpoint's model config has fields this version "
+                          f"of llama4_jax does not know: {unknown}. It was written by a newer version: "
+                          "upgrade llama4_jax to read it (or export it to Hugging Face with that version)")
   return ModelConfig(**fields), step
 
 
@@ -197,8 +205,6 @@ def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from llama4_jax.checkpoint.keys import state_path
-  from llama4_jax.checkpoint.safetensors_io import CheckpointError
   manifest = read_manifest(tensor_dir)
 
   def one(path, x):
@@ -223,35 +229,37 @@ def _restore_arg(x):
   return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
 
 
+def frozen_base(path: str) -> tuple[str, dict] | None:
+  """(the frozen base's directory, the adapter fields to load it with) when the latest checkpoint under
+  `path` holds LoRA adapters only, else None."""
+  base = read_metadata(path)[0].get("frozen_base")
+  if not base:
+    return None
+  if not storage.exists(base):
+    raise CheckpointError(f"{path} holds LoRA adapters only; their frozen base {base!r} (the run's "
+                          "init_from) is missing. Restore that directory, or export a merged model "
+                          "while it exists (llama4-convert orbax-to-hf --merge-lora)")
+  cfg, _ = read_model_config(path)
+  return base, {k: getattr(cfg, k) for k in ADAPTER_FIELDS + ("param_dtype", "dtype")}
+
+
+def restore_adapters(path: str, model):
+  """`model` (the frozen base, loaded with the adapter structure) with its adapters restored from the latest
+  checkpoint under `path`."""
+  graphdef, state = nnx.split(model)
+  pure = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+            for k, v in pure.items() if is_adapter(k)}
+  pure.update(traverse_util.flatten_dict(restore_params(path, traverse_util.unflatten_dict(target))))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
+  return nnx.merge(graphdef, state)
+
+
 def load_orbax_model(path: str, mesh=None, **overrides):
   """A `Llama4` with the params of the latest checkpoint under `path` (a workdir or its checkpoints/),
   restored straight into their shards on `mesh` (one device without a mesh); `overrides` are
-  ModelConfig fields (dtypes, kernels) to change."""
-  from flax import nnx
-
-  from llama4_jax.checkpoint.keys import sharding_table, state_path
-  from llama4_jax.model.transformer import model_shardings
+  ModelConfig fields (dtypes, kernels) to change. (A checkpoint of adapters only: `frozen_base`.)"""
   cfg, _ = read_model_config(path)
-  base = read_metadata(path)[0].get("frozen_base")
-  if base:  # adapters only: load the frozen base with the adapter structure, then restore the adapters
-    from flax import traverse_util
-
-    from llama4_jax.checkpoint.hf import load_model
-    from llama4_jax.checkpoint.safetensors_io import CheckpointError
-    from llama4_jax.model.lora import ADAPTER_FIELDS, is_adapter
-    if not storage.exists(base):
-      raise CheckpointError(f"{path} holds LoRA adapters only; their frozen base {base!r} (the run's "
-                            "init_from) is missing. Restore that directory, or export a merged model "
-                            "while it exists (llama4-convert orbax-to-hf --merge-lora)")
-    fields = {k: getattr(cfg, k) for k in ADAPTER_FIELDS + ("param_dtype", "dtype")}
-    model = load_model(base, mesh=mesh, **{**fields, **overrides})
-    graphdef, state = nnx.split(model)
-    pure = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-              for k, v in pure.items() if is_adapter(k)}
-    pure.update(traverse_util.flatten_dict(restore_params(path, traverse_util.unflatten_dict(target))))
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure))
-    return nnx.merge(graphdef, state)
   graphdef, abstract_state, shardings = model_shardings(cfg.replace(**overrides), mesh)
   table = sharding_table(shardings)
   target = jax.tree_util.tree_map_with_path(

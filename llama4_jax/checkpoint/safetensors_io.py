@@ -74,6 +74,9 @@ class SafetensorsFile:
         begin, end = (int(o) for o in info["data_offsets"])
       except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info}") from None
+      if begin < 0 or end < begin or min(shape, default=0) < 0:
+        raise CheckpointError(f"{path}: tensor {name!r} has negative or reversed data_offsets or shape "
+                              f"({info})")
       if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} "
                               f"{info['dtype']}")
@@ -81,6 +84,17 @@ class SafetensorsFile:
         raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte "
                               f"{self._data_start + end} but the file has {size} bytes")
       self._entries[name] = (dtype, shape, begin)
+    # As the safetensors library requires: the tensors tile the data exactly, without overlaps or gaps.
+    expected = 0
+    for begin, name in sorted((e[2], k) for k, e in self._entries.items()):
+      if begin != expected:
+        raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin}, not {expected}: "
+                              "overlapping or gapped data_offsets (a damaged or hand-made file)")
+      dtype, shape, _ = self._entries[name]
+      expected = begin + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if self._data_start + expected != size:
+      raise CheckpointError(f"{path}: {size - self._data_start - expected} bytes after the last tensor "
+                            "(a damaged file, or not a safetensors file)")
 
   def keys(self):
     return self._entries.keys()

@@ -15,7 +15,7 @@ from flax import nnx
 
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.layers import apply_rope, rms_normalize
-from llama4_jax.model.lora import declare_linear, weight
+from llama4_jax.model.linear import declare_linear, weight
 from llama4_jax.model.platform import target_platform
 from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
 from llama4_jax.sharding import constrain

@@ -1,4 +1,4 @@
-"""Building blocks: the one weight-declaration helper, RMSNorm, interleaved RoPE, SwiGLU.
+"""Building blocks: RMSNorm, interleaved RoPE, SwiGLU, the embedding lookup.
 
 Axis letters used in this package's einsum strings and shape names:
   B batch, T query length, S key length, D hidden (embed), N query heads, K kv heads, G query heads per
@@ -8,37 +8,15 @@ Axis letters used in this package's einsum strings and shape names:
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from llama4_jax.model.linear import declare_linear, weight
+from llama4_jax.model.params import param
 from llama4_jax.sharding import constrain, logical_to_spec, mesh_axes_of
-
-
-def dtype_of(name: str) -> jnp.dtype:
-  return jnp.dtype(name)
-
-
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
-          init: str = "normal", std: float = 0.02, stack: tuple[int, ...] = (),
-          stream: str = "params") -> nnx.Param:
-  """Declares one weight: shape, logical axes, dtype, init. Everything else derives from this.
-
-  `stack` prepends leading dims (the scanned superblocks), named `layers`. `stream`: the `rngs` stream
-  drawn from (adapters use "lora", so adding them does not change the base weights of a seed).
-  """
-  shape = tuple(stack) + tuple(shape)
-  axes = ("layers",) * len(stack) + tuple(axes)
-  assert len(axes) == len(shape), (shape, axes)
-  if init in ("ones", "zeros"):
-    value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
-  else:
-    value = (std * jax.random.normal(getattr(rngs, stream)(), shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -79,14 +57,12 @@ class SwiGLU(nnx.Module):
   (width F, target "shared")."""
 
   def __init__(self, cfg, width: int, rngs: nnx.Rngs, target: str, stack=()):
-    from llama4_jax.model.lora import declare_linear
     d, std = cfg.hidden_size, cfg.initializer_range
     for name in ("gate", "up"):
       declare_linear(self, name, rngs, cfg, (d, width), ("embed", "mlp"), 1, target, std, stack)
     declare_linear(self, "down", rngs, cfg, (width, d), ("mlp", "embed"), 1, target, std, stack)
 
   def __call__(self, x_BTD, mesh=None, key=None):
-    from llama4_jax.model.lora import weight
     g_BTM = weight(self, "gate")("BTD,DM->BTM", x_BTD, key, "gate")
     u_BTM = weight(self, "up")("BTD,DM->BTM", x_BTD, key, "up")
     h_BTM = constrain(jax.nn.silu(g_BTM) * u_BTM, mesh, ("batch", "seq", "mlp"))

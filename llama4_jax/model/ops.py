@@ -1,11 +1,10 @@
 """The matmul and the KV cache dtype that keep 16-bit float (bf16) models fast on XLA's CPU backend.
 
 XLA CPU has few native bf16 kernels. Where it has none, it converts the operands to float32 and back, and
-for a weight or a KV cache that means a full-size f32 copy on every call. Measured on the ~100M-parameter
-benchmark MoE (`benchmarks/decode_cache.py --model moe_100m --dtype bfloat16`), a batch-1 serving decode
-step of the bf16 model took 37 ms against 7 ms for the same model in f32, almost all of it converting
-weights. These helpers ask XLA for the forms it runs natively; on other backends, and for float32, they
-are the plain JAX calls.
+for a weight or a KV cache that means a full-size f32 copy on every call (the README's Measured table has
+the decode-step times before and after; `benchmarks/decode_cache.py --dtype bfloat16` measures them).
+These helpers ask XLA for the forms it runs natively; on other backends, and for float32, they are the
+plain JAX calls.
 """
 
 from __future__ import annotations
@@ -52,7 +51,12 @@ def dot(x, w, dims, preferred_element_type=None):
 def kv_cache_dtype(dtype):
   """The KV cache's dtype for a model computing in `dtype`: float32 on CPU for 16-bit floats (elsewhere
   `dtype`). XLA CPU writes into and multiplies a bf16 cache by converting it whole to float32 on every
-  step (through an integer view it copies it instead): with a 4,096-token cache, a decode step of the
-  ~100M bf16 MoE took 49-98 ms, against 9-27 ms with an f32 cache. Storing bf16 values in f32 is exact,
-  so the results do not change."""
+  step (through an integer view it copies it instead), which made a bf16 model's decode step several times
+  slower than an f32 one's (README, Measured). Storing bf16 values in f32 is exact, so the results do not
+  change."""
   return jnp.dtype(jnp.float32) if is_cpu_half(dtype) else jnp.dtype(dtype)
+
+
+def finite_or_zero(m):
+  """m where finite, else 0: a running maximum that is still -inf (nothing seen) subtracts as 0."""
+  return jnp.where(jnp.isfinite(m), m, 0.0)

@@ -14,7 +14,7 @@ only within a group of devices, or not at all, for chunked layers whose chunks l
 
 The per-step kernel is XLA blockwise attention that skips blocks with no visible key at run time (the
 same rule `block_cost` uses for the load-balance model), or on TPU the Pallas splash attention kernel
-(`ring_splash.py`; `RingPlan.kernel`).
+(`kernels/ring_splash.py`; `RingPlan.kernel`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from jax.sharding import Mesh
 
 from llama4_jax.config import RING_KERNELS as KERNELS
 from llama4_jax.config import RING_LAYOUTS as LAYOUTS
+from llama4_jax.model.kernels import ring_splash
+from llama4_jax.model.ops import finite_or_zero
 from llama4_jax.model.platform import on_tpu
 from llama4_jax.sharding import logical_to_spec
 
@@ -135,7 +137,6 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
 
 
 def _choose_kernel(kernel: str, run: int, seq_len: int, chunk_size: int | None) -> str:
-  from llama4_jax.model import ring_splash
   if kernel not in KERNELS:
     raise ValueError(f"ring kernel {kernel!r} is not one of {KERNELS}")
   if kernel == "xla":
@@ -261,10 +262,6 @@ def _scores(q, kk, qm, km, chunk_size):
   return s, _block_mask(qm, km, q.shape[2] // qm.shape[-1], chunk_size)
 
 
-def _safe(m):
-  return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
 def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
   """One ring step forward: merges the local queries' attention over shard (k, v) into
   acc = (o [b, nq, K, M, H], m [b, nq, K, M], l [b, nq, K, M]), all float32."""
@@ -282,8 +279,8 @@ def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
         s, mask = _scores(q, kk, qm, km, plan.chunk_size)
         s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - _safe(m_new))
-        p = jnp.exp(s - _safe(m_new)[..., None])
+        alpha = jnp.exp(m - finite_or_zero(m_new))
+        p = jnp.exp(s - finite_or_zero(m_new)[..., None])
         pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
         return o * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
 
@@ -313,7 +310,7 @@ def _grad_step(qf, qmeta, dof, lse, delta, k, v, kmeta, dqf, plan: RingPlan):
       def compute(args):
         (dk, dv), dq = args
         s, mask = _scores(q, kk, qm, km, plan.chunk_size)
-        p = jnp.where(mask, jnp.exp(s - _safe(ls)[..., None]), 0.0)
+        p = jnp.where(mask, jnp.exp(s - finite_or_zero(ls)[..., None]), 0.0)
         dv = dv + jnp.einsum("BKMS,BKMH->BKSH", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jnp.einsum("BKMH,BKSH->BKMS", do, vv, preferred_element_type=jnp.float32)
         ds = (p * (dp - de[..., None]) * scale).astype(q.dtype)
@@ -351,7 +348,7 @@ def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
 
   attend = _attend_step
   if plan.kernel == "splash":
-    from llama4_jax.model.ring_splash import attend_step as attend
+    attend = ring_splash.attend_step
 
   def step(kv, acc, perm, send):
     sent = jax.lax.ppermute(kv, AXIS, perm) if send else None  # in flight during the compute
@@ -382,7 +379,7 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   delta = jnp.sum(dof.astype(jnp.float32) * _fold(out, kvh, plan.block).astype(jnp.float32), axis=-1)
   grad = _grad_step
   if plan.kernel == "splash":
-    from llama4_jax.model.ring_splash import grad_step as grad
+    grad = ring_splash.grad_step
 
   def step(kv, dkv, dq, perm, send_kv, recv):
     sent = jax.lax.ppermute(kv, AXIS, perm) if send_kv else None

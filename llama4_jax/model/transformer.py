@@ -17,9 +17,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from llama4_jax.config import LayerKind, ModelConfig
 from llama4_jax.model.attention import Attention, StackedCache, init_kv_cache
-from llama4_jax.model.layers import RMSNorm, SwiGLU, dtype_of, embed_lookup, param, rope_angles
-from llama4_jax.model.lora import dropout_key
+from llama4_jax.model.layers import RMSNorm, SwiGLU, embed_lookup, rope_angles
+from llama4_jax.model.linear import dropout_key
 from llama4_jax.model.ops import dot, kv_cache_dtype
+from llama4_jax.model.params import dtype_of, param
 from llama4_jax.model.moe import MoE
 from llama4_jax.model.platform import on_model_mesh
 from llama4_jax.model.ring_attention import RingContext, from_zigzag, run_length, to_zigzag

@@ -1,13 +1,19 @@
-"""python -m llama4_jax.train --config=configs/tiny_cpu.py --workdir=DIR [--config.x=y ...]
+"""llama4-train --config=configs/tiny_cpu.py --workdir=DIR [--config.x=y ...]
+(or python -m llama4_jax.train). Trains, or resumes, the run the config describes.
+
+    llama4-train --workdir=workdir/tiny                     # the default: configs/tiny_cpu.py
+    llama4-train --config=configs/lora_tiny_cpu.py --workdir=workdir/lora --config.steps=50
 
 Multi-host: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (on Cloud TPU they are
 detected automatically; on CPU, launch/local_multihost.sh starts N local processes with gloo collectives).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Run config file.",
+from llama4_jax.cli import DEFAULT_CONFIG, run_absl
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Run config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.",
                                required=True)
@@ -25,5 +31,9 @@ def main(argv):
   train(_CONFIG.value, _WORKDIR.value)
 
 
+def run():
+  run_absl(main, __doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -8,7 +8,6 @@ overrides any field (`--config.steps=100`, `--config.model.hidden_size=512`, `--
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -16,7 +15,7 @@ from ml_collections import config_dict
 from llama4_jax import storage
 from llama4_jax.config import ModelConfig, get_config
 from llama4_jax.data.pipeline import FORMATS
-from llama4_jax.sharding import batch_shards
+from llama4_jax.sharding import batch_shards, resolve_mesh_sizes
 
 
 def model_fields(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
@@ -103,16 +102,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     bad("learning_rate", f"must be positive, got {c.learning_rate}")
   if not 0 < c.data.eval_fraction < 1:
     bad("data.eval_fraction", f"must be in (0, 1), got {c.data.eval_fraction}")
-  sizes = dict(c.mesh)
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  free = [k for k, v in sizes.items() if v == -1]
-  if fixed <= 0 or len(free) > 1 or num_devices % fixed:
-    bad("mesh", f"{sizes} does not fit {num_devices} devices (one axis may be -1; the product of the "
-                f"others must divide {num_devices})")
-  if free:
-    sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
-    bad("mesh", f"{sizes} uses {math.prod(sizes.values())} devices but there are {num_devices}")
+  try:
+    sizes = resolve_mesh_sizes(dict(c.mesh), num_devices)
+  except ValueError as e:
+    bad("mesh", str(e))
   shards = batch_shards(sizes)
   if c.batch_size % c.microbatches:
     bad("microbatches", f"{c.microbatches} does not divide batch_size={c.batch_size}")

@@ -15,6 +15,7 @@ import signal
 import time
 from typing import Any, Callable
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,15 +23,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama4_jax import storage
-from llama4_jax.checkpoint.hf import load_model
+from llama4_jax.checkpoint.load import load_model
+from llama4_jax.checkpoint.training import Checkpointer
 from llama4_jax.config import from_hf_config, read_hf_config
-from llama4_jax.data import HostBatches, eval_batches, open_source, split_train_eval
+from llama4_jax.data import FrozenState, HostBatches, eval_batches, open_source, split_train_eval
+from llama4_jax.inference import generate
 from llama4_jax.model import create_model
-from llama4_jax.model.lora import ADAPTER_FIELDS
+from llama4_jax.model.adapters import ADAPTER_FIELDS
 from llama4_jax.sharding import make_mesh
 from llama4_jax.tokenizer import (TOKENIZER_FILE, HFTokenizer, encode_chat, find_tokenizer, load_tokenizer,
-                                  train_bpe)
-from llama4_jax.train import checkpointing
+                                  stop_ids, train_bpe)
 from llama4_jax.train.config import model_config, validate
 from llama4_jax.train.metrics import MetricsLogger, peak_flops_total, train_flops_per_token
 from llama4_jax.train.step import (TrainModel, batch_sharding, host_rows, join_params,
@@ -134,7 +136,7 @@ class _Preemption:
   process: a SIGTERM handler sets a flag (no Python handler is installed beside JAX's, which it would
   replace)."""
 
-  def __init__(self, ckpt: checkpointing.Checkpointer):
+  def __init__(self, ckpt: Checkpointer):
     self.requested = False
     self._ckpt = ckpt
     self._previous = None
@@ -149,6 +151,14 @@ class _Preemption:
 
   def _handle(self, *_):
     self.requested = True
+
+  def register(self, start: int) -> None:
+    """Tells JAX's preemption service the step training resumes from, as early as possible: it agrees on
+    (the processes' last reported step) + 1, which for a run that never reported is step 1, a step a
+    resumed run never reaches. (A notice that arrives before this call is therefore missed by a resumed
+    multi-process run; the scheduler's SIGKILL then ends it, and its last checkpoint stays the latest.)"""
+    if jax.process_count() > 1:
+      self._ckpt.reached_preemption(start)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -221,6 +231,11 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   log(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"mesh {dict(mesh.shape)}")
 
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"), c.keep_checkpoints, c.async_checkpointing)
+  start = ckpt.latest_step() or 0
+  preemption = _Preemption(ckpt)
+  preemption.register(start)
+
   source = open_source(c.data.source, c.data.path, c.data.field)
   train_docs, held_out = split_train_eval(source, c.data.eval_fraction)
   log(f"data: {len(train_docs)} training and {len(held_out)} held-out documents ({c.data.source})")
@@ -251,15 +266,12 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
 
   rows = host_rows(bsharding, c.batch_size, c.seq_len)
   train_iter = HostBatches(train_docs, tokenizer, c.batch_size, c.seq_len, c.seed, rows, c.data.format)
-  ckpt = checkpointing.Checkpointer(storage.join(workdir, "checkpoints"), c.keep_checkpoints,
-                                    c.async_checkpointing)
-  start = ckpt.latest_step() or 0
   if start:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             {"params": params, "opt_state": opt_state})
     abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     abstract["rng"] = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
-    state = ckpt.restore(start, abstract, train_iter)
+    state = ckpt.restore(start, abstract, {"data": grain.checkpoint.CheckpointRestore(train_iter)})
     params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
     log(f"resumed from the step-{start} checkpoint in {ckpt.directory}")
 
@@ -278,7 +290,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   def save(step, force=False):
     state = {"params": params, "opt_state": opt_state, "rng": rng,
              "step": _replicated(np.asarray(step, np.int32), replicated)}
-    ckpt.save(step, state, train_iter.get_state(), run_config, cfg, force=force, extra=base)
+    data = grain.checkpoint.CheckpointSave(FrozenState(train_iter.get_state()))  # (a snapshot: saves are async)
+    ckpt.save(step, state, run_config, cfg, force=force, extra=base, items={"data": data})
     logger.flush()  # the log in a bucket catches up with each checkpoint
 
   def run_eval(step, label):
@@ -296,7 +309,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   reporter = _Reporter(c, logger, on_log, flops_per_token, peak)
   step = start
   try:
-    with _Preemption(ckpt) as preemption:
+    with preemption:
       while step < c.steps:
         step += 1
         batch = _global_batch(next(train_iter), bsharding, c.batch_size)
@@ -331,13 +344,12 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
     result.update(run_eval(step, "final eval"))
   ckpt.close()
   if c.sample_prompt:
-    from llama4_jax.inference import generate
     if c.data.format == "chat":
       prompt = encode_chat(tokenizer, [{"role": "user", "content": c.sample_prompt}])
     else:
       prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
           c.sample_prompt)
-    stop = list(getattr(tokenizer, "stop_ids", ())) or [t for t in (tokenizer.eos_id,) if t is not None]
+    stop = stop_ids(tokenizer)
     new = generate(tm.merge(join_params(params, frozen)), [prompt], c.sample_tokens,
                    temperature=c.sample_temperature, seed=c.seed, stop_tokens=stop)[0]
     result["sample"] = c.sample_prompt + tokenizer.decode([t for t in new if t not in stop])

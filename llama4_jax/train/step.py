@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, traverse_util
 
-from llama4_jax.model.lora import is_adapter
+from llama4_jax.model.linear import is_adapter
 from llama4_jax.model.platform import compiling_for
 from llama4_jax.sharding import named_sharding
 

@@ -1,10 +1,12 @@
-"""Training checkpoints with Orbax: params, optimizer state, step, rng, data-iterator state, configs.
+"""Training checkpoints with Orbax: params, optimizer state, step, rng, the configs, and whatever items the
+trainer adds (its data-iterator state).
 
 `CheckpointManager` (async, keep N) writes each step into a temporary directory and renames it when
 complete, so a save cut off mid-write is never listed as the latest step. Restoring takes abstract arrays
-carrying the *current* run's shardings, so a checkpoint restores onto any mesh. The data iterator state is
-one JSON file per process (grain's handler); the run and model configs are stored as JSON for inspection
-and for `init_from`.
+carrying the *current* run's shardings, so a checkpoint restores onto any mesh. The run and model configs
+are stored as JSON for inspection and for `init_from`; the trainer passes its data iterator's item (grain's
+handler: one JSON file per process) as an extra item, so this module knows nothing of the data pipeline.
+`save_adapters` writes the same layout with the adapters alone.
 
 Stacked leaves (everything under `blocks`, whose axis 0 runs over superblocks) are stored in chunks of one
 superblock (`layer_chunks`), so a reader can take one layer of a weight without reading the others:
@@ -15,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 from llama4_jax import storage
-from llama4_jax.checkpoint.keys import state_path
+from llama4_jax.model.paths import state_path
 from llama4_jax.config import ModelConfig
 
 STACKED = "blocks"  # the state key under which every leaf is stacked over superblocks on axis 0
@@ -45,23 +46,22 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state: bytes | None, run_config: dict,
-           model_config: ModelConfig, force: bool = False, extra: dict | None = None) -> bool:
-    """`extra`: more config metadata, e.g. {"frozen_base": path} when `state` holds adapters only."""
+  def save(self, step: int, state: dict, run_config: dict, model_config: ModelConfig, force: bool = False,
+           extra: dict | None = None, items: dict | None = None) -> bool:
+    """`extra`: more config metadata, e.g. {"frozen_base": path} when `state` holds adapters only;
+    `items`: more Orbax items to save with the step (name -> save args), e.g. the data iterator's."""
     items = {
         "state": ocp.args.StandardSave(state, save_args=layer_chunks(state)),
         "config": ocp.args.JsonSave({"run": run_config, "model": dataclasses.asdict(model_config),
                                      **(extra or {})}),
+        **(items or {}),
     }
-    if data_state is not None:
-      from llama4_jax.data import FrozenState
-      items["data"] = grain.checkpoint.CheckpointSave(FrozenState(data_state))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  def restore(self, step: int, abstract_state: dict, items: dict | None = None) -> dict:
+    """The `state` item restored onto `abstract_state`'s shardings; `items`: more Orbax items to restore
+    (name -> restore args, e.g. restoring the data iterator in place)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state), **(items or {})}
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def reached_preemption(self, step: int) -> bool:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax.config import BASE_QUANTS, LORA_TARGETS  # noqa: F401  (re-exported)
+from llama4_jax.model.kernels.grouped_matmul import grouped_matmul
 from llama4_jax.model.ops import dot
+from llama4_jax.model.params import param
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 SCALE_SUFFIX = "_scale"
@@ -54,7 +55,6 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
                    n_groups: int = 0) -> None:
   """Declares linear weight `name` of `module`: shape [*groups, *in, *out] (n_groups leading group dims,
   then n_in contracted dims), with its int8 scale and LoRA adapter when `cfg` asks for them."""
-  from llama4_jax.model.layers import param
   w = param(rngs, shape, axes, cfg.param_dtype, std=std, stack=stack)
   lead = len(stack)
   g_shape, in_shape = tuple(shape[:n_groups]), tuple(shape[n_groups:n_groups + n_in])
@@ -199,7 +199,6 @@ class Weight:
 
   def grouped(self, x_AD, sizes_E, impl: str, key=None, tag: str = ""):
     """Grouped matmul over experts (rows of x sorted by expert, `sizes_E` rows each), adapter included."""
-    from llama4_jax.model.moe import grouped_matmul
     dt = x_AD.dtype
     y = self._base(lambda x, w, sizes: grouped_matmul(x, w, sizes, impl), x_AD, sizes_E)
     if self.lora_a is None:
@@ -257,101 +256,3 @@ def dropout_key(key, *tags: int):
   for t in tags:
     key = jax.random.fold_in(key, t)
   return key
-
-
-# ------------------------------------------------------------------------------------------------
-# Changing a model's adapters and quantization: add adapters, quantize, merge.
-
-ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_quant")
-
-
-def adapt_model(model, seed: int = 0, release: bool = False, **changes):
-  """`model` with its adapter/quantization fields (`ADAPTER_FIELDS`) changed, weight by weight:
-
-  - adding adapters keeps every base weight and initialises A (normal, std fan_in^-1/2; from `seed`)
-    and B = 0, so the new model computes exactly what the old one did;
-  - `base_quant="int8"` quantizes each targeted base weight (per output channel);
-  - removing adapters (`lora_rank=0`) merges them: W + (alpha / r) A @ B, dequantized (see
-    `merge_lora`).
-  Each weight is converted by its own jit call onto its shards, so the peak is the old model plus one
-  weight; `release=True` also deletes each old weight once converted (when the caller drops the model).
-  """
-  from llama4_jax.checkpoint.keys import sharding_table, state_leaves, state_path
-  from llama4_jax.model.transformer import model_shardings
-  unknown = set(changes) - set(ADAPTER_FIELDS)
-  if unknown:
-    raise ValueError(f"adapt_model changes only {ADAPTER_FIELDS}, not {sorted(unknown)}")
-  old_cfg = model.config
-  cfg = old_cfg.replace(**changes)
-  graphdef, abstract_state, shardings = model_shardings(cfg, model.mesh)
-  table = sharding_table(shardings)
-  new_abstract = nnx.merge(graphdef, abstract_state)
-  old_modules = dict(nnx.iter_graph(model))
-  old_leaves = state_leaves(model)
-  values: dict[tuple, jax.Array] = {}
-  root = jax.random.PRNGKey(seed)
-  for path, module in nnx.iter_graph(new_abstract):
-    if not isinstance(module, nnx.Module) or not getattr(module, "linears", None):
-      continue
-    path = tuple(path)
-    old = old_modules[path]
-    for name, lead in module.linears:
-      new_w = weight(module, name, lead)
-      outs = {"": new_w.kernel, SCALE_SUFFIX: new_w.scale, "_lora_a": new_w.lora_a,
-              "_lora_b": new_w.lora_b}
-      outs = {k: v for k, v in outs.items() if v is not None}
-      key = jax.random.fold_in(root, zlib.crc32(".".join(map(str, path + (name,))).encode()))
-      convert = _converter(lead, cfg.param_dtype, tuple((k, v.shape) for k, v in outs.items()),
-                           tuple((k, table[path + (name + k,)]) for k in outs))
-      old_w = weight(old, name, lead)
-      for k, v in convert(old_w, key).items():
-        values[path + (name + k,)] = v
-      if release:
-        for suffix in ("", SCALE_SUFFIX, "_lora_a", "_lora_b"):
-          var = getattr(old, name + suffix, None)
-          if var is not None and not isinstance(var[...], jax.ShapeDtypeStruct):
-            var[...].delete()
-
-  def fill(p, var):
-    p = state_path(p)
-    if p in values:
-      return var.replace(values[p])
-    src = old_leaves[p]
-    return var.replace(jax.device_put(src, table[p]) if src.sharding != table[p] else src)
-
-  state = jax.tree_util.tree_map_with_path(fill, abstract_state,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, state)
-
-
-@functools.lru_cache(maxsize=None)
-def _converter(lead: int, param_dtype: str, shapes: tuple, shardings: tuple):
-  """The jitted `_convert_weight` for one kind of weight (weights of equal shapes share it)."""
-  return jax.jit(functools.partial(_convert_weight, lead=lead, param_dtype=param_dtype,
-                                   new_shapes=dict(shapes)), out_shardings=dict(shardings))
-
-
-def _convert_weight(old: Weight, key, lead: int, param_dtype: str, new_shapes: dict) -> dict:
-  """New kernel (+ scale, adapter) for one linear weight; see `adapt_model`."""
-  adapted = "_lora_a" in new_shapes
-  keep_adapter = adapted and old.lora_a is not None and old.lora_a.shape == new_shapes["_lora_a"]
-  base = old.value(jnp.float32) if keep_adapter else old.merged(jnp.float32)
-  out = {}
-  if SCALE_SUFFIX in new_shapes:
-    n_in = base.ndim - len(new_shapes[SCALE_SUFFIX])
-    out[""], out[SCALE_SUFFIX] = quantize_int8(base, lead, n_in)
-  else:
-    out[""] = base.astype(param_dtype)
-  if keep_adapter:
-    out["_lora_a"], out["_lora_b"] = old.lora_a, old.lora_b
-  elif adapted:
-    a_shape = new_shapes["_lora_a"]
-    out["_lora_a"] = jax.random.normal(key, a_shape, jnp.float32) * math.prod(a_shape[lead:-1]) ** -0.5
-    out["_lora_b"] = jnp.zeros(new_shapes["_lora_b"], jnp.float32)
-  return out
-
-
-def merge_lora(model, release: bool = False):
-  """A plain model (no adapters, no int8) computing what `model` computes, with each adapter folded in:
-  W + (alpha / r) A @ B in the model's param_dtype. Sample with it, or export it (`save_pretrained`)."""
-  return adapt_model(model, release=release, lora_rank=0, base_quant="none")

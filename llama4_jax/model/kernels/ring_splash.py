@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama4_jax.model.ring_attention import _safe
+from llama4_jax.model.ops import finite_or_zero
 
 _EMPTY_LSE = -1e30  # splash gives rows with no visible key a log-sum-exp near its mask value (-2.4e38)
 
@@ -142,7 +142,7 @@ def attend_step(qf, qmeta, k, v, kmeta, acc, plan):
     for s, (k_r, v_r, ki) in enumerate(zip(k_runs, v_runs, kid_runs)):
       out, lse = jax.lax.switch(case(r, s), branches, q_r, k_r, v_r, qi, ki)
       m_new = jnp.maximum(m_r, lse)
-      a, w = jnp.exp(m_r - _safe(m_new)), jnp.exp(lse - _safe(m_new))
+      a, w = jnp.exp(m_r - finite_or_zero(m_new)), jnp.exp(lse - finite_or_zero(m_new))
       o_r = o_r * a[..., None] + out * w[..., None]
       l_r, m_r = l_r * a + w, m_new
     new.append((o_r, m_r, l_r))
