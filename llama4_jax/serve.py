@@ -5,7 +5,7 @@ An OpenAI-compatible HTTP server with continuous batching: /v1/completions, /v1/
 /v1/models, /health, /metrics (Prometheus). DIR is a Hugging Face checkpoint, one of this project's Orbax
 checkpoints, or a training workdir; the tokenizer is found next to it unless --tokenizer names one.
 
-    python -m llama4_jax.serve --checkpoint=workdir/tiny
+    llama4-serve --checkpoint=workdir/tiny
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 40, "temperature": 0}'
 
