@@ -92,7 +92,6 @@ def test_train_step_memory_against_the_planner(train_step):
   assert mem["peak"] < V5E_4.hbm_bytes
 
 
-@pytest.mark.slow
 def test_scout_moe_layer_moves_no_whole_expert_or_sequence():
   """One Scout-shaped MoE layer (8 experts, 2 per device; width 1024 x 2048: Scout's 5120 x 8192 made the
   compile ~9x slower, 98 s against 10 s) on a v5p-16 slice (fsdp=2 x expert=4): no collective's result
