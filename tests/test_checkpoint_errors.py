@@ -30,6 +30,16 @@ def test_missing_directory_and_config(tmp_path):
     l4.load_model(tmp_path)
 
 
+def test_an_empty_tensor_where_the_next_one_starts_is_accepted(tmp_path):
+  """A zero-length tensor shares its offset with the tensor after it, whatever their names' order."""
+  from safetensors import safe_open
+  path = _crafted(tmp_path / "ok.safetensors", {"a": ([2], [0, 8]), "z": ([0], [8, 8]), "c": ([2], [8, 16])},
+                  16)
+  with safe_open(path, "numpy") as f:
+    assert sorted(f.keys()) == ["a", "c", "z"]
+  assert sorted(SafetensorsFile(path).keys()) == ["a", "c", "z"]
+
+
 def test_checkpoint_from_a_newer_version(maverick_ckpt, tmp_path):
   """A converted checkpoint whose model config has a field this version does not know."""
   from llama4_jax.checkpoint.convert import hf_to_orbax

@@ -85,13 +85,15 @@ class SafetensorsFile:
                               f"{self._data_start + end} but the file has {size} bytes")
       self._entries[name] = (dtype, shape, begin)
     # As the safetensors library requires: the tensors tile the data exactly, without overlaps or gaps.
+    # (Sorted by both ends, so an empty tensor sits before a tensor that starts where it does.)
     expected = 0
-    for begin, name in sorted((e[2], k) for k, e in self._entries.items()):
+    spans = sorted((begin, begin + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, name)
+                   for name, (dtype, shape, begin) in self._entries.items())
+    for begin, end, name in spans:
       if begin != expected:
         raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin}, not {expected}: "
                               "overlapping or gapped data_offsets (a damaged or hand-made file)")
-      dtype, shape, _ = self._entries[name]
-      expected = begin + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      expected = end
     if self._data_start + expected != size:
       raise CheckpointError(f"{path}: {size - self._data_start - expected} bytes after the last tensor "
                             "(a damaged file, or not a safetensors file)")
