@@ -88,7 +88,8 @@ class ModelConfig:
   moe_capacity_factor: float = 0.0
   remat_policy: str = "none"
   scan_layers: bool = True
-  # --- fine-tuning (model/linear.py, model/adapters.py): these add weights, so they travel with the model too ---
+  # --- fine-tuning (model/linear.py, model/adapters.py): these add weights, so they travel with the
+  # model too ---
   lora_rank: int = 0  # 0: no adapters. > 0: LoRA adapters of this rank on `lora_targets`
   lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
   lora_dropout: float = 0.0  # dropout on the adapters' input while training

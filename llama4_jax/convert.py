@@ -10,8 +10,8 @@
 SRC/DST are directories (either may be gs://, but a Meta source). Flags may be spelled with dashes or
 underscores (--max-shard-size, --max_shard_size). hf-to-orbax reads a Hugging Face Llama 4 checkpoint
 (Llama4ForCausalLM or the released Llama4ForConditionalGeneration); orbax-to-hf reads a converted
-checkpoint or a training workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards (torch needed; weights-only
-loading). With --merge-lora, orbax-to-hf takes a LoRA fine-tune (its workdir) and writes the base with the
+checkpoint or a training workdir; meta-to-orbax reads Meta's params.json + consolidated.NN.pth shards
+(torch needed; weights-only loading). With --merge-lora, orbax-to-hf takes a LoRA fine-tune (its workdir) and writes the base with the
 adapters folded in. export-lora writes a LoRA fine-tune's adapters alone: PEFT's adapter_config.json +
 adapter_model.safetensors (attention, dense MLP and shared-expert adapters), or an Orbax checkpoint.
 The conversions stream one tensor at a time, show progress on stderr and print a JSON summary on stdout.

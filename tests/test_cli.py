@@ -32,7 +32,8 @@ def test_help_shows_an_example_from_any_directory(name, tmp_path):
 def test_the_default_config_is_found_outside_the_checkout(tmp_path):
   """`llama4-plan` with no --config (the default, configs/tiny_cpu.py) run from another directory."""
   proc = subprocess.run([_script("llama4-plan"), "--devices=1", "--hbm_gib=16", "--json"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout)["fits"] is True
 

@@ -18,9 +18,9 @@ the disk for bf16 weights, at the cost of compressing every byte on the host's c
 into a temporary sibling and renamed at the end: a failure leaves no partial DST. Either side may be in
 Cloud Storage (gs://) except a Meta source (torch memory-maps its .pth shards): a Hugging Face source there
 is read with one ranged GET per slice, as a local one is with positioned reads; in a bucket the temporary
-prefix's objects are
-moved into place when all are written, the files readers wait for (the step's commit marker, config.json)
-last, and safetensors are streamed out with resumable uploads (memory stays flat as on disk).
+prefix's objects are moved into place when all are written, the files readers wait for (the step's commit
+marker, config.json) last, and safetensors are streamed out with resumable uploads (memory stays flat as
+on disk).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_ten
                                       text_prefix, write_json, write_sharded)
 from llama4_jax.checkpoint.keys import ParamPlan, plan
 from llama4_jax.checkpoint.meta import MetaTensors
-from llama4_jax.checkpoint import orbax as orbax_io
-from llama4_jax.checkpoint.orbax import (COMMIT_MARKER, FORMAT, MANIFEST, TENSORS, StateLeaves, param_name,
-                                        read_manifest, slice_item, slice_path)
-from llama4_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, contiguous, write_safetensors
+from llama4_jax.checkpoint.orbax import (COMMIT_MARKER, FORMAT, MANIFEST, TENSORS, StateLeaves,
+                                        checkpoint_steps, find_checkpoints, param_name, read_manifest,
+                                        read_model_config, slice_item, slice_path)
+from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFile, contiguous,
+                                                  write_safetensors)
 from llama4_jax.config import from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.transformer import abstract_model
 
@@ -291,9 +292,9 @@ class OrbaxSlices:
   """
 
   def __init__(self, directory: str):
-    self.ckpt_dir = orbax_io.find_checkpoints(directory)
-    self.step = orbax_io.checkpoint_steps(self.ckpt_dir)[-1]
-    self.config, _ = orbax_io.read_model_config(directory)
+    self.ckpt_dir = find_checkpoints(directory)
+    self.step = checkpoint_steps(self.ckpt_dir)[-1]
+    self.config, _ = read_model_config(directory)
     self.step_dir = storage.join(self.ckpt_dir, str(self.step))
     self.tensor_dir = storage.join(self.step_dir, TENSORS)
     self.converted = storage.isdir(self.tensor_dir)

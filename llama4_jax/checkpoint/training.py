@@ -21,8 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from llama4_jax import storage
-from llama4_jax.model.paths import state_path
 from llama4_jax.config import ModelConfig
+from llama4_jax.model.paths import state_path
 
 STACKED = "blocks"  # the state key under which every leaf is stacked over superblocks on axis 0
 

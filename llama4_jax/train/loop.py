@@ -290,7 +290,8 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
   def save(step, force=False):
     state = {"params": params, "opt_state": opt_state, "rng": rng,
              "step": _replicated(np.asarray(step, np.int32), replicated)}
-    data = grain.checkpoint.CheckpointSave(FrozenState(train_iter.get_state()))  # (a snapshot: saves are async)
+    # the iterator's state as of this step, frozen: the save may finish after the loop has moved on
+    data = grain.checkpoint.CheckpointSave(FrozenState(train_iter.get_state()))
     ckpt.save(step, state, run_config, cfg, force=force, extra=base, items={"data": data})
     logger.flush()  # the log in a bucket catches up with each checkpoint
 
@@ -313,9 +314,10 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
       while step < c.steps:
         step += 1
         batch = _global_batch(next(train_iter), bsharding, c.batch_size)
+        lr = float(lrs[step - 1])
         params, opt_state, m = step_fn(params, opt_state, frozen, batch, rng, jnp.int32(step),
-                                       step_hparams(c, float(lrs[step - 1])))
-        reporter.submit(step, float(lrs[step - 1]), m)  # reports step - 1: it has finished
+                                       step_hparams(c, lr))
+        reporter.submit(step, lr, m)  # reports step - 1: it has finished
         if c.eval_every and step % c.eval_every == 0 and step < c.steps and held_out_batches:
           reporter.flush()
           run_eval(step, "eval")
