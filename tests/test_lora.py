@@ -5,7 +5,6 @@ int8 (one training run serves all tests: compiling dominates their time)."""
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +106,7 @@ def test_lora_trains_adapters_only(lora_run, maverick_ckpt):
   assert os.path.exists(os.path.join(workdir, "tokenizer.json"))  # copied for the sampler
 
 
-def test_merged_export_matches_transformers(lora_run, sft, tmp_path):
+def test_merged_export_matches_transformers(lora_run, sft, gcs, tmp_path):
   import transformers
   from llama4_jax.checkpoint.lora import merged_to_hf
   workdir, _ = lora_run
@@ -125,17 +124,20 @@ def test_merged_export_matches_transformers(lora_run, sft, tmp_path):
   assert set(a.keys()) == set(b.keys())
   for key in a.keys():
     np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=key)
-  # the same adapters on the same base converted to Orbax: the same merged tensors, bit for bit
+  # the same adapters on the same base converted to Orbax, both in Cloud Storage (the emulator): the same
+  # merged tensors, bit for bit
+  import fsspec
   from llama4_jax.checkpoint.convert import hf_to_orbax
-  hf_to_orbax(sft[2], tmp_path / "base_orbax", progress=False)
-  l4.save_adapters(model, tmp_path / "on_orbax", base=str(tmp_path / "base_orbax"))
+  bucket, _ = gcs
+  base_orbax, on_orbax = f"{bucket}/lora-base-orbax", f"{bucket}/lora-on-orbax"
+  hf_to_orbax(sft[2], base_orbax, progress=False)
+  assert l4.save_adapters(model, on_orbax, base=base_orbax) == on_orbax
   from llama4_jax.convert import main
-  assert main(["orbax-to-hf", str(tmp_path / "on_orbax"), str(tmp_path / "merged_from_orbax"),
-               "--merge-lora", "--quiet"]) == 0
+  assert main(["orbax-to-hf", on_orbax, str(tmp_path / "merged_from_orbax"), "--merge-lora", "--quiet"]) == 0
   assert_same_tensors(tmp_path / "merged", tmp_path / "merged_from_orbax")
-  shutil.rmtree(tmp_path / "base_orbax")  # a base that is gone: a clear error, nothing written
+  fsspec.filesystem("gs").rm(base_orbax, recursive=True)  # a base that is gone: a clear error, nothing written
   with pytest.raises(FileNotFoundError, match="frozen base .* is not a directory here"):
-    merged_to_hf(tmp_path / "on_orbax", tmp_path / "no_base", progress=False)
+    merged_to_hf(on_orbax, tmp_path / "no_base", progress=False)
   assert not os.path.exists(tmp_path / "no_base")
   with pytest.raises(ValueError, match="pass --merge-lora"):
     from llama4_jax.checkpoint.convert import orbax_to_hf

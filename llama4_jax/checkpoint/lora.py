@@ -61,13 +61,13 @@ def save_adapters(model, out_dir: str, base: str | None = None, overwrite: bool 
   directory (recorded so `load_model(out_dir)` can rebuild the model). Returns the directory."""
   _require_adapters(model)
   params = traverse_util.unflatten_dict(adapter_params(model))
-  extra = {"frozen_base": os.path.abspath(base)} if base else {}
+  extra = {"frozen_base": storage.check(base, "base")} if base else {}
   with storage.atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
     if tmp is not None:  # (one process writes: run it in a single-process job)
-      ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+      ckpt = Checkpointer(storage.join(tmp, "checkpoints"), keep=1, async_save=False)
       ckpt.save(0, {"params": params}, {}, model.config, force=True, extra=extra)
       ckpt.close()
-  return os.path.abspath(out_dir)
+  return storage.check(out_dir)
 
 
 def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = False) -> dict:
@@ -110,16 +110,16 @@ def save_peft(model, out_dir: str, base: str | None = None, overwrite: bool = Fa
       "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
       # a full-match regex, so the dense MLP's and the shared expert's projections are told apart
       "target_modules": r".*\.layers\.\d+\.(" + "|".join(m.replace(".", r"\.") for m in modules) + ")",
-      "base_model_name_or_path": os.path.abspath(base) if base else None,
+      "base_model_name_or_path": storage.check(base, "base") if base else None,
       "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
   }
   specs = {k: (v.shape, v.dtype) for k, v in sorted(tensors.items())}
   with storage.atomic_directory(out_dir, overwrite, enabled=jax.process_index() == 0) as tmp:
     if tmp is not None:
-      write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), specs,
+      write_safetensors(storage.join(tmp, "adapter_model.safetensors"), specs,
                         ((k, tensors[k]) for k in specs), {"format": "pt"})
-      write_json(os.path.join(tmp, "adapter_config.json"), adapter_config)
-  return {"dst": os.path.abspath(out_dir), "tensors": len(tensors), "modules": modules,
+      write_json(storage.join(tmp, "adapter_config.json"), adapter_config)
+  return {"dst": storage.check(out_dir), "tensors": len(tensors), "modules": modules,
           "left_out": sorted(skipped), "base_quant": cfg.base_quant}
 
 
@@ -139,17 +139,17 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
   written out, so memory holds a few layers whatever the model size. With an int8 training base, W is the
   dequantized int8 weight the adapters were trained on (quantized again from the base, slice by slice).
   Tokenizer files next to the base and the source are copied (the source's win)."""
-  src = os.fspath(src)
+  src = storage.check(os.fspath(src), "source")
   meta, step = read_metadata(src)
   cfg, _ = read_model_config(src)
   if not cfg.lora_rank:
     raise ValueError(f"{src} has no LoRA adapters (lora_rank=0): export it with orbax-to-hf alone")
   base = meta.get("frozen_base")
-  if not base or not os.path.isdir(base):
+  if not base or not storage.isdir(base):
     raise FileNotFoundError(f"the frozen base of {src} ({base!r}, the run's init_from) is not a directory "
                             "here: the adapters cannot be merged without it")
   plain = cfg.replace(lora_rank=0, base_quant="none")
-  adapters = StateLeaves(os.path.join(find_checkpoints(src), str(step), "state"))
+  adapters = StateLeaves(storage.join(find_checkpoints(src), str(step), "state"))
   linears = _linears(cfg)
   get_base, closer = _base_slices(base, plain)
 
@@ -198,7 +198,7 @@ def _base_slices(base: str, cfg):
   Hugging Face directory or an Orbax checkpoint of this project, checked against `cfg`."""
   import contextlib
 
-  if not os.path.isfile(os.path.join(base, "config.json")):
+  if not storage.exists(storage.join(base, "config.json")):
     slices = OrbaxSlices(base)
     return slices.get, contextlib.closing(slices)
   tensors = HFTensors(base)
