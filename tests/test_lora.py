@@ -135,7 +135,8 @@ def test_merged_export_matches_transformers(lora_run, sft, gcs, tmp_path):
   from llama4_jax.convert import main
   assert main(["orbax-to-hf", on_orbax, str(tmp_path / "merged_from_orbax"), "--merge-lora", "--quiet"]) == 0
   assert_same_tensors(tmp_path / "merged", tmp_path / "merged_from_orbax")
-  fsspec.filesystem("gs").rm(base_orbax, recursive=True)  # a base that is gone: a clear error, nothing written
+  # a base that is gone: a clear error, nothing written
+  fsspec.filesystem("gs").rm(base_orbax, recursive=True)
   with pytest.raises(FileNotFoundError, match="frozen base .* is not a directory here"):
     merged_to_hf(on_orbax, tmp_path / "no_base", progress=False)
   assert not os.path.exists(tmp_path / "no_base")
