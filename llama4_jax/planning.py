@@ -251,7 +251,7 @@ def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None
   (that row's cache, one layer's float32 scores of the piece against the row, a few hidden-width buffers
   per token) and the logits of the slots."""
   from llama4_jax.model.transformer import check_mesh_fits
-  from llama4_jax.serving.engine import PREFILL_PIECE
+  from llama4_jax.serving.admission import PREFILL_PIECE
   from llama4_jax.train.config import model_config
   sizes = resolve_mesh_sizes(dict(c.mesh), devices)
   cfg = model_config(c)

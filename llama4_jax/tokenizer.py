@@ -8,6 +8,7 @@ report bits per byte exactly: sum of per-token losses / ln 2 / sum of the target
 from __future__ import annotations
 
 import base64
+import sys
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
@@ -77,15 +78,16 @@ class HFTokenizer:
     return out
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
-  """Trains a byte-level BPE (specials <pad>=0 <bos>=1 <eos>=2) on `texts` and saves it to `path`."""
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str, progress: bool | None = None) -> HFTokenizer:
+  """Trains a byte-level BPE (specials <pad>=0 <bos>=1 <eos>=2) on `texts` and saves it to `path`.
+  progress: the tokenizers library's own bars (default: when stderr is a terminal)."""
   from tokenizers import Tokenizer as _T, decoders, models, pre_tokenizers, trainers
   tok = _T(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BUILTIN_SPECIALS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+                                show_progress=sys.stderr.isatty() if progress is None else progress)
   tok.train_from_iterator(texts, trainer)
   storage.write_text(path, tok.to_str())  # atomically, local or gs://
   return HFTokenizer(path)

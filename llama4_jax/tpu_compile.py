@@ -184,7 +184,7 @@ def lower_serve_steps(c, mesh, slots: int, length: int, prompt: int | None = Non
 
   Returns {"prefill": Lowered, "extend": Lowered, "decode": Lowered} (extend only when `length` exceeds
   a piece)."""
-  from llama4_jax.serving.engine import prefill_piece
+  from llama4_jax.serving.admission import prefill_piece
   cfg = model_config(c)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   static, leaves = split_model(nnx.merge(graphdef, abstract_state))

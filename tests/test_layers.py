@@ -11,9 +11,9 @@ from train_utils import REPO
 PACKAGE = os.path.join(REPO, "llama4_jax")
 
 # What each part of the package may import, besides itself. Parts are top-level modules or subpackages.
-BASE = {"storage", "config", "sharding", "distributed", "emulator"}
+BASE = {"storage", "config", "sharding", "distributed", "emulator", "progress"}
 ALLOWED = {
-    "storage": set(), "emulator": set(), "distributed": set(),
+    "storage": set(), "emulator": set(), "distributed": set(), "progress": set(),
     "config": {"storage"}, "sharding": {"storage", "config"},
     "tokenizer": BASE, "data": BASE | {"tokenizer"},
     "model": BASE,

@@ -260,7 +260,7 @@ def test_disconnects_and_errors_free_every_slot(server):
   wait_idle(server.engine)
   # every one, streaming or not, decoding or queued, was cancelled (120 tokens take longer than this)
   assert server.engine.stats.finished["cancelled"] - cancelled == len(socks)
-  assert not server.engine._pos.any()  # freed slots are back at position 0 (they widen no cache read)
+  assert not server.engine._slots.pos.any()  # freed slots are back at position 0 (they widen no cache read)
   assert complete(server, [9, 8, 7], 20)["choices"][0]["text"] == before
   metrics = get(server, "/metrics")[1]
   assert re.search(r'finished_requests_total\{reason="cancelled"\} [1-9]', metrics)
@@ -309,6 +309,46 @@ def test_engine_queue_full_and_checks(model):
     engine.check([1] * 30, 3)
   with pytest.raises(ValueError, match="empty"):
     engine.check([], 3)
+
+
+def test_admission_policy():
+  """The admission rules (serving/admission.py), on their own: queue order into the lowest free slots,
+  short prompts sharing prefill calls shortest first, repeats copying, one long prompt staged at a time
+  with the queue behind it kept in order, cancelled requests finished."""
+  import collections
+  from llama4_jax.serving.admission import AdmissionPolicy
+
+  policy = AdmissionPolicy(slots=8, max_length=1024)
+  assert policy.buckets == [16, 32, 64, 128, 256] and policy.prefill_sizes == [1, 4, 8]
+  assert policy.step_widths == [1, 2, 4, 8] and policy.step_width(0) == 1 and policy.step_width(4) == 8
+
+  def req(n, first=1):
+    return Request([first] * n, SamplingParams(max_tokens=1))
+
+  a, b, c, d, e, same = req(40), req(5), req(20), req(10), req(100), req(5)
+  cancelled = req(3)
+  cancelled.cancel()
+  waiting = collections.deque([a, cancelled, b, c, d, e, same])
+  plan = policy.plan(waiting, free=[1, 2, 3, 4, 5, 6], kept=None, staging=False)
+  assert not waiting and plan.cancelled == [cancelled] and plan.stage is None
+  # four short prompts in one call of 4 rows, shortest first; the 100-token one alone; b's repeat copies
+  assert plan.prefill == [[(2, b), (4, d), (3, c), (1, a)], [(5, e)]] and plan.copy == [(6, same, 2)]
+
+  two = collections.deque([req(5), req(6)])
+  plan = policy.plan(two, free=[0, 1], kept=None, staging=False)
+  assert [len(call) for call in plan.prefill] == [1, 1]  # 2 prompts in a call of 4 rows: one call each
+
+  long1, long2, short = req(300), req(400), req(8)
+  waiting = collections.deque([long1, long2, short])
+  plan = policy.plan(waiting, free=[0, 1], kept=None, staging=False)
+  assert plan.stage is long1 and not plan.slotted and list(waiting) == [long2, short]  # order kept
+  plan = policy.plan(waiting, free=[0, 1], kept=None, staging=True)
+  assert plan.stage is None and not plan.slotted and list(waiting) == [long2, short]
+
+  kept_long = req(300, first=2)
+  waiting = collections.deque([kept_long, req(300, first=2)])
+  plan = policy.plan(waiting, free=[0], kept=kept_long.prompt, staging=True)  # a kept row is copied
+  assert plan.reuse_kept == [(0, kept_long)] and len(waiting) == 1 and not plan.prefill
 
 
 def collect(request):
@@ -380,7 +420,6 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   """With pieces of 32 tokens, a 100-token prompt is prefilled in 4 pieces while a running request keeps
   decoding between them; it and a sampled repeat of it (which copies its row) get the tokens they get
   from a prefill in one call."""
-  from llama4_jax.serving import engine as engine_module
   engine, starts = server.engine, []
   real = steps.extend_row
   running = Request(list(range(3, 8)), SamplingParams(max_tokens=60))
@@ -393,7 +432,8 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   wanted = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, temperature=0.8, seed=3)]
   wait_idle(engine)
   monkeypatch.setattr(steps, "extend_row", spy)
-  monkeypatch.setattr(engine_module, "PREFILL_PIECE", 32)
+  buckets = engine.policy.buckets
+  monkeypatch.setattr(engine.policy, "buckets", [16, 32])  # the policy's widest prefill: 32 tokens
   engine.submit(running)
   while running.generated < 2:
     time.sleep(0.01)
@@ -401,7 +441,7 @@ def test_long_prompts_are_prefilled_in_pieces(server, monkeypatch):
   collect(running)
   assert [s for s, _ in starts] == [0, 32, 64, 96]
   assert all(a < b for (_, a), (_, b) in zip(starts, starts[1:])), starts  # decoding went on in between
-  monkeypatch.setattr(engine_module, "PREFILL_PIECE", 256)
+  monkeypatch.setattr(engine.policy, "buckets", buckets)
   assert pieces == [collect(engine.submit(Request(long, p))) for p in wanted] and len(starts) == 4
   wait_idle(engine)
 

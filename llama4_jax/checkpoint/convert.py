@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 import warnings
 from typing import Any
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama4_jax import storage
+from llama4_jax.progress import bar
 from llama4_jax.checkpoint.hf import (HFTensors, _check_architecture, _check_tensors,
                                       checkpoint_order, generation_config, hf_tensor_producer,
                                       text_prefix, write_json, write_sharded)
@@ -61,35 +61,26 @@ GROUP_BYTES = 64 << 20  # slices are gathered into Orbax items of about this siz
 
 
 class Progress:
-  """A one-line progress report on stderr: tensors, bytes and bytes/s; `summary()` at the end."""
+  """A progress bar on stderr (bytes, tensors, rate and time left); `summary()` at the end. `enabled`:
+  True (conversions' default) shows it even when stderr is not a terminal, None only on a terminal."""
 
-  def __init__(self, what: str, total_bytes: int, total_tensors: int, enabled: bool = True):
+  def __init__(self, what: str, total_bytes: int, total_tensors: int, enabled: bool | None = True):
     self.what, self.total, self.count = what, total_bytes, total_tensors
-    self.done_bytes, self.done, self.start, self.enabled = 0, 0, time.perf_counter(), enabled
-    self._last = 0.0
+    self.done_bytes, self.done, self.start = 0, 0, time.perf_counter()
+    self._bar = bar(total_bytes, what, unit="B", enabled=enabled, mininterval=0.5, leave=True)
 
   def update(self, nbytes: int) -> None:
     self.done_bytes += int(nbytes)
     self.done += 1
-    now = time.perf_counter()
-    if self.enabled and (now - self._last > 0.5 or self.done == self.count):
-      self._last = now
-      rate = self.done_bytes / max(now - self.start, 1e-9)
-      sys.stderr.write(f"\r[{self.what}] {self.done}/{self.count} tensors  {_gb(self.done_bytes)}/"
-                       f"{_gb(self.total)} GB  {rate / 1e6:,.0f} MB/s ")
-      sys.stderr.flush()
+    self._bar.set_postfix_str(f"{self.done}/{self.count} tensors", refresh=False)
+    self._bar.update(int(nbytes))
 
   def summary(self, **extra) -> dict[str, Any]:
     seconds = time.perf_counter() - self.start
-    if self.enabled:
-      sys.stderr.write("\n")
+    self._bar.close()
     return {"what": self.what, "tensors": self.done, "bytes": self.done_bytes,
             "seconds": round(seconds, 2), "bytes_per_sec": round(self.done_bytes / max(seconds, 1e-9)),
             **extra}
-
-
-def _gb(n: int) -> str:
-  return f"{n / 1e9:.2f}"
 
 
 def _slice_name(p: ParamPlan, i: int) -> str:

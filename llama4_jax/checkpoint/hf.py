@@ -28,6 +28,7 @@ from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFi
 from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
 from llama4_jax.model.paths import sharding_table, state_leaves, state_path
 from llama4_jax.model.transformer import Llama4, model_shardings
+from llama4_jax.progress import bar
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 INDEX_FILE = "model.safetensors.index.json"
@@ -135,14 +136,19 @@ def load_hf_model(directory: str, mesh: Mesh | None, overrides: dict) -> Llama4:
   sharding_of = sharding_table(shardings)
   param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
 
+  total = sum(int(np.prod(p.shape)) for p in plans) * param_dtype.itemsize
+  loading = bar(total, f"loading {directory}", unit="B")
+
   def build(path, var):
     p = by_path[state_path(path)]
     arr = jax.make_array_from_callback(
         p.shape, sharding_of[p.path], lambda idx: _read_param(tensors, prefix, p, idx, param_dtype))
+    loading.update(int(np.prod(p.shape)) * param_dtype.itemsize)
     return var.replace(arr)
 
-  state = jax.tree_util.tree_map_with_path(build, abstract_state,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  with loading:
+    state = jax.tree_util.tree_map_with_path(build, abstract_state,
+                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, state)
 
 

@@ -22,6 +22,7 @@ from llama4_jax.model.adapters import ADAPTER_FIELDS
 from llama4_jax.model.linear import is_adapter
 from llama4_jax.model.paths import sharding_table, state_path
 from llama4_jax.model.transformer import model_shardings
+from llama4_jax.progress import bar
 
 # Converted checkpoints (checkpoint/convert.py) keep params in <step>/tensors/ as parameter slices (one
 # layer of a stacked weight, named by `slice_item`) gathered into Orbax items of about 64 MB, with a
@@ -206,6 +207,8 @@ def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
   from jax.sharding import NamedSharding, PartitionSpec
 
   manifest = read_manifest(tensor_dir)
+  leaves = jax.tree.leaves(abstract_params)
+  loading = bar(sum(x.size * x.dtype.itemsize for x in leaves), f"loading {tensor_dir}", unit="B")
 
   def one(path, x):
     name = param_name(state_path(path))
@@ -222,7 +225,13 @@ def _restore_converted(tensor_dir: str, abstract_params: Any) -> Any:
     parts = [restore_slice(tensor_dir, manifest, slice_item(name, i), unit_arg) for i in range(x.shape[0])]
     return jax.jit(lambda *p: jnp.stack(p), out_shardings=x.sharding)(*parts)
 
-  return jax.tree_util.tree_map_with_path(one, abstract_params)
+  def counted(path, x):
+    out = one(path, x)
+    loading.update(x.size * x.dtype.itemsize)
+    return out
+
+  with loading:
+    return jax.tree_util.tree_map_with_path(counted, abstract_params)
 
 
 def _restore_arg(x):
