@@ -3,7 +3,8 @@ with the command's own usage and example, and a default run config found whereve
 
 The commands (installed as console scripts by `pip install -e .`): llama4-train, llama4-sample,
 llama4-serve, llama4-plan (absl flags) and llama4-convert (argparse subcommands); each is also
-`python -m llama4_jax.<name>`.
+`python -m llama4_jax.<name>`. `--config=configs/<name>.py` finds the configs shipped with the package
+when no such file is in the working directory.
 """
 
 from __future__ import annotations
@@ -11,11 +12,40 @@ from __future__ import annotations
 import os
 import sys
 
-# The checkout's configs/ (an editable install runs from it); a relative "configs/..." otherwise.
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = (os.path.join(_CHECKOUT, "configs", "tiny_cpu.py")
-                  if os.path.exists(os.path.join(_CHECKOUT, "configs", "tiny_cpu.py"))
-                  else "configs/tiny_cpu.py")
+
+def configs_dir() -> str:
+  """The run configs shipped with the package: llama4_jax/configs/ in an installed wheel, the checkout's
+  configs/ in an editable install."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for d in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+    if os.path.isfile(os.path.join(d, "tiny_cpu.py")):
+      return d
+  raise FileNotFoundError(f"the run configs are not installed next to {here}: reinstall llama4_jax")
+
+
+DEFAULT_CONFIG = os.path.join(configs_dir(), "tiny_cpu.py")
+
+
+def resolve_config(value: str) -> str:
+  """A --config value as given if its file exists here; otherwise a shipped config of that name
+  (`configs/scout_v5p256.py`, `scout_v5p256.py` or `scout_v5p256`), keeping ml_collections' `:arg`."""
+  path, colon, arg = value.partition(":")
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  shipped = os.path.join(configs_dir(), name)
+  if os.path.exists(path) or os.path.dirname(path) not in ("", "configs") or not os.path.isfile(shipped):
+    return value
+  return shipped + colon + arg
+
+
+def _configs_resolved(argv: list[str]) -> list[str]:
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config(out[i + 1])
+  return out
 
 
 def _respelled(argv: list[str], dash: str, to: str) -> list[str]:
@@ -45,4 +75,4 @@ def run_absl(main, doc: str) -> None:
   the process's __main__ is (a console script's wrapper has none)."""
   from absl import app
   sys.modules["__main__"].__doc__ = doc
-  app.run(main, argv=underscored(sys.argv))
+  app.run(main, argv=_configs_resolved(underscored(sys.argv)))
