@@ -24,13 +24,13 @@ import numpy as np
 def step_ms(step, args, rows: int) -> float:
   tok, cache = args[2], args[4]
   for _ in range(3):
-    tok, cache = step(*args[:2], tok, args[3], cache, *args[5:], rows=rows)
+    tok, _, cache = step(*args[:2], tok, args[3], cache, *args[5:], rows=rows)
   tok.block_until_ready()
   best = float("inf")
   for _ in range(7):
     t0 = time.perf_counter()
     for _ in range(50):
-      tok, cache = step(*args[:2], tok, args[3], cache, *args[5:], rows=rows)
+      tok, _, cache = step(*args[:2], tok, args[3], cache, *args[5:], rows=rows)
     tok.block_until_ready()
     best = min(best, (time.perf_counter() - t0) / 50)
   args[2], args[4] = tok, cache

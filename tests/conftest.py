@@ -4,7 +4,9 @@ Tiny configs are derived from the real presets; every sequence used against tran
 three attention chunks, so chunked masks, chunk edges and temperature tuning are all exercised.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,7 +14,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # One XLA compilation cache for the session, inherited by the subprocess tests: the same train step is
 # compiled by many tests (in-process and in subprocesses), and compiling dominates their time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="llama4_jax_test_xla_"))
+# (Set in pytest's main process, before xdist starts its workers: they and their subprocesses share it.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama4_jax_test_xla_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # LLVM at -O0: the tests check what programs compute, not how fast they run, and the suite is mostly
 # compiling (this cuts the CPU time of the training and ring tests by ~23%; IEEE semantics are the same

@@ -3,6 +3,7 @@ example, flags spelled with dashes or underscores alike."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,8 +59,14 @@ def test_the_wheel_ships_every_package_and_the_configs(tmp_path):
            for root, _, files in os.walk(os.path.join(REPO, "llama4_jax")) if "__init__.py" in files}
   assert set(setup["packages"]) == found | {"llama4_jax.configs"}
   pytest.importorskip("setuptools")
+  src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+  ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+  for name in ("llama4_jax", "configs"):
+    shutil.copytree(os.path.join(REPO, name), src / name, ignore=ignore)
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), src / name)
   proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                         "-w", str(tmp_path), REPO], capture_output=True, text=True, timeout=300)
+                         "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   [wheel] = tmp_path.glob("*.whl")
   names = zipfile.ZipFile(wheel).namelist()

@@ -187,6 +187,65 @@ def test_sampling_parameters(server):
   wait_idle(server.engine)
 
 
+def _reference_logprobs(model, ids):
+  """log_softmax of `model(ids)` in float32: [T, V] for the prompt ids [T]."""
+  logits = np.asarray(model(np.array([ids], np.int32))[0], np.float32)
+  return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      logits.max(-1, keepdims=True)
+
+
+def test_logprobs_and_echo_equal_the_models(server, model, tokenizer):
+  """Completions' logprobs (sampled and greedy, streamed and not), echo with max_tokens 0 (a prompt
+  scored, as lm-eval's loglikelihood requests do) and chat's logprobs equal log_softmax of `model(ids)`."""
+  import openai
+  client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+  prompt = np.random.RandomState(5).randint(3, tokenizer.vocab_size, 30).tolist()
+  r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0.9, seed=4,
+                                logprobs=3)
+  lp = r.choices[0].logprobs
+  generated = [tokenizer.encode(t) for t in lp.tokens]  # a token's own string encodes back to it here
+  ids = prompt + [t for g in generated for t in g]
+  assert len(ids) == len(prompt) + len(lp.tokens) == len(prompt) + r.usage.completion_tokens
+  ref = _reference_logprobs(model, ids)
+  for i, (got, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+    pos = len(prompt) + i - 1  # the logits that predicted token len(prompt) + i
+    np.testing.assert_allclose(got, ref[pos, ids[pos + 1]], atol=1e-4)
+    best = np.argsort(-ref[pos])[:3]
+    assert {tokenizer.decode([int(b)]) for b in best} <= set(top) and len(top) <= 4
+    np.testing.assert_allclose(max(top.values()), ref[pos, best[0]], atol=1e-4)
+  assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
+  # streamed: the same tokens and logprobs, chunk by chunk
+  chunks = [c for c in client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0.9,
+                                                 seed=4, logprobs=3, stream=True) if c.choices[0].logprobs]
+  assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+  np.testing.assert_allclose([v for c in chunks for v in c.choices[0].logprobs.token_logprobs],
+                             lp.token_logprobs, atol=1e-6)
+  assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+  # echo, max_tokens 0: the prompt scored, nothing generated, no slot needed
+  scored = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+  s = scored.choices[0]
+  assert s.logprobs.token_logprobs[0] is None and scored.usage.completion_tokens == 0
+  ref = _reference_logprobs(model, prompt)
+  np.testing.assert_allclose(s.logprobs.token_logprobs[1:],
+                             [ref[t, prompt[t + 1]] for t in range(len(prompt) - 1)], atol=1e-4)
+  assert s.text == tokenizer.decode(prompt) and s.finish_reason == "length"
+  # echo with generation: the prompt's entries, then the generated ones
+  both = client.completions.create(model=NAME, prompt=prompt, max_tokens=3, echo=True, logprobs=0,
+                                   temperature=0).choices[0]
+  assert len(both.logprobs.tokens) == len(prompt) + 3 and both.text.startswith(tokenizer.decode(prompt))
+  np.testing.assert_allclose(both.logprobs.token_logprobs[1:len(prompt)], s.logprobs.token_logprobs[1:],
+                             atol=1e-5)
+  # chat: logprobs + top_logprobs
+  c = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "def f(x):"}],
+                                     max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+  content = c.choices[0].logprobs.content
+  assert len(content) == c.usage.completion_tokens - (c.choices[0].finish_reason == "stop")
+  assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+             and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5 for e in content)  # greedy: the best
+  assert all(bytes(e.bytes).decode("utf-8", "replace") == e.token for e in content)
+  wait_idle(server.engine)
+
+
 def stream_text(server, body):
   conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
   conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -210,7 +269,10 @@ def stream_text(server, body):
     (dict(model=NAME, prompt="x", stop=["a", "b", "c", "d", "e"]), 400, "invalid_value"),
     (dict(model=NAME, prompt="x", n=0), 400, "invalid_value"),
     (dict(model=NAME, prompt="x", n=129), 400, "invalid_value"),
-    (dict(model=NAME, prompt="x", logprobs=2), 400, "unsupported_parameter"),
+    (dict(model=NAME, prompt="x", logprobs=21), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", echo=True, max_tokens=-1), 400, "invalid_value"),
+    (dict(model=NAME, messages=[{"role": "user", "content": "x"}], top_logprobs=2), 400, "invalid_value"),
+    (dict(model=NAME, prompt="x", presence_penalty=1), 400, "unsupported_parameter"),
     (dict(model=NAME, prompt=[]), 400, "invalid_value"),
     (dict(model=NAME, prompt=[1, 10**6]), 400, None),
     (dict(model=NAME, messages=[{"role": "robot", "content": "x"}]), 400, "invalid_value"),
@@ -264,11 +326,18 @@ def test_disconnects_and_errors_free_every_slot(server):
   assert complete(server, [9, 8, 7], 20)["choices"][0]["text"] == before
   metrics = get(server, "/metrics")[1]
   assert re.search(r'finished_requests_total\{reason="cancelled"\} [1-9]', metrics)
-  assert re.search(r"^llama4_jax_active_slots 0$", metrics, re.M)
+  assert re.search(r"^llama4_jax_active_slots 0(\.0)?$", metrics, re.M)
   assert re.search(r'requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', metrics)
   assert re.search(r'requests_total\{endpoint="/v1/completions",status="404"\} [1-9]', metrics)
   assert re.search(r"llama4_jax_time_to_first_token_seconds_count [1-9]", metrics)
   assert re.search(r"llama4_jax_generation_tokens_total [1-9]", metrics)
+  from prometheus_client.parser import text_string_to_metric_families
+  families = {f.name: f.type for f in text_string_to_metric_families(metrics)}
+  assert {f"llama4_jax_{n}": "counter" for n in ("requests", "prompt_tokens", "generation_tokens",
+                                                 "finished_requests")}.items() <= families.items()
+  assert {f"llama4_jax_{n}": "gauge" for n in ("queue_depth", "active_slots", "slots",
+                                               "generation_tokens_per_second")}.items() <= families.items()
+  assert families["llama4_jax_time_to_first_token_seconds"] == "histogram"
 
 
 def test_queue_bound_gives_429(model, tokenizer):
@@ -395,7 +464,7 @@ def test_waiting_prompts_share_a_prefill(server, tokenizer, monkeypatch):
 
   monkeypatch.setattr(steps, "prefill_insert", broken)  # a failed call fails its requests only
   for r in engine.submit_all([Request(p, greedy) for p in (p5, p20, p3)]):
-    assert r.events.get(timeout=60)[1:] == ("error", "RuntimeError: the device is gone")
+    assert r.events.get(timeout=60)[1:3] == ("error", "RuntimeError: the device is gone")
   monkeypatch.setattr(steps, "prefill_insert", spy)
   assert collect(engine.submit(Request(p5, greedy))) == alone[0]
   wait_idle(engine)

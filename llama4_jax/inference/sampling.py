@@ -66,3 +66,16 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jnp.where(sampling, drawn, greedy)
 
   return jax.lax.cond(jnp.any(sampling), sampled, lambda: greedy)
+
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives a request may ask log-probabilities for (OpenAI's bound)
+
+
+def token_logprobs(logits_BV, tokens_B, k: int = MAX_TOP_LOGPROBS):
+  """Log-probabilities, in float32, of the distribution each token was drawn from *before* temperature,
+  top-k and top-p (what OpenAI-compatible servers report): (logprob of tokens_B [B], the k most likely
+  token ids [B, k] int32, their logprobs [B, k]). Works on any leading shape ([B, T, V] too)."""
+  lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(lp, tokens_B[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  top_lp, top_ids = jax.lax.top_k(lp, min(k, lp.shape[-1]))
+  return chosen, top_ids.astype(jnp.int32), top_lp

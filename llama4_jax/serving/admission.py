@@ -4,7 +4,8 @@ prompts are prefilled in which call, which reuse a prompt prefilled already, whi
 
 The rules:
 - Requests are admitted in queue order into the lowest free slots, while slots are free.
-- A cancelled request leaving the queue is finished, not admitted.
+- A cancelled request leaving the queue is finished, not admitted. A request that only scores its prompt
+  (echo with max_tokens 0) takes no slot: it leaves the queue even when every slot is busy.
 - A prompt longer than the widest prefill bucket (`prefill_piece`: 256 tokens, or less for a short
   context) is *staged*: prefilled a piece at a time between decode steps into a row of its own, so it
   does not stall the others; one at a time, and a second long prompt waits (and so does the queue
@@ -66,6 +67,7 @@ class Admission:
   reuse_kept: list[Slotted] = dataclasses.field(default_factory=list)  # copy the kept prompt's row
   stage: Request | None = None  # a long prompt to prefill in pieces
   cancelled: list[Request] = dataclasses.field(default_factory=list)  # left the queue cancelled
+  score_only: list[Request] = dataclasses.field(default_factory=list)  # echo, max_tokens 0: no slot
 
   @property
   def slotted(self) -> list[Slotted]:
@@ -109,15 +111,16 @@ class AdmissionPolicy:
     `staging`: a long prompt is being prefilled in pieces already."""
     out = Admission()
     taken: list[Slotted] = []
-    while waiting and len(taken) < len(free):
+    while waiting and (len(taken) < len(free) or waiting[0].params.max_tokens == 0):
       request = waiting[0]
+      if request.cancelled or request.params.max_tokens == 0:
+        (out.cancelled if request.cancelled else out.score_only).append(waiting.popleft())
+        continue
       repeats_kept = kept is not None and request.prompt == kept
       if self.is_long(request.prompt) and not repeats_kept and (staging or out.stage is not None):
         break  # one long prompt in pieces at a time; the queue keeps its order
       waiting.popleft()
-      if request.cancelled:
-        out.cancelled.append(request)
-      elif self.is_long(request.prompt) and not repeats_kept:
+      if self.is_long(request.prompt) and not repeats_kept:
         out.stage = request
       else:
         taken.append((free[len(taken)], request))

@@ -3,10 +3,16 @@
 
 Requests are checked field by field; anything wrong raises `APIError` with the status and the error
 object OpenAI's API returns (`{"error": {"message", "type", "param", "code"}}`), so clients report it as
-they would OpenAI's own. Fields this server cannot honour (logprobs, echo, penalties, logit_bias) are
-refused with 400 rather than silently ignored; unknown fields are ignored, as OpenAI does. `n` choices of
-a prompt are n requests to the engine, choice k drawing with seed + k.
+they would OpenAI's own. Fields this server cannot honour (penalties, logit_bias, suffix, best_of, tools)
+are refused with 400 rather than silently ignored; unknown fields are ignored, as OpenAI does. `n`
+choices of a prompt are n requests to the engine, choice k drawing with seed + k.
 Beyond OpenAI's fields, `top_k` is accepted (as vLLM does).
+
+Log-probabilities (completions: `logprobs` 0-20 and `echo`, `max_tokens` 0 with echo to score a prompt;
+chat: `logprobs` + `top_logprobs` 0-20) are of the distribution a token was drawn from before
+temperature, top-k and top-p (as vLLM reports by default), float32. A token's string is the decoding of
+that token alone (a piece of a multi-byte character decodes to U+FFFD); `text_offset` counts those
+strings' characters before the token, from the first token returned (with echo, the prompt's BOS).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import os
 import time
 from typing import Any
 
-from llama4_jax.serving.engine import SamplingParams
+from llama4_jax.inference.sampling import MAX_TOP_LOGPROBS
+from llama4_jax.serving.requests import Logprobs, SamplingParams
 from llama4_jax.tokenizer import encode_chat
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -56,6 +63,7 @@ class Parsed:
   stream: bool
   include_usage: bool
   prompt_tokens: int  # each prompt counted once, however many choices it has (as OpenAI reports usage)
+  prompt_texts: list[str] = dataclasses.field(default_factory=list)  # per job (completions: echo)
 
 
 # --- field readers ------------------------------------------------------------------------------------
@@ -89,16 +97,12 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
   def refuse(name, why):
     raise APIError(400, f"'{name}' is not supported by this server ({why})", param=name,
                    code="unsupported_parameter")
-  if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-    refuse("logprobs", "no log-probabilities are returned")
   for name in ("presence_penalty", "frequency_penalty"):
     if _number(body, name, 0.0, -2.0, 2.0) != 0:
       refuse(name, "no penalties are applied")
   if body.get("logit_bias"):
     refuse("logit_bias", "logits are not biased")
   if not chat:
-    if body.get("echo"):
-      refuse("echo", "the prompt is not echoed")
     if body.get("suffix"):
       refuse("suffix", "no insertion")
     if _get(body, "best_of", int, 1) != 1:
@@ -119,7 +123,25 @@ def _stop_strings(body) -> tuple[str, ...]:
   return tuple(s for s in stop if s)
 
 
-def _sampling(body: dict, max_tokens: int, stop_tokens) -> SamplingParams:
+def _logprobs(body: dict, chat: bool) -> int | None:
+  """How many alternatives to report per token (None: no log-probabilities)."""
+  if chat:
+    top = _get(body, "top_logprobs", int, None)
+    if not _get(body, "logprobs", bool, False):
+      if top is not None:
+        raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+      return None
+    k, name = (0 if top is None else top), "top_logprobs"
+  else:
+    k, name = _get(body, "logprobs", int, None), "logprobs"
+    if k is None:
+      return None
+  if not 0 <= k <= MAX_TOP_LOGPROBS:
+    raise invalid(name, f"'{name}'={k} must be in [0, {MAX_TOP_LOGPROBS}]")
+  return k
+
+
+def _sampling(body: dict, max_tokens: int, stop_tokens, chat: bool) -> SamplingParams:
   temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
   top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
   top_k = _get(body, "top_k", int, 0)
@@ -127,8 +149,9 @@ def _sampling(body: dict, max_tokens: int, stop_tokens) -> SamplingParams:
     raise invalid("top_k", f"'top_k'={top_k} must be >= 1, or -1 / 0 for no limit")
   seed = _get(body, "seed", int, None)
   seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+  echo = False if chat else _get(body, "echo", bool, False)
   return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
-                        seed=seed, stop_tokens=tuple(stop_tokens))
+                        seed=seed, stop_tokens=tuple(stop_tokens), logprobs=_logprobs(body, chat), echo=echo)
 
 
 def _stream_flags(body) -> tuple[bool, bool]:
@@ -139,12 +162,13 @@ def _stream_flags(body) -> tuple[bool, bool]:
   return stream, bool(options.get("include_usage", False))
 
 
-def _max_tokens(body, names, default):
+def _max_tokens(body, names, default, least: int = 1):
   for name in names:
     value = _get(body, name, int, None)
     if value is not None:
-      if value < 1:
-        raise invalid(name, f"'{name}'={value} must be >= 1")
+      if value < least:
+        raise invalid(name, f"'{name}'={value} must be >= {least}" + (
+            "" if least == 0 else " (0 is allowed with 'echo': true, to score the prompt)"))
       return value
   return default
 
@@ -179,22 +203,27 @@ def parse_completion(body: dict, tokenizer, context: int, stop_tokens) -> Parsed
     raise invalid("prompt", "'prompt' must be a string, an array of strings, an array of token ids or "
                   "an array of such arrays, and not empty")
   bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-  ids = []
+  ids, texts = [], []
   for p in prompt:
     if isinstance(p, str):
       ids.append(bos + tokenizer.encode(p))
+      texts.append(p)
     elif isinstance(p, list) and _is_ids(p):
       ids.append(list(p))
+      texts.append(None)  # decoded only if echoed
     else:
       raise invalid("prompt", "each prompt must be a string or an array of token ids")
-  max_tokens = _max_tokens(body, ("max_tokens",), DEFAULT_COMPLETION_TOKENS)
+  echo = _get(body, "echo", bool, False)
+  max_tokens = _max_tokens(body, ("max_tokens",), DEFAULT_COMPLETION_TOKENS, least=0 if echo else 1)
   stream, usage = _stream_flags(body)
-  params = _sampling(body, max_tokens, stop_tokens)
+  params = _sampling(body, max_tokens, stop_tokens, chat=False)
   stop = _stop_strings(body)
-  jobs = _jobs(ids, _choices(body), params, stop)
+  n = _choices(body)
+  jobs = _jobs(ids, n, params, stop)
   for job in jobs:
     check_length(job, context, "max_tokens")
-  return Parsed(jobs, stream, usage, sum(len(p) for p in ids))
+  texts = [t if t is not None or not echo else tokenizer.decode(i) for t, i in zip(texts, ids)]
+  return Parsed(jobs, stream, usage, sum(len(p) for p in ids), [t for t in texts for _ in range(n)])
 
 
 def _is_ids(p: list) -> bool:
@@ -220,7 +249,8 @@ def parse_chat(body: dict, tokenizer, context: int, stop_tokens) -> Parsed:
     raise APIError(400, f"this model's tokenizer cannot render a chat: {e}", param="messages") from e
   stream, usage = _stream_flags(body)
   max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max(context - len(prompt), 1))
-  jobs = _jobs([prompt], _choices(body), _sampling(body, max_tokens, stop_tokens), _stop_strings(body))
+  jobs = _jobs([prompt], _choices(body), _sampling(body, max_tokens, stop_tokens, chat=True),
+               _stop_strings(body))
   check_length(jobs[0], context, "max_completion_tokens")
   return Parsed(jobs, stream, usage, len(prompt))
 
@@ -262,27 +292,66 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
           "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_response(rid, model, texts, reasons, usage_, chat: bool) -> dict:
+Entry = tuple[int, Logprobs | None]  # a token id and its log-probabilities (None: the first prompt token)
+
+
+def completion_logprobs(tokenizer, entries: list[Entry], offset: int = 0) -> dict:
+  """/v1/completions' `logprobs` object for these tokens; `offset`: text_offset of the first."""
+  out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+  for token, info in entries:
+    text = tokenizer.decode([token])
+    out["tokens"].append(text)
+    out["text_offset"].append(offset)
+    offset += len(text)
+    out["token_logprobs"].append(None if info is None else info.logprob)
+    if info is None:
+      out["top_logprobs"].append(None)
+    else:
+      top: dict[str, float] = {}
+      for i, lp in info.top + ((token, info.logprob),):  # and the token itself, as vLLM reports it
+        top.setdefault(tokenizer.decode([i]), lp)  # tokens with the same string: the likeliest's
+      out["top_logprobs"].append(top)
+  return out
+
+
+def chat_logprobs(tokenizer, entries: list[Entry]) -> dict:
+  """/v1/chat/completions' `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+  def item(token, logprob):
+    text = tokenizer.decode([token])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+  return {"content": [{**item(token, info.logprob), "top_logprobs": [item(i, lp) for i, lp in info.top]}
+                      for token, info in entries if info is not None]}
+
+
+def logprobs_object(tokenizer, entries: list[Entry] | None, chat: bool, offset: int = 0) -> dict | None:
+  if entries is None:
+    return None
+  return chat_logprobs(tokenizer, entries) if chat else completion_logprobs(tokenizer, entries, offset)
+
+
+def completion_response(rid, model, texts, reasons, usage_, chat: bool, logprobs=None) -> dict:
+  """logprobs: per choice, the `logprobs` object (or None)."""
+  logprobs = logprobs or [None] * len(texts)
   if chat:
-    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                "finish_reason": r} for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
   else:
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-               for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
   return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
           "model": model, "choices": choices, "usage": usage_}
 
 
 def chunk(rid, model, index: int | None, text: str | None, reason: str | None, chat: bool,
-          role: bool = False, usage_: dict | None = None) -> dict:
+          role: bool = False, usage_: dict | None = None, logprobs: dict | None = None) -> dict:
   """One server-sent event's object. index None: the final usage chunk (no choices)."""
   if index is None:
     choices = []
   elif chat:
     delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-    choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
   else:
-    choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}]
+    choices = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}]
   out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
          "created": int(time.time()), "model": model, "choices": choices}
   if usage_ is not None:

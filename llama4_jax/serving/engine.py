@@ -6,8 +6,7 @@ row, what is staged), then run one decode step for the busy slots, hand each its
 slots that finished (stop token, max_tokens, or cancelled by the client) at once. Admitted prompts are
 prefilled into fresh cache rows, which are written into the batch cache at their slots, and their first
 tokens sampled; short prompts that arrive together share a prefill call, since a call of a few short
-prompts costs little more than one (the tiny model with 8 slots of 256 tokens: 8 prompts of 16 tokens
-in 9.1-9.5 ms, one in 2.3-3.1 ms). Long prompts are prefilled 256 tokens at a time into a row of their
+prompts costs little more than one. Long prompts are prefilled 256 tokens at a time into a row of their
 own, one piece between decode steps (`Llama4.extend`); once whole, the row takes a free slot. Requests
 with the same prompt share one prefill: its cache row is copied and each samples its first token from
 the same logits with its own key. A step runs only the first 1, 2, 4, ... or all slots (whichever
@@ -31,20 +30,21 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from llama4_jax.inference.sampler import check_prompt_ids
+from llama4_jax.inference.sampling import MAX_TOP_LOGPROBS
 from llama4_jax.inference.static import split_model
 from llama4_jax.progress import bar
 from llama4_jax.serving import steps
 from llama4_jax.serving.admission import (MIN_BUCKET, PREFILL_PIECE, PREFILL_WIDTH, Admission,
                                           AdmissionPolicy, prefill_piece)
-from llama4_jax.serving.requests import QueueFull, Request, SamplingParams
+from llama4_jax.serving.requests import Logprobs, QueueFull, Request, SamplingParams
 from llama4_jax.sharding import RULES, batch_shards
 
-__all__ = ["Engine", "EngineStats", "QueueFull", "Request", "SamplingParams", "PREFILL_PIECE",
+__all__ = ["Engine", "EngineStats", "Logprobs", "QueueFull", "Request", "SamplingParams", "PREFILL_PIECE",
            "prefill_piece"]
 
 _IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
@@ -57,7 +57,6 @@ class EngineStats:
     self.prompt_tokens = 0
     self.generated_tokens = 0
     self.finished = collections.Counter()  # finish reason -> requests
-    self.ttft: list[float] = []  # seconds, drained by the metrics registry
     self._window = window_s
     self._recent: collections.deque[tuple[float, int]] = collections.deque()
     self._lock = threading.Lock()
@@ -70,21 +69,12 @@ class EngineStats:
       while self._recent and self._recent[0][0] < now - self._window:
         self._recent.popleft()
 
-  def record_ttft(self, seconds: float) -> None:
-    with self._lock:
-      self.ttft.append(seconds)
-
   def tokens_per_second(self) -> float:
     """Generated tokens per second over the last `window_s` seconds."""
     now = time.monotonic()
     with self._lock:
       n = sum(k for t, k in self._recent if t >= now - self._window)
     return n / self._window
-
-  def drain_ttft(self) -> list[float]:
-    with self._lock:
-      out, self.ttft = self.ttft, []
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +97,20 @@ class _Staged:
 
 @dataclasses.dataclass(frozen=True)
 class _Dispatched:
-  """Tokens [n] a device call will produce for `slots`, not yet read on the host. `first`: a prefill's
-  or copy's first tokens (read at once, for the time to first token), else a decode step's (read
-  _IN_FLIGHT steps later). `owners`: each slot's request at dispatch; a token whose slot has changed
-  hands since is dropped."""
+  """Tokens [n] a device call will produce for `slots`, not yet read on the host, and their
+  `token_logprobs` (logprob [m], top ids [m, 20], top logprobs [m, 20]; m <= n rows, the first ones).
+  `first`: a prefill's or copy's first tokens (read at once, for the time to first token), else a decode
+  step's (read _IN_FLIGHT steps later). `owners`: each slot's request at dispatch; a token whose slot has
+  changed hands since is dropped."""
   first: bool
   tokens: jax.Array
+  logprobs: tuple[jax.Array, jax.Array, jax.Array]
   slots: Sequence[int]
   owners: tuple[Request | None, ...]
+
+
+def _logprobs(token: int, logprob, top_ids, top_lps, k: int) -> Logprobs:
+  return Logprobs(token, float(logprob), tuple((int(i), float(v)) for i, v in zip(top_ids[:k], top_lps[:k])))
 
 
 class _Slots:
@@ -205,6 +201,7 @@ class Engine:
     self._stop = False
     self._reset_device_state()
     self.stats = EngineStats()
+    self.ttft_observer: Callable[[float], None] | None = None  # called with each time to first token
     mesh = getattr(model, "mesh", None)
     shards = 1 if mesh is None else batch_shards(mesh.shape)
     if slots % shards:
@@ -221,11 +218,14 @@ class Engine:
     self._staged: _Staged | None = None  # a long prompt being prefilled in pieces
 
   # --- called from any thread ------------------------------------------------------------------------
-  def check(self, prompt: Sequence[int], max_tokens: int) -> None:
+  def check(self, prompt: Sequence[int], max_tokens: int, logprobs: int | None = None,
+            echo: bool = False) -> None:
     """Raises ValueError if the request cannot be served (empty, ids outside the vocabulary, too long)."""
     check_prompt_ids(prompt, self.config.vocab_size)
-    if max_tokens < 1:
-      raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if max_tokens < (0 if echo else 1):
+      raise ValueError(f"max_tokens={max_tokens} must be >= 1 (or 0 to score an echoed prompt)")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+      raise ValueError(f"logprobs={logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
     if len(prompt) + max_tokens > self.max_length:
       raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
                        f"context of {self.max_length} tokens")
@@ -237,7 +237,7 @@ class Engine:
     """Queues all of `requests` or none (QueueFull, ValueError), together: requests with the same prompt
     (the `n` choices of one) are admitted in one pass when slots allow, and then share one prefill."""
     for r in requests:
-      self.check(r.prompt, r.params.max_tokens)
+      self.check(r.prompt, r.params.max_tokens, r.params.logprobs, r.params.echo)
     with self._cond:
       free = self.slots - self.active_slots()
       if len(self._waiting) + len(requests) > self.max_queue + free:
@@ -336,9 +336,9 @@ class Engine:
       owners = tuple(self._slots.requests)
       rows = self.policy.step_width(self._slots.top_busy())
       pos, sampling = self._slots.step_inputs()
-      self._tok, self._cache = steps.decode_step(self._static, self._leaves, self._tok, pos, self._cache,
-                                                 *sampling, rows=rows)
-      self._unread.append(_Dispatched(False, self._tok, range(self.slots), owners))
+      self._tok, logprobs, self._cache = steps.decode_step(self._static, self._leaves, self._tok, pos,
+                                                           self._cache, *sampling, rows=rows)
+      self._unread.append(_Dispatched(False, self._tok, logprobs, range(self.slots), owners))
     while self._unread and (self._steps_unread() > _IN_FLIGHT or self._unread[0].first
                             or not self.active_slots()):
       self._read(self._unread.popleft())
@@ -348,9 +348,13 @@ class Engine:
 
   def _read(self, dispatched: _Dispatched) -> None:
     tokens = np.asarray(dispatched.tokens)
+    wanted = any(r is not None and r.params.logprobs is not None for r in dispatched.owners)
+    chosen, top_ids, top_lps = (np.asarray(a) for a in dispatched.logprobs) if wanted else (None,) * 3
     for i, (slot, request) in enumerate(zip(dispatched.slots, dispatched.owners)):
       if self._slots.holds(slot, request):  # not finished since the dispatch
-        self._deliver(slot, int(tokens[i]))
+        k = request.params.logprobs
+        info = None if k is None else _logprobs(int(tokens[i]), chosen[i], top_ids[i], top_lps[i], k)
+        self._deliver(slot, int(tokens[i]), info)
 
   def _admit(self) -> None:
     """Carries out the admission policy's plan for the waiting requests and the free slots."""
@@ -360,13 +364,21 @@ class Engine:
                                          staging=self._staged is not None)
     for request in plan.cancelled:
       self._finish(request, "cancelled")
+    for request in plan.score_only:  # echo with max_tokens 0: the prompt's logprobs, no slot
+      self._score(request)
+      self._finish(request, "length")
     if plan.stage is not None:
+      if plan.stage.params.echo:
+        self._score(plan.stage)
       self._staged = _Staged(plan.stage, steps.empty_state(self._static, self._leaves, 1,
                                                            self.max_length)[0])
     if not plan.slotted:
       return
     for slot, request in plan.slotted:  # in their slots before any device call: a failed call fails them
       self._slots.take(slot, request)
+    for slot, request in plan.slotted:
+      if request.params.echo:
+        self._score(request)
     logits = {}  # prefilled slot -> its logits [1, V]
     for call in plan.prefill:
       logits.update(zip((slot for slot, _ in call), self._prefill(call)))
@@ -430,33 +442,47 @@ class Engine:
     # padding rows sample greedily with slot S-1's (unused) settings
     seed, temperature, top_k, top_p = self._slots.sampling(np.minimum(slots, self.slots - 1))
     temperature = np.where(slots < self.slots, temperature, 0).astype(np.float32)
-    first, logits, self._tok, self._cache = steps.prefill_insert(
+    (first, logprobs), logits, self._tok, self._cache = steps.prefill_insert(
         self._static, self._leaves, tokens, lengths, self._cache, self._tok, slots, seed, temperature,
         top_k, top_p, length=self.max_length)
     self.stats.prompt_tokens += sum(len(request.prompt) for _, request in call)
-    self._unread.append(_Dispatched(True, first, [slot for slot, _ in call],
+    self._unread.append(_Dispatched(True, first, logprobs, [slot for slot, _ in call],
                                     tuple(request for _, request in call)))
     return logits
 
   def _copy(self, slot: int, request: Request, prefilled: _Kept) -> None:
     """Writes the cache row of `request`'s prompt, already prefilled, into its slot and dispatches its
     first token, drawn from that prefill's logits with the request's own settings."""
-    first, self._tok, self._cache = steps.copy_prefill(
+    (first, logprobs), self._tok, self._cache = steps.copy_prefill(
         prefilled.logits, prefilled.row, self._cache, self._tok, np.int32(slot),
         np.array([len(request.prompt)], np.int32), *self._slots.sampling(slice(slot, slot + 1)))
-    self._unread.append(_Dispatched(True, first, [slot], (request,)))
+    self._unread.append(_Dispatched(True, first, logprobs, [slot], (request,)))
 
-  def _deliver(self, slot: int, tok: int) -> None:
+  def _score(self, request: Request) -> None:
+    """Puts the prompt's tokens' log-probabilities on the request's events (one forward pass, padded to a
+    power of two of at least 16 tokens; each width compiles on first use)."""
+    n, k = len(request.prompt), request.params.logprobs or 0
+    width = min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), self.max_length)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :n] = request.prompt
+    chosen, top_ids, top_lps = (np.asarray(a) for a in steps.score_prompt(self._static, self._leaves,
+                                                                          tokens))
+    infos = [None] + [_logprobs(request.prompt[t + 1], chosen[t], top_ids[t], top_lps[t], k)
+                      for t in range(n - 1)]
+    request.events.put((request.tag, "prompt", None, infos))
+
+  def _deliver(self, slot: int, tok: int, info: Logprobs | None = None) -> None:
     """Hands a new token to the slot's request, or frees the slot if the request is over."""
     request = self._slots.requests[slot]
     if request.cancelled:
       return self._free(slot, "cancelled")
     if request.first_token_at is None:
       request.first_token_at = time.monotonic()
-      self.stats.record_ttft(request.first_token_at - request.created)
+      if self.ttft_observer is not None:
+        self.ttft_observer(request.first_token_at - request.created)
     request.generated += 1
     self.stats.record_tokens(1)
-    request.events.put((request.tag, "token", tok))
+    request.events.put((request.tag, "token", tok, info))
     if tok in request.params.stop_tokens:
       self._free(slot, "stop")
     elif request.generated >= request.params.max_tokens:
@@ -467,11 +493,11 @@ class Engine:
 
   def _finish(self, request: Request, reason: str) -> None:
     self.stats.finished[reason] += 1
-    request.events.put((request.tag, "done", reason))
+    request.events.put((request.tag, "done", reason, None))
 
   def _fail(self, requests: Sequence[Request], message: str) -> None:
     for request in requests:
-      request.events.put((request.tag, "error", message))
+      request.events.put((request.tag, "error", message, None))
       self.stats.finished["error"] += 1
 
   def _fail_active(self, message: str) -> None:

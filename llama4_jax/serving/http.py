@@ -48,6 +48,8 @@ class Generation:
     self.streams = [TextStream(tokenizer, job.stop) for job in parsed.jobs]
     self.tokens = [0] * len(self.requests)
     self.reasons: list[str | None] = [None] * len(self.requests)
+    self.logprobs = [job.params.logprobs is not None for job in parsed.jobs]
+    self._pending: list[list[api.Entry]] = [[] for _ in self.requests]  # tokens not yet yielded
 
   def submit(self) -> None:
     room = self._engine.slots + self._engine.max_queue
@@ -66,8 +68,15 @@ class Generation:
     for r in self.requests:
       r.cancel()
 
-  def deltas(self, client_gone) -> Iterator[tuple[int, str, str | None]]:
-    """Yields (choice index, new text, finish reason or None) until every choice has finished.
+  def _take(self, tag: int) -> list[api.Entry] | None:
+    """The tokens (with log-probabilities) since the last delta of choice `tag`, if it asked for them."""
+    out, self._pending[tag] = self._pending[tag], []
+    return out if self.logprobs[tag] else None
+
+  def deltas(self, client_gone) -> Iterator[tuple[int, str, str | None, list[api.Entry] | None]]:
+    """Yields (choice index, new text, finish reason or None, the tokens behind the text with their
+    log-probabilities, or None when the choice did not ask for them) until every choice has finished;
+    with echo, first (index, prompt text, None, the prompt's tokens).
     Raises ClientGone (after cancelling) when `client_gone()` says so, APIError if the engine failed."""
     pending, checked = len(self.requests), time.monotonic()
     try:
@@ -77,27 +86,31 @@ class Generation:
           if client_gone():
             raise ClientGone()
         try:
-          tag, kind, value = self._events.get(timeout=_POLL_S)
+          tag, kind, value, info = self._events.get(timeout=_POLL_S)
         except queue.Empty:
           continue
         if self.reasons[tag] is not None:  # finished here already (a stop string)
           continue
         if kind == "error":
           raise api.APIError(500, f"generation failed: {value}", "server_error")
-        if kind == "token":
+        if kind == "prompt":  # echo
+          prompt = list(zip(self.requests[tag].prompt, info))
+          yield tag, self.parsed.prompt_texts[tag], None, prompt if self.logprobs[tag] else None
+        elif kind == "token":
           self.tokens[tag] += 1
           if value in self.requests[tag].params.stop_tokens:
             continue  # the engine ends the request; a stop token has no text
+          self._pending[tag].append((value, info))
           text = self.streams[tag].push(value)
           if self.streams[tag].stopped:
             self.requests[tag].cancel()  # a stop string: free the slot now
             self.reasons[tag], pending = "stop", pending - 1
-            yield tag, text, "stop"
+            yield tag, text, "stop", self._take(tag)
           elif text:
-            yield tag, text, None
+            yield tag, text, None, self._take(tag)
         else:  # done
           self.reasons[tag], pending = ("stop" if value == "stop" else "length"), pending - 1
-          yield tag, self.streams[tag].flush(), self.reasons[tag]
+          yield tag, self.streams[tag].flush(), self.reasons[tag], self._take(tag)
     finally:
       if pending:
         self.cancel()
@@ -245,9 +258,14 @@ class _Handler(BaseHTTPRequestHandler):
     if parsed.stream:
       return self._stream(gen, rid, chat)
     texts = [""] * len(gen.requests)
-    for i, text, _ in gen.deltas(self._client_gone):
+    entries: list[list | None] = [[] if lp else None for lp in gen.logprobs]
+    for i, text, _, tokens in gen.deltas(self._client_gone):
       texts[i] += text
-    self._send_json(200, api.completion_response(rid, s.model_name, texts, gen.reasons, gen.usage(), chat))
+      if tokens is not None:
+        entries[i] += tokens
+    logprobs = [api.logprobs_object(s.tokenizer, e, chat) for e in entries]
+    self._send_json(200, api.completion_response(rid, s.model_name, texts, gen.reasons, gen.usage(), chat,
+                                                 logprobs))
 
   def _stream(self, gen: Generation, rid: str, chat: bool):
     name = self.server.model_name
@@ -266,9 +284,13 @@ class _Handler(BaseHTTPRequestHandler):
       if chat:
         for i in range(len(gen.requests)):
           event(api.chunk(rid, name, i, None, None, chat, role=True))
-      for i, text, reason in gen.deltas(self._client_gone):
-        if text:
-          event(api.chunk(rid, name, i, text, None, chat))
+      offsets = [0] * len(gen.requests)  # text_offset of each choice's next token
+      for i, text, reason, tokens in gen.deltas(self._client_gone):
+        logprobs = api.logprobs_object(self.server.tokenizer, tokens, chat, offsets[i]) if tokens else None
+        if logprobs and not chat:
+          offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        if text or logprobs:
+          event(api.chunk(rid, name, i, text, None, chat, logprobs=logprobs))
         if reason:
           event(api.chunk(rid, name, i, None, reason, chat))
       if gen.parsed.include_usage:

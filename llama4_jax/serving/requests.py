@@ -15,20 +15,37 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """What one request asks for. top_k 0 = off; top_p 1 = off; temperature 0 = greedy."""
+  """What one request asks for. top_k 0 = off; top_p 1 = off; temperature 0 = greedy.
+
+  logprobs: None, or report each new token's log-probability with this many (0-20) most likely
+  alternatives. echo: also report the prompt's tokens' log-probabilities (before any token); then
+  max_tokens may be 0 (score the prompt only, no slot taken)."""
   max_tokens: int
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
   stop_tokens: tuple[int, ...] = ()
+  logprobs: int | None = None
+  echo: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+  """A token's log-probability and the most likely alternatives [(token id, logprob)], most likely first:
+  float32 log-softmax of the logits the token was drawn from, before temperature, top-k and top-p."""
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
-  """One prompt in flight. The engine puts (tag, kind, value) events on `events`: ("token", id) per new
-  token, then exactly one ("done", finish_reason) with reason "stop", "length" or "cancelled", or
-  ("error", message). Several requests may share one events queue (told apart by `tag`)."""
+  """One prompt in flight. The engine puts (tag, kind, value, logprobs) events on `events`: with `echo`
+  first ("prompt", None, [None, Logprobs of prompt token 1, ...]); then ("token", id, Logprobs or None)
+  per new token, then exactly one ("done", finish_reason, None) with reason "stop", "length" or
+  "cancelled", or ("error", message, None). Several requests may share one events queue (told apart by
+  `tag`)."""
   prompt: list[int]
   params: SamplingParams
   events: queue.Queue = dataclasses.field(default_factory=queue.Queue)

@@ -1,6 +1,8 @@
 """The serving engine's device calls, each one jitted program: prefill prompts into slots, continue a
-long prompt's own row, copy a prefilled row into a slot, one decode step of the first slots, and an
-empty cache. The engine (`engine.py`) calls them through this module, so tests can wrap them."""
+long prompt's own row, copy a prefilled row into a slot, one decode step of the first slots, score a
+prompt (echo), and an empty cache. Every call that samples also returns the sampled tokens'
+log-probabilities (`token_logprobs`: float32, on the device, from the logits it sampled from). The
+engine (`engine.py`) calls them through this module, so tests can wrap them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llama4_jax.inference.sampling import row_keys, sample_rows
+from llama4_jax.inference.sampling import row_keys, sample_rows, token_logprobs
 from llama4_jax.inference.static import merge_model
 
 
@@ -44,13 +46,14 @@ def prefill_insert(static, leaves, tokens_bT, lengths_b, cache, tok_S, slots_b, 
                     top_k_b, top_p_b, length):
   """Prefills b prompts into fresh cache rows, writes the rows into `cache` at slots_b, and samples their
   first tokens [b], which are also written into the next step's input tokens tok_S. Padding rows (slot
-  index S) are written nowhere. Returns (first tokens [b], each row's logits [1, V] (for requests that
-  copy its row), tok_S, cache)."""
+  index S) are written nowhere. Returns ((first tokens [b], their `token_logprobs`), each row's logits
+  [1, V] (for requests that copy its row), tok_S, cache)."""
   model = merge_model(static, leaves)
   logits, rows = model.prefill(tokens_bT, lengths_b, model.init_cache(tokens_bT.shape[0], length))
   first = sample_rows(logits, row_keys(seed_b, lengths_b), temperature_b, top_k_b, top_p_b)
   row_logits = tuple(logits[i:i + 1] for i in range(logits.shape[0]))
-  return first, row_logits, _put(tok_S, first, slots_b, 0), _insert_rows(cache, rows, slots_b)
+  return ((first, token_logprobs(logits, first)), row_logits, _put(tok_S, first, slots_b, 0),
+          _insert_rows(cache, rows, slots_b))
 
 
 row_at = jax.jit(_take_row)
@@ -62,7 +65,8 @@ def copy_prefill(logits_1V, row, cache, tok_B, slot, length_1, seed_1, temperatu
   `slot` and samples the request's first token with its own key, as a prefill of its own would."""
   first = sample_rows(logits_1V, row_keys(seed_1, length_1), temperature_1, top_k_1, top_p_1)
   slots = jnp.reshape(slot, (1,))
-  return first, _put(tok_B, first, slots, 0), _insert_rows(cache, row, slots)
+  return (first, token_logprobs(logits_1V, first)), _put(tok_B, first, slots, 0), _insert_rows(cache, row,
+                                                                                              slots)
 
 
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("row",))
@@ -74,11 +78,20 @@ def extend_row(static, leaves, tokens_1T, start_1, length_1, row):
 @functools.partial(jax.jit, static_argnames=("static", "rows"), donate_argnames=("cache",))
 def decode_step(static, leaves, tok_S, pos_S, cache, seed_S, temperature_S, top_k_S, top_p_S, rows):
   """One decode step of the first `rows` slots (the others are idle): returns the next input tokens [S]
-  (the new ones in the first `rows` places) and the cache."""
+  (the new ones in the first `rows` places), the new tokens' `token_logprobs` (`rows` rows), and the
+  cache."""
   r = slice(0, rows)
   logits, cache = merge_model(static, leaves).decode(tok_S[r], pos_S[r], cache)
   nxt = sample_rows(logits, row_keys(seed_S[r], pos_S[r] + 1), temperature_S[r], top_k_S[r], top_p_S[r])
-  return tok_S.at[r].set(nxt), cache
+  return tok_S.at[r].set(nxt), token_logprobs(logits, nxt), cache
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def score_prompt(static, leaves, tokens_1T):
+  """The log-probabilities of a prompt's tokens (right-padded to T), each given the ones before it, from
+  one forward pass (`Llama4.forward`, no cache): `token_logprobs` of tokens 1..T-1, each [T - 1, ...]."""
+  logits = merge_model(static, leaves).forward(tokens_1T)[0]  # [T, V]
+  return token_logprobs(logits[:-1], tokens_1T[0, 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("static", "batch", "length"))
