@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -582,3 +583,59 @@ def test_close_ends_idle_connections(model, tokenizer):
   srv.close()
   assert not set(threading.enumerate()) - before
   conn.close()
+
+
+def test_lm_eval_harness(server, model, tokenizer, tmp_path, monkeypatch):
+  """EleutherAI's lm-eval runs its `local-completions` model against the server on two local tasks (YAML
+  over JSONL, nothing from a hub): the per-choice log-likelihoods it reports for a multiple-choice task
+  equal those computed from `model(ids)` logits, and its greedy `generate_until` outputs equal
+  `generate`'s."""
+  lm_eval = pytest.importorskip("lm_eval")
+  from lm_eval.tasks import TaskManager
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  hf_tok = tmp_path / "tokenizer"  # the server's tokenizer.json, as transformers loads it
+  hf_tok.mkdir()
+  shutil.copy(tokenizer.path, hf_tok / "tokenizer.json")
+  (hf_tok / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+       "pad_token": "<pad>"}))
+  mc = [{"question": "def encode(self", "choices": [", o):", " = 1", "(x)"], "answer": 0},
+        {"question": "import json\nfrom", "choices": [" json import", " os", " . import x"], "answer": 1}]
+  gen = [{"prompt": "class JSONDecoder(", "target": "object):"}, {"prompt": "def dumps(", "target": "obj"}]
+  for name, rows in (("mc", mc), ("gen", gen)):
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/{{}}.jsonl\n" \
+           "test_split: test\n"
+  (tmp_path / "tiny_mc.yaml").write_text(
+      "task: tiny_mc\n" + common.format("mc") + "output_type: multiple_choice\n"
+      "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+      "metric_list:\n  - metric: acc\n")
+  (tmp_path / "tiny_gen.yaml").write_text(
+      "task: tiny_gen\n" + common.format("gen") + "output_type: generate_until\n"
+      "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+      "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 12\n  do_sample: false\n  temperature: 0\n"
+      "metric_list:\n  - metric: exact_match\n")
+  out = lm_eval.simple_evaluate(
+      model="local-completions", tasks=["tiny_mc", "tiny_gen"], log_samples=True,
+      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+      model_args=dict(model=NAME, base_url=server.url + "/v1/completions", tokenizer=str(hf_tok),
+                      tokenizer_backend="huggingface", tokenized_requests=True, max_length=CONTEXT,
+                      max_retries=1))
+  # multiple choice: lm-eval's per-choice log-likelihood against ours, from the logits of model(ids)
+  samples = out["samples"]["tiny_mc"]
+  assert len(samples) == len(mc)
+  for sample in samples:
+    for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+      # lm-eval's split: the whole text encoded, the context's tokens first
+      ids, n = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
+      ref = _reference_logprobs(model, ids)
+      want = sum(ref[t - 1, ids[t]] for t in range(n, len(ids)))
+      assert abs(float(resp[0][0]) - want) < 1e-4, (context, continuation, resp, want)
+  # generate_until: greedy, cut at the stop string, as `generate` gives
+  stop = list(server._http.stop_tokens)
+  for sample in out["samples"]["tiny_gen"]:
+    ids = tokenizer.encode(sample["doc"]["prompt"])
+    ref = tokenizer.decode([t for t in generate(model, [ids], 12, stop_tokens=stop)[0] if t not in stop])
+    assert sample["resps"][0][0] == ref.split("\n")[0], (sample["resps"], ref)
+  wait_idle(server.engine)
