@@ -2,6 +2,7 @@
 clients, continuous batching against serving one request at a time.
 
     python benchmarks/serve_load.py [--checkpoint workdir/tiny] [--clients 1 8 32] [--requests 16]
+    python benchmarks/serve_load.py --clients 1 8 --baseline_repo /tmp/old --only_continuous  # A/B
 
 The server runs in its own process (`python -m llama4_jax.serve`) on loopback; this process is the load:
 each client thread sends `--requests` streaming completions one after another (greedy, prompts of
@@ -12,7 +13,11 @@ engine in this process (no HTTP), which separates what batching gives from what 
 Tokens are the completion tokens the server reports;
 time to first token is from sending the request to the first streamed text. Without --checkpoint, the
 trained tiny model in workdir/tiny is used if present, else a randomly initialised tiny model;
-`--model moe_100m` serves a random ~100M-parameter MoE instead. Prints JSON.
+`--model moe_100m` serves a random ~100M-parameter MoE instead. `--logprobs K` asks for each token's
+log-probability and K alternatives. `--baseline_repo DIR` also runs the continuous-batching load against
+the server of another checkout (e.g. `git worktree add /tmp/old <commit>`), alternating with this one's,
+for an A/B in one run; `--only_continuous` skips the one-slot server and the engine-alone runs.
+Prints JSON.
 """
 
 from __future__ import annotations
@@ -52,10 +57,13 @@ def random_model(name: str, directory: str) -> str:
   return checkpoint
 
 
-def start_server(checkpoint: str, slots: int, max_context: int) -> tuple[subprocess.Popen, str, str]:
+def start_server(checkpoint: str, slots: int, max_context: int, repo: str = REPO
+                 ) -> tuple[subprocess.Popen, str, str]:
+  """`python -m llama4_jax.serve` of the checkout `repo` (its package comes first on the path)."""
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={checkpoint}", "--port=0",
-                           f"--slots={slots}", f"--max_context={max_context}", "--max_queue=256"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           f"--slots={slots}", f"--max_context={max_context}", "--max_queue=256"], cwd=repo,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   for line in proc.stdout:
     m = re.search(r"serve: (\S+) on http://([\d.]+:\d+) .*ready", line)
     if m:
@@ -64,12 +72,15 @@ def start_server(checkpoint: str, slots: int, max_context: int) -> tuple[subproc
   raise RuntimeError(f"the server did not start (exit {proc.wait()})")
 
 
-def one_request(address: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+def one_request(address: str, model: str, prompt: str, max_tokens: int, logprobs: int | None = None
+                ) -> tuple[float, int]:
   """(seconds to the first streamed text, completion tokens) of one streaming completion."""
   host, port = address.split(":")
   conn = http.client.HTTPConnection(host, int(port), timeout=600)
   body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
               stream_options={"include_usage": True})
+  if logprobs is not None:
+    body["logprobs"] = logprobs
   t0 = time.perf_counter()
   conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
   r = conn.getresponse()
@@ -88,7 +99,8 @@ def one_request(address: str, model: str, prompt: str, max_tokens: int) -> tuple
   return (first if first is not None else time.perf_counter() - t0), tokens
 
 
-def load(address: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+def load(address: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float,
+         logprobs: int | None = None) -> dict:
   deadline = time.perf_counter() + time_limit
   ttfts, tokens, errors = [], [0], []
   lock = threading.Lock()
@@ -98,7 +110,7 @@ def load(address: str, model: str, clients: int, requests: int, max_tokens: int,
       if time.perf_counter() > deadline:
         return
       try:
-        ttft, n = one_request(address, model, PROMPTS[(c + i) % len(PROMPTS)], max_tokens)
+        ttft, n = one_request(address, model, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, logprobs)
       except Exception as e:  # counted, not fatal: the figures say how many failed
         with lock:
           errors.append(f"{type(e).__name__}: {e}")
@@ -156,6 +168,10 @@ def main():
   p.add_argument("--max_tokens", type=int, default=64)
   p.add_argument("--max_context", type=int, default=256)
   p.add_argument("--time_limit", type=float, default=120.0, help="seconds per run")
+  p.add_argument("--logprobs", type=int, default=None, help="ask for log-probabilities (K alternatives)")
+  p.add_argument("--baseline_repo", default=None, help="also load the server of this checkout (A/B)")
+  p.add_argument("--only_continuous", action="store_true",
+                 help="only the continuous-batching server(s): no one-slot server, no engine-alone runs")
   args = p.parse_args()
   checkpoint = args.checkpoint
   trained = os.path.join(REPO, "workdir", "tiny")
@@ -166,17 +182,27 @@ def main():
   from common import emit, machine
 
   runs = []
-  for slots, clients_list in ((args.slots, args.clients), (1, [c for c in args.clients if c <= 8])):
-    proc, address, model = start_server(checkpoint, slots, args.max_context)
+  servers = [("this", REPO, args.slots, args.clients)]
+  if args.baseline_repo:  # alternately: this, baseline, this, baseline (each server started once)
+    servers.append(("baseline", os.path.abspath(args.baseline_repo), args.slots, args.clients))
+  if not args.only_continuous:
+    servers.append(("this", REPO, 1, [c for c in args.clients if c <= 8]))
+  for server, repo, slots, clients_list in servers:
+    proc, address, model = start_server(checkpoint, slots, args.max_context, repo)
     try:
       one_request(address, model, PROMPTS[0], 4)  # a first request outside the timing
       for clients in clients_list:
-        run = load(address, model, clients, args.requests, args.max_tokens, args.time_limit)
-        runs.append({"slots": slots, **run})
+        run = load(address, model, clients, args.requests, args.max_tokens, args.time_limit, args.logprobs)
+        runs.append({"server": server, "slots": slots, "logprobs": args.logprobs, **run})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     finally:
       proc.terminate()
       proc.wait(30)
+  if args.only_continuous:
+    emit({"benchmark": "serve_load", "checkpoint": checkpoint, "max_tokens": args.max_tokens,
+          "requests_per_client": args.requests, "runs": runs, "machine": machine()})
+    return
+  runs = [r for r in runs if r["server"] == "this"]
   rate = {(r["slots"], r["clients"]): r["tokens_per_s"] for r in runs}
   speedup = {f"{c}_clients": round(rate[(args.slots, c)] / rate[(1, c)], 2)
              for c in args.clients if (1, c) in rate and rate[(1, c)]}

@@ -99,7 +99,7 @@ def test_concurrent_greedy_equals_generate(server, model, tokenizer):
   rng = np.random.RandomState(0)
   lengths, news = [3, 70, 17, 40, 9, 100, 25, 5], [30, 20, 40, 25, 12, 28, 35, 18]
   prompts = [rng.randint(3, tokenizer.vocab_size, n).tolist() for n in lengths]
-  stop = list(server._http.stop_tokens)
+  stop = list(server.state.stop_tokens)
   with cf.ThreadPoolExecutor(len(prompts)) as pool:
     served = list(pool.map(lambda a: complete(server, *a), zip(prompts, news)))
   # one ragged batch gives each prompt's own tokens (test_sampler); truncated to each request's max_tokens
@@ -251,7 +251,7 @@ def stream_text(server, body):
   conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
   conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
   r = conn.getresponse()
-  assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+  assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
   events = [line[6:] for line in r.read().decode().split("\n") if line.startswith("data: ")]
   conn.close()
   assert events[-1] == "[DONE]"
@@ -290,14 +290,14 @@ def test_bad_http(server):
   assert get(server, "/v1/nothing")[0] == 404
   assert get(server, "/v1/completions")[0] == 405
   assert json.loads(get(server, "/health")[1]) == {"status": "ok"}
-  server._http.api_key = "sekrit"
+  server.state.api_key = "sekrit"
   try:
     assert post(server, "/v1/completions", dict(model=NAME, prompt="x"))[0] == 401
     assert get(server, "/v1/models", {"Authorization": "Bearer wrong"})[0] == 401
     assert get(server, "/v1/models", {"Authorization": "Bearer sekrit"})[0] == 200
     assert get(server, "/health")[0] == 200  # load balancers probe without the key
   finally:
-    server._http.api_key = None
+    server.state.api_key = None
 
 
 def _open_request(server, body):
@@ -312,17 +312,23 @@ def _open_request(server, body):
 def test_disconnects_and_errors_free_every_slot(server):
   before = complete(server, [9, 8, 7], 20)["choices"][0]["text"]
   cancelled = server.engine.stats.finished["cancelled"]
+  finished_before = dict(server.engine.stats.finished)
   long = dict(model=NAME, prompt=[4, 5, 6], max_tokens=CONTEXT - 8, temperature=0)
   socks = [_open_request(server, dict(long, stream=i % 2 == 0)) for i in range(SLOTS + 3)]
+  deadline = time.monotonic() + 30  # all in the engine: SLOTS decoding, the rest queued
+  while (server.engine.active_slots(), server.engine.queue_depth()) != (SLOTS, 3):
+    assert time.monotonic() < deadline, (server.engine.active_slots(), server.engine.queue_depth())
+    time.sleep(0.01)
   for s in socks[0:SLOTS:2]:
-    s.recv(64)  # streaming ones in slots have started answering; the rest decode or wait in the queue
+    s.recv(64)  # streaming ones have started answering
   for s in socks:
     s.close()
   for body in (dict(model=NAME, prompt="x", top_p=7), dict(model="nope", prompt="x")):
     post(server, "/v1/completions", body)
   wait_idle(server.engine)
   # every one, streaming or not, decoding or queued, was cancelled (120 tokens take longer than this)
-  assert server.engine.stats.finished["cancelled"] - cancelled == len(socks)
+  assert server.engine.stats.finished["cancelled"] - cancelled == len(socks), (
+      finished_before, server.engine.stats.finished)
   assert not server.engine._slots.pos.any()  # freed slots are back at position 0 (they widen no cache read)
   assert complete(server, [9, 8, 7], 20)["choices"][0]["text"] == before
   metrics = get(server, "/metrics")[1]
@@ -579,10 +585,64 @@ def test_close_ends_idle_connections(model, tokenizer):
   conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
   conn.request("GET", "/health")
   assert conn.getresponse().read()  # the connection stays open (HTTP/1.1 keep-alive)
-  assert len(set(threading.enumerate()) - before) == 3  # the engine, the accept loop, this connection
+  assert len(set(threading.enumerate()) - before) == 2  # the engine, the server's event loop
   srv.close()
   assert not set(threading.enumerate()) - before
   conn.close()
+
+
+def _closed_within(sock, seconds):
+  """True if the server closes `sock` (EOF, after whatever it sends) within `seconds`; the data read."""
+  sock.settimeout(seconds)
+  data = b""
+  try:
+    while chunk := sock.recv(65536):
+      data += chunk
+    return True, data
+  except socket.timeout:
+    return False, data
+  except ConnectionResetError:
+    return True, data
+
+
+def test_connection_limits(model, tokenizer):
+  """The server bounds what a client can hold (defaults: 15 s idle or stalled, 16 MiB bodies; 1 s and
+  1 KiB here): a connection that never sends a request, or half its headers, is closed; a body that
+  stalls gets 408 and the
+  connection closed; a body over the limit gets 413 from its Content-Length before any of it is sent,
+  and a chunked one as soon as it passes the limit; 200 idle connections leave a request unhindered."""
+  from llama4_jax.serving.http import Limits
+  assert (Limits().idle_timeout, Limits().body_timeout, Limits().max_body_bytes) == (15, 15, 16 << 20)
+  srv = Server(model, tokenizer, NAME, port=0, slots=1, max_length=CONTEXT, warmup=False,
+               limits=Limits(idle_timeout=1, body_timeout=1, max_body_bytes=1024)).start()
+  try:
+    silent = socket.create_connection((srv.host, srv.port))
+    assert _closed_within(silent, 5) == (True, b"")
+    half_head = socket.create_connection((srv.host, srv.port))
+    half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    assert _closed_within(half_head, 5) == (True, b"")
+    stalled = socket.create_connection((srv.host, srv.port))
+    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{\"model\": ")
+    closed, reply = _closed_within(stalled, 5)
+    assert closed and reply.startswith(b"HTTP/1.1 408"), reply
+    big = socket.create_connection((srv.host, srv.port))
+    big.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 33554432\r\n\r\n")
+    closed, reply = _closed_within(big, 5)
+    assert closed and reply.startswith(b"HTTP/1.1 413") and b"the limit is 1024" in reply, reply
+    chunked = socket.create_connection((srv.host, srv.port))
+    chunked.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + b"400\r\n" + b" " * 1024 + b"\r\n" + b"10\r\n" + b" " * 16 + b"\r\n")
+    closed, reply = _closed_within(chunked, 5)
+    assert closed and reply.startswith(b"HTTP/1.1 413"), reply
+    idle = [socket.create_connection((srv.host, srv.port)) for _ in range(200)]
+    assert complete(srv, [3, 4, 5], 4)["usage"]["completion_tokens"] == 4
+    for s in idle + [silent, half_head, stalled, big, chunked]:
+      s.close()
+    metrics = get(srv, "/metrics")[1]
+    assert re.search(r'requests_total\{endpoint="/v1/completions",status="408"\} 1', metrics), metrics
+  finally:
+    srv.close()
 
 
 def test_lm_eval_harness(server, model, tokenizer, tmp_path, monkeypatch):
@@ -633,7 +693,7 @@ def test_lm_eval_harness(server, model, tokenizer, tmp_path, monkeypatch):
       want = sum(ref[t - 1, ids[t]] for t in range(n, len(ids)))
       assert abs(float(resp[0][0]) - want) < 1e-4, (context, continuation, resp, want)
   # generate_until: greedy, cut at the stop string, as `generate` gives
-  stop = list(server._http.stop_tokens)
+  stop = list(server.state.stop_tokens)
   for sample in out["samples"]["tiny_gen"]:
     ids = tokenizer.encode(sample["doc"]["prompt"])
     ref = tokenizer.decode([t for t in generate(model, [ids], 12, stop_tokens=stop)[0] if t not in stop])

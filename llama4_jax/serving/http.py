@@ -1,49 +1,85 @@
-"""The HTTP side of the server: routes, authentication, server-sent events, client disconnects.
+"""The HTTP side of the server: FastAPI routes on uvicorn (one asyncio event loop in its own thread).
 
-Standard library only (`http.server.ThreadingHTTPServer`, HTTP/1.1 keep-alive): each connection gets a
-thread that parses and validates its request, submits it to the engine, and turns the engine's token
-events into text (non-streaming JSON, or SSE in chunked transfer encoding). The device work happens on
-the engine's one thread; handler threads only wait, so dozens of concurrent clients cost little.
+A request is read and checked (`schemas.py` for field types, `api.py` for values), submitted to the
+engine, and answered from the engine's token events, which the engine thread hands to the event loop
+(`_Events`): one JSON body, or server-sent events. The device work happens on the engine's one thread;
+the event loop only waits, so idle or slow connections cost no thread.
 
-A client that goes away (a failed write while streaming, or a closed socket seen while waiting) cancels
-its requests, and the engine frees their slots at its next step.
+Connections are bounded in time and size (`Limits`): a connection that sends no request for
+`idle_timeout` seconds (15 s by default; also between requests on a keep-alive connection), or whose
+request line and headers are not complete that long after their first byte, is closed; a body that stalls for `body_timeout` seconds gets 408; a body over `max_body_bytes` gets 413 before it is
+read (from its Content-Length, or as soon as the bytes read pass the limit). A client that goes away
+(a closed socket while it waits, or a failed write while streaming) cancels its requests, and the
+engine frees their slots at its next step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import json
 import logging
-import queue
-import select
 import socket
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import AsyncIterator
 
-from llama4_jax.serving import api
+import h11
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from llama4_jax.serving import api, schemas
 from llama4_jax.serving.engine import Engine, QueueFull, Request
 from llama4_jax.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from llama4_jax.serving.text import TextStream
 from llama4_jax.tokenizer import stop_ids
 
-MAX_BODY_BYTES = 16 << 20
-_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+
+@dataclasses.dataclass
+class Limits:
+  """How long and how large a client may be: see the module docstring."""
+  idle_timeout: float = 15.0
+  body_timeout: float = 15.0
+  max_body_bytes: int = 16 << 20
+
+
+_POLL_S = 0.05  # how often a non-streaming call checks that its client is still there
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 class ClientGone(Exception):
   pass
 
 
+class _Events:
+  """One HTTP call's engine events: the engine thread `put`s them, the event loop awaits `queue`."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self._loop, self.queue = loop, asyncio.Queue()
+
+  def put(self, event) -> None:
+    try:
+      self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    except RuntimeError:  # the loop has closed: the server is gone, and so is the client
+      pass
+
+
+Delta = tuple[int, str, "str | None", "list[api.Entry] | None"]
+
+
 class Generation:
   """The requests of one HTTP call (one per choice: n per prompt), and their text as it is produced."""
 
-  def __init__(self, engine: Engine, tokenizer, parsed: api.Parsed):
+  def __init__(self, engine: Engine, tokenizer, parsed: api.Parsed, loop: asyncio.AbstractEventLoop):
     self.parsed = parsed
     self._engine = engine
-    self._events: queue.Queue = queue.Queue()
+    self._events = _Events(loop)
     self.requests = [Request(job.prompt, job.params, self._events, tag=i) for i, job in enumerate(parsed.jobs)]
     self.streams = [TextStream(tokenizer, job.stop) for job in parsed.jobs]
     self.tokens = [0] * len(self.requests)
@@ -73,284 +109,310 @@ class Generation:
     out, self._pending[tag] = self._pending[tag], []
     return out if self.logprobs[tag] else None
 
-  def deltas(self, client_gone) -> Iterator[tuple[int, str, str | None, list[api.Entry] | None]]:
+  def _handle(self, event) -> Delta | None:
+    """One engine event as a delta of its choice's text, if it makes one."""
+    tag, kind, value, info = event
+    if self.reasons[tag] is not None:  # finished here already (a stop string)
+      return None
+    if kind == "error":
+      raise api.APIError(500, f"generation failed: {value}", "server_error")
+    if kind == "prompt":  # echo
+      prompt = list(zip(self.requests[tag].prompt, info))
+      return tag, self.parsed.prompt_texts[tag], None, prompt if self.logprobs[tag] else None
+    if kind == "token":
+      self.tokens[tag] += 1
+      if value in self.requests[tag].params.stop_tokens:
+        return None  # the engine ends the request; a stop token has no text
+      self._pending[tag].append((value, info))
+      text = self.streams[tag].push(value)
+      if self.streams[tag].stopped:
+        self.requests[tag].cancel()  # a stop string: free the slot now
+        self.reasons[tag] = "stop"
+        return tag, text, "stop", self._take(tag)
+      return (tag, text, None, self._take(tag)) if text else None
+    self.reasons[tag] = "stop" if value == "stop" else "length"  # done
+    return tag, self.streams[tag].flush(), self.reasons[tag], self._take(tag)
+
+  async def deltas(self, client_gone=None) -> AsyncIterator[Delta]:
     """Yields (choice index, new text, finish reason or None, the tokens behind the text with their
     log-probabilities, or None when the choice did not ask for them) until every choice has finished;
-    with echo, first (index, prompt text, None, the prompt's tokens).
-    Raises ClientGone (after cancelling) when `client_gone()` says so, APIError if the engine failed."""
-    pending, checked = len(self.requests), time.monotonic()
+    with echo, first (index, prompt text, None, the prompt's tokens). `client_gone` (a callable) is
+    polled while waiting: ClientGone once it says so. Cancels what is unfinished when it stops early
+    (ClientGone, an engine error, or the caller's cancellation)."""
     try:
-      while pending:
-        if time.monotonic() - checked > _POLL_S:
-          checked = time.monotonic()
+      while any(reason is None for reason in self.reasons):
+        if client_gone is None:
+          event = await self._events.queue.get()
+        else:
           if client_gone():
             raise ClientGone()
-        try:
-          tag, kind, value, info = self._events.get(timeout=_POLL_S)
-        except queue.Empty:
-          continue
-        if self.reasons[tag] is not None:  # finished here already (a stop string)
-          continue
-        if kind == "error":
-          raise api.APIError(500, f"generation failed: {value}", "server_error")
-        if kind == "prompt":  # echo
-          prompt = list(zip(self.requests[tag].prompt, info))
-          yield tag, self.parsed.prompt_texts[tag], None, prompt if self.logprobs[tag] else None
-        elif kind == "token":
-          self.tokens[tag] += 1
-          if value in self.requests[tag].params.stop_tokens:
-            continue  # the engine ends the request; a stop token has no text
-          self._pending[tag].append((value, info))
-          text = self.streams[tag].push(value)
-          if self.streams[tag].stopped:
-            self.requests[tag].cancel()  # a stop string: free the slot now
-            self.reasons[tag], pending = "stop", pending - 1
-            yield tag, text, "stop", self._take(tag)
-          elif text:
-            yield tag, text, None, self._take(tag)
-        else:  # done
-          self.reasons[tag], pending = ("stop" if value == "stop" else "length"), pending - 1
-          yield tag, self.streams[tag].flush(), self.reasons[tag], self._take(tag)
+          try:
+            event = await asyncio.wait_for(self._events.queue.get(), _POLL_S)
+          except asyncio.TimeoutError:
+            continue
+        delta = self._handle(event)
+        if delta is not None:
+          yield delta
     finally:
-      if pending:
+      if any(reason is None for reason in self.reasons):
         self.cancel()
 
   def usage(self) -> dict:
     return api.usage(self.parsed.prompt_tokens, sum(self.tokens))
 
 
-class _Handler(BaseHTTPRequestHandler):
-  protocol_version = "HTTP/1.1"
-  server_version = "llama4_jax"
-  server: "_HTTPServer"
+@dataclasses.dataclass
+class ServerState:
+  """What the routes read: the engine, tokenizer, served name, API key (None: open) and metrics."""
+  engine: Engine
+  tokenizer: object
+  model_name: str
+  api_key: str | None
+  metrics: ServerMetrics
+  stop_tokens: tuple[int, ...]
+  limits: Limits
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-  def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-    logging.debug("%s %s", self.address_string(), format % args)
 
-  def do_GET(self):
-    self._dispatch("GET")
+def _json(status: int, obj, close: bool = False) -> JSONResponse:
+  return JSONResponse(obj, status_code=status, headers={"Connection": "close"} if close else None)
 
-  def do_POST(self):
-    self._dispatch("POST")
 
-  def _dispatch(self, method: str) -> None:
-    path = self.path.split("?", 1)[0].rstrip("/") or "/"
-    routes = {("GET", "/health"): self._health, ("GET", "/metrics"): self._metrics,
-              ("GET", "/v1/models"): self._models, ("POST", "/v1/completions"): self._completions,
-              ("POST", "/v1/chat/completions"): self._chat}
-    endpoint = path if any(p == path for _, p in routes) else "other"
-    status = 500
-    try:
-      if path.startswith("/v1/models/") and method == "GET":
-        endpoint, handler = "/v1/models/{id}", self._model
-      elif (method, path) in routes:
-        handler = routes[(method, path)]
-      elif endpoint != "other":
-        raise api.APIError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-      else:
-        raise api.APIError(404, f"no route {method} {path}; this server has /v1/completions, "
-                           "/v1/chat/completions, /v1/models, /health and /metrics", code="not_found")
-      if path != "/health":
-        self._authorize()
-      status = handler() or 200
-    except api.APIError as e:
-      status = e.status
-      self._send_json(e.status, e.body())
-    except (BrokenPipeError, ConnectionResetError, ClientGone):
-      status, self.close_connection = 499, True  # the client closed the connection
-    except Exception as e:  # a bug: answer 500, keep serving
-      logging.exception("request failed")
-      status = 500
-      try:
-        self._send_json(500, api.APIError(500, f"internal error: {type(e).__name__}: {e}",
-                                          "server_error").body())
-      except OSError:
-        self.close_connection = True
-    finally:
-      self.server.metrics.count_request(endpoint, status)
+def create_app(state: ServerState) -> FastAPI:
+  """The routes: /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics."""
+  app = FastAPI(title="llama4_jax", docs_url=None, redoc_url=None, openapi_url=None)
 
-  # --- plumbing ------------------------------------------------------------------------------------------
-  def _authorize(self) -> None:
-    key = self.server.api_key
-    if key is None:
+  @app.exception_handler(api.APIError)
+  async def api_error(_, e: api.APIError):
+    return _json(e.status, e.body(), close=e.status in (408, 413))
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request: HTTPRequest, e: HTTPException):
+    if e.status_code == 404:
+      e = api.APIError(404, f"no route {request.method} {request.url.path}; this server has "
+                       f"{', '.join(ROUTES[1:])} and /health", code="not_found")
+    elif e.status_code == 405:
+      e = api.APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                       code="method_not_allowed")
+    else:
+      e = api.APIError(e.status_code, str(e.detail))
+    return _json(e.status, e.body())
+
+  @app.exception_handler(ClientDisconnect)
+  async def client_gone(_, e: ClientDisconnect):  # it closed before its request was read: nothing to do
+    return Response(status_code=499)
+
+  @app.exception_handler(RequestValidationError)
+  async def validation_error(_, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return _json(400, api.invalid(param, first.get("msg", "invalid request")).body())
+
+  def authorize(request: HTTPRequest) -> None:
+    if state.api_key is None:
       return
-    given = self.headers.get("Authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())):
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(),
+                                                                state.api_key.encode())):
       raise api.APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                          code="invalid_api_key")
 
-  def _body(self) -> dict:
-    length = self.headers.get("Content-Length")
-    if length is None:
-      self.close_connection = True
-      raise api.APIError(411, "a Content-Length header is required")
+  async def body(request: HTTPRequest, schema) -> dict:
+    raw = await request.body()
     try:
-      n = int(length)
-    except ValueError:
-      self.close_connection = True
-      raise api.APIError(400, f"bad Content-Length {length!r}") from None
-    if n > MAX_BODY_BYTES:
-      self.close_connection = True
-      raise api.APIError(413, f"the body is {n} bytes; the limit is {MAX_BODY_BYTES}")
-    raw = self.rfile.read(n)
-    try:
-      body = json.loads(raw)
+      out = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
       raise api.APIError(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-      raise api.APIError(400, f"the body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if not isinstance(model, str):
+    if not isinstance(out, dict):
+      raise api.APIError(400, f"the body must be a JSON object, got {type(out).__name__}")
+    if not isinstance(out.get("model"), str):
       raise api.invalid("model", "'model' is required (a string); GET /v1/models lists it")
-    if model != self.server.model_name:
-      raise api.APIError(404, f"The model '{model}' does not exist; this server serves "
-                         f"'{self.server.model_name}'", param="model", code="model_not_found")
-    return body
+    schemas.validate(schema, out)
+    if out["model"] != state.model_name:
+      raise api.APIError(404, f"The model '{out['model']}' does not exist; this server serves "
+                         f"'{state.model_name}'", param="model", code="model_not_found")
+    return out
 
-  def _send_json(self, status: int, obj, content_type: str = "application/json") -> None:
-    data = (obj if isinstance(obj, str) else json.dumps(obj)).encode()
-    self.send_response(status)
-    self.send_header("Content-Type", content_type)
-    self.send_header("Content-Length", str(len(data)))
-    if self.close_connection:
-      self.send_header("Connection", "close")
-    self.end_headers()
-    self.wfile.write(data)
+  @app.get("/health")
+  async def health():
+    return {"status": "ok"}
 
-  def _client_gone(self) -> bool:
-    """True once the client has closed its end (readable with nothing to read)."""
-    try:
-      readable, _, _ = select.select([self.connection], [], [], 0)
-      return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-      return True
+  @app.get("/metrics")
+  async def metrics(request: HTTPRequest):
+    authorize(request)
+    return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-  # --- routes -------------------------------------------------------------------------------------------
-  def _health(self):
-    self._send_json(200, {"status": "ok"})
+  @app.get("/v1/models")
+  async def models(request: HTTPRequest):
+    authorize(request)
+    return api.models_response(state.model_name, state.created)
 
-  def _metrics(self):
-    self._send_json(200, self.server.metrics.render(), METRICS_CONTENT_TYPE)
-
-  def _models(self):
-    self._send_json(200, api.models_response(self.server.model_name, self.server.created))
-
-  def _model(self):
-    name = self.path.split("?", 1)[0].rstrip("/")[len("/v1/models/"):]
-    if name != self.server.model_name:
+  @app.get("/v1/models/{name:path}")
+  async def model(name: str, request: HTTPRequest):
+    authorize(request)
+    if name != state.model_name:
       raise api.APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-    self._send_json(200, api.model_object(name, self.server.created))
+    return api.model_object(name, state.created)
 
-  def _completions(self):
-    return self._generate(chat=False)
+  @app.post("/v1/completions")
+  async def completions(request: HTTPRequest):
+    return await generate(request, chat=False)
 
-  def _chat(self):
-    return self._generate(chat=True)
+  @app.post("/v1/chat/completions")
+  async def chat(request: HTTPRequest):
+    return await generate(request, chat=True)
 
-  def _generate(self, chat: bool):
-    s = self.server
-    body = self._body()
+  async def generate(request: HTTPRequest, chat: bool):
+    authorize(request)
     parse = api.parse_chat if chat else api.parse_completion
-    parsed = parse(body, s.tokenizer, s.engine.max_length, s.stop_tokens)
-    gen = Generation(s.engine, s.tokenizer, parsed)
+    parsed = parse(await body(request, schemas.ChatRequest if chat else schemas.CompletionRequest),
+                   state.tokenizer, state.engine.max_length, state.stop_tokens)
+    gen = Generation(state.engine, state.tokenizer, parsed, asyncio.get_running_loop())
     gen.submit()
     rid = api.request_id("chatcmpl" if chat else "cmpl")
     if parsed.stream:
-      return self._stream(gen, rid, chat)
+      return StreamingResponse(stream(gen, rid, chat), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
     texts = [""] * len(gen.requests)
     entries: list[list | None] = [[] if lp else None for lp in gen.logprobs]
-    for i, text, _, tokens in gen.deltas(self._client_gone):
-      texts[i] += text
-      if tokens is not None:
-        entries[i] += tokens
-    logprobs = [api.logprobs_object(s.tokenizer, e, chat) for e in entries]
-    self._send_json(200, api.completion_response(rid, s.model_name, texts, gen.reasons, gen.usage(), chat,
-                                                 logprobs))
+    watcher = asyncio.create_task(_disconnect(request))
+    try:
+      async for i, text, _, tokens in gen.deltas(watcher.done):
+        texts[i] += text
+        if tokens is not None:
+          entries[i] += tokens
+    except ClientGone:
+      return Response(status_code=499)  # nobody reads it: counted as "client closed the request"
+    finally:
+      watcher.cancel()
+    logprobs = [api.logprobs_object(state.tokenizer, e, chat) for e in entries]
+    return api.completion_response(rid, state.model_name, texts, gen.reasons, gen.usage(), chat, logprobs)
 
-  def _stream(self, gen: Generation, rid: str, chat: bool):
-    name = self.server.model_name
-    self.send_response(200)
-    self.send_header("Content-Type", "text/event-stream")
-    self.send_header("Cache-Control", "no-cache")
-    self.send_header("Transfer-Encoding", "chunked")
-    self.end_headers()
+  async def stream(gen: Generation, rid: str, chat: bool) -> AsyncIterator[str]:
+    """Server-sent events; Starlette cancels this generator when the client goes away, and `deltas`
+    then cancels the requests."""
+    name = state.model_name
 
-    def event(obj):
-      data = f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
-      self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-      self.wfile.flush()
+    def event(obj) -> str:
+      return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
     try:
       if chat:
         for i in range(len(gen.requests)):
-          event(api.chunk(rid, name, i, None, None, chat, role=True))
+          yield event(api.chunk(rid, name, i, None, None, chat, role=True))
       offsets = [0] * len(gen.requests)  # text_offset of each choice's next token
-      for i, text, reason, tokens in gen.deltas(self._client_gone):
-        logprobs = api.logprobs_object(self.server.tokenizer, tokens, chat, offsets[i]) if tokens else None
+      async for i, text, reason, tokens in gen.deltas():
+        logprobs = api.logprobs_object(state.tokenizer, tokens, chat, offsets[i]) if tokens else None
         if logprobs and not chat:
           offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         if text or logprobs:
-          event(api.chunk(rid, name, i, text, None, chat, logprobs=logprobs))
+          yield event(api.chunk(rid, name, i, text, None, chat, logprobs=logprobs))
         if reason:
-          event(api.chunk(rid, name, i, None, reason, chat))
+          yield event(api.chunk(rid, name, i, None, reason, chat))
       if gen.parsed.include_usage:
-        event(api.chunk(rid, name, None, None, None, chat, usage_=gen.usage()))
+        yield event(api.chunk(rid, name, None, None, None, chat, usage_=gen.usage()))
     except api.APIError as e:  # headers are sent: report it in the stream, as OpenAI does
-      event(e.body())
-    except (BrokenPipeError, ConnectionResetError):
-      gen.cancel()
-      raise
-    event("[DONE]")
-    self.wfile.write(b"0\r\n\r\n")
-    self.wfile.flush()
+      yield event(e.body())
+    yield event("[DONE]")
+
+  return Limited(app, state)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-  """One daemon thread per connection (a process that never calls `close` still exits), which `close`
-  wakes and joins (`end_connections`): a handler thread left blocked in a read on an idle keep-alive
-  connection when the interpreter exits can abort the process (glibc: "FATAL: exception not rethrown")."""
-  daemon_threads = True
-  allow_reuse_address = True
-  request_queue_size = 512  # the listen backlog: bursts of connections are not refused
+async def _disconnect(request: HTTPRequest) -> None:
+  """Returns once the client has gone (its body is read: the next message is the disconnect)."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._connections: dict[socket.socket, threading.Thread] = {}
-    self._connections_lock = threading.Lock()
 
-  def process_request(self, request, client_address):
-    thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                              name=f"llama4_jax-http-{client_address[1]}", daemon=True)
-    with self._connections_lock:
-      self._connections[request] = thread
-    thread.start()
+def _endpoint(path: str) -> str:
+  path = path.rstrip("/") or "/"
+  if path in ROUTES:
+    return path
+  return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
-  def shutdown_request(self, request):
-    with self._connections_lock:
-      self._connections.pop(request, None)
-    super().shutdown_request(request)
 
-  def end_connections(self, timeout: float = 10.0) -> None:
-    """Shuts down every open connection's socket and joins its handler thread."""
-    with self._connections_lock:
-      connections = list(self._connections.items())
-    for sock, _ in connections:
+class Limited:
+  """ASGI middleware around the app: the body's size and time limits, and each answer counted in the
+  metrics by endpoint and status (499: the client left before an answer)."""
+
+  def __init__(self, app, state: ServerState):
+    self.app, self.state = app, state
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    status = None
+
+    async def send_counted(message):
+      nonlocal status
+      if message["type"] == "http.response.start":
+        status = message["status"]
+      await send(message)
+
+    limits = self.state.limits
+    try:
+      length = dict(scope["headers"]).get(b"content-length")
+      if length is not None and int(length) > limits.max_body_bytes:
+        error = api.APIError(413, f"the body is {int(length)} bytes; the limit is {limits.max_body_bytes}")
+        return await _json(413, error.body(), close=True)(scope, receive, send_counted)
+      await self.app(scope, self._limited(receive), send_counted)
+    except ValueError:  # a Content-Length that is not a number
+      return await _json(400, api.APIError(400, "bad Content-Length").body(), close=True)(
+          scope, receive, send_counted)
+    finally:
+      self.state.metrics.count_request(_endpoint(scope["path"]), status or 499)
+
+  def _limited(self, receive):
+    limits, done, read = self.state.limits, False, 0
+
+    async def wrapped():
+      nonlocal done, read
+      if done:  # the body is in: from here on only a disconnect comes, whenever it does
+        return await receive()
       try:
-        sock.shutdown(socket.SHUT_RDWR)
-      except OSError:  # already closed by the client
-        pass
-    for _, thread in connections:
-      thread.join(timeout)
+        message = await asyncio.wait_for(receive(), limits.body_timeout)
+      except asyncio.TimeoutError:
+        raise api.APIError(408, f"the request body stalled: nothing arrived for {limits.body_timeout:g} "
+                           "s") from None
+      if message["type"] == "http.request":
+        read += len(message.get("body", b""))
+        if read > limits.max_body_bytes:
+          raise api.APIError(413, f"the body is over the limit of {limits.max_body_bytes} bytes")
+        done = not message.get("more_body", False)
+      else:
+        done = True
+      return message
 
-  def handle_error(self, request, client_address):
-    if isinstance(sys.exc_info()[1], ConnectionError):  # a client hung up between requests: routine
-      logging.debug("connection from %s closed: %s", client_address, sys.exc_info()[1])
-      return
-    super().handle_error(request, client_address)
+    return wrapped
+
+
+class _Protocol(H11Protocol):
+  """uvicorn's h11 protocol, with its keep-alive timeout (our idle timeout) also armed when a connection
+  opens and while a request line and headers arrive: uvicorn starts it only after a first answer and
+  stops it at the first byte, so a connection that never sent a request, or sent half its headers, was
+  held forever. The headers must be complete within the idle timeout of their first byte."""
+
+  def connection_made(self, transport) -> None:
+    super().connection_made(transport)
+    self._head_started: float | None = None
+    self._arm(self.timeout_keep_alive)
+
+  def data_received(self, data: bytes) -> None:
+    super().data_received(data)
+    if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # headers incomplete
+      if self._head_started is None:
+        self._head_started = self.loop.time()
+      self._arm(max(0.0, self._head_started + self.timeout_keep_alive - self.loop.time()))
+    else:
+      self._head_started = None
+
+  def _arm(self, seconds: float) -> None:
+    self._unset_keepalive_if_required()
+    self.timeout_keep_alive_task = self.loop.call_later(seconds, self.timeout_keep_alive_handler)
 
 
 class Server:
-  """The OpenAI-compatible server: an `Engine` plus HTTP handler threads.
+  """The OpenAI-compatible server: an `Engine` plus FastAPI on uvicorn in a background thread.
 
       server = Server(model, tokenizer, "tiny", port=0, slots=8).start()   # port 0: any free port
       ... requests to server.url + "/v1/completions" ...
@@ -359,17 +421,23 @@ class Server:
 
   def __init__(self, model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                slots: int = 8, max_length: int | None = None, max_queue: int = 64,
-               api_key: str | None = None, warmup: bool = True):
+               api_key: str | None = None, warmup: bool = True, limits: Limits | None = None):
     cfg = model.config
     self.engine = Engine(model, slots, max_length or min(cfg.max_position_embeddings, 4096), max_queue)
     if warmup:
       self.engine.warmup()
-    self._http = _HTTPServer((host, port), _Handler)
-    h = self._http
-    h.engine, h.tokenizer, h.model_name, h.api_key = self.engine, tokenizer, model_name, api_key or None
-    h.metrics, h.created = ServerMetrics(self.engine), int(time.time())
-    h.stop_tokens = stop_tokens(model, tokenizer)
-    self.host, self.port = self._http.server_address[:2]
+    limits = limits or Limits()
+    self.state = ServerState(self.engine, tokenizer, model_name, api_key or None, ServerMetrics(self.engine),
+                             stop_tokens(model, tokenizer), limits)
+    self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self._socket.bind((host, port))
+    self._socket.listen(512)  # connections wait in the backlog until `start` serves them
+    self.host, self.port = self._socket.getsockname()[:2]
+    config = uvicorn.Config(create_app(self.state), http=_Protocol, lifespan="off", access_log=False,
+                            log_level="warning", timeout_keep_alive=limits.idle_timeout, backlog=512,
+                            timeout_graceful_shutdown=5)
+    self._uvicorn = uvicorn.Server(config)
     self._thread: threading.Thread | None = None
 
   @property
@@ -381,25 +449,30 @@ class Server:
     until `server.engine.start()` (tests use it to fill the queue deterministically)."""
     if engine:
       self.engine.start()
-    self._thread = threading.Thread(target=self._http.serve_forever, name="llama4_jax-http", daemon=True)
+    self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]},
+                                    name="llama4_jax-http", daemon=True)
     self._thread.start()
+    while not self._uvicorn.started and self._thread.is_alive():
+      time.sleep(0.01)
     return self
 
   def serve_forever(self) -> None:
-    self.engine.start()
+    """Serves until interrupted (KeyboardInterrupt, or SystemExit from a signal handler), then closes."""
+    self.start()
     try:
-      self._http.serve_forever()
+      while self._thread.is_alive():
+        self._thread.join(0.5)
     finally:
       self.close()
 
   def close(self) -> None:
-    """Stops accepting, fails what is in flight, ends open connections and joins their threads."""
-    if self._thread is not None:  # serve_forever runs in our thread: stop it
-      self._http.shutdown()
-      self._thread.join()
+    """Fails what is in flight, stops accepting, ends open connections and joins the server's thread."""
     self.engine.shutdown()
-    self._http.end_connections()
-    self._http.server_close()
+    if self._thread is not None:
+      self._uvicorn.should_exit = True
+      self._thread.join(30)
+    self._socket.close()
+    logging.debug("server on %s closed", self.url)
 
 
 def stop_tokens(model, tokenizer) -> tuple[int, ...]:
