@@ -3,6 +3,7 @@ clients, continuous batching against serving one request at a time.
 
     python benchmarks/serve_load.py [--checkpoint workdir/tiny] [--clients 1 8 32] [--requests 16]
     python benchmarks/serve_load.py --clients 1 8 --baseline_repo /tmp/old --only_continuous  # A/B
+    python benchmarks/serve_load.py --shared_prefix 2000 --max_context 4096 --clients 1 8
 
 The server runs in its own process (`python -m llama4_jax.serve`) on loopback; this process is the load:
 each client thread sends `--requests` streaming completions one after another (greedy, prompts of
@@ -17,7 +18,9 @@ trained tiny model in workdir/tiny is used if present, else a randomly initialis
 log-probability and K alternatives. `--baseline_repo DIR` also runs the continuous-batching load against
 the server of another checkout (e.g. `git worktree add /tmp/old <commit>`), alternating with this one's,
 for an A/B in one run; `--only_continuous` skips the one-slot server and the engine-alone runs.
-Prints JSON.
+`--shared_prefix N`: every prompt is the same N-token "system prompt" followed by its own 50-token user
+turn (token ids from the built-in corpus), served with the prefix cache off and on
+(`--prefix_cache_tokens`); the time to first token is what it changes. Prints JSON.
 """
 
 from __future__ import annotations
@@ -57,13 +60,13 @@ def random_model(name: str, directory: str) -> str:
   return checkpoint
 
 
-def start_server(checkpoint: str, slots: int, max_context: int, repo: str = REPO
+def start_server(checkpoint: str, slots: int, max_context: int, repo: str = REPO, extra=()
                  ) -> tuple[subprocess.Popen, str, str]:
   """`python -m llama4_jax.serve` of the checkout `repo` (its package comes first on the path)."""
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={checkpoint}", "--port=0",
-                           f"--slots={slots}", f"--max_context={max_context}", "--max_queue=256"], cwd=repo,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                           f"--slots={slots}", f"--max_context={max_context}", "--max_queue=256", *extra],
+                          cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   for line in proc.stdout:
     m = re.search(r"serve: (\S+) on http://([\d.]+:\d+) .*ready", line)
     if m:
@@ -100,7 +103,7 @@ def one_request(address: str, model: str, prompt: str, max_tokens: int, logprobs
 
 
 def load(address: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float,
-         logprobs: int | None = None) -> dict:
+         logprobs: int | None = None, prompts=PROMPTS) -> dict:
   deadline = time.perf_counter() + time_limit
   ttfts, tokens, errors = [], [0], []
   lock = threading.Lock()
@@ -110,7 +113,8 @@ def load(address: str, model: str, clients: int, requests: int, max_tokens: int,
       if time.perf_counter() > deadline:
         return
       try:
-        ttft, n = one_request(address, model, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, logprobs)
+        ttft, n = one_request(address, model, prompts[(c * requests + i) % len(prompts)], max_tokens,
+                              logprobs)
       except Exception as e:  # counted, not fatal: the figures say how many failed
         with lock:
           errors.append(f"{type(e).__name__}: {e}")
@@ -155,6 +159,39 @@ def engine_only(model, prompts: list[list[int]], slots: int, clients: int, reque
           "tokens_per_s": round(tokens[0] / seconds, 1)}
 
 
+def shared_prefix(args, checkpoint: str) -> None:
+  """TTFT of prompts sharing an N-token prefix (+ 50 tokens of their own), prefix cache off vs on."""
+  from common import emit, machine
+  from llama4_jax.data.sources import builtin_corpus
+  from llama4_jax.tokenizer import tokenizer_for
+  tokenizer = tokenizer_for(checkpoint)
+  docs = builtin_corpus()
+  ids = [t for i in range(len(docs)) for t in tokenizer.encode(docs[i])][: args.shared_prefix + 50 * 64]
+  shared = ids[: args.shared_prefix]
+  turns = [ids[args.shared_prefix + 50 * k: args.shared_prefix + 50 * (k + 1)] for k in range(64)]
+  prompts = [shared + turn for turn in turns]  # each request its own user turn
+  runs = []
+  for cache_tokens in (0, 16 * args.max_context):
+    proc, address, model = start_server(checkpoint, args.slots, args.max_context,
+                                        extra=[f"--prefix_cache_tokens={cache_tokens}"])
+    try:
+      one_request(address, model, prompts[-1], 4)  # outside the timing (with the cache: fills it)
+      for clients in args.clients:
+        run = load(address, model, clients, args.requests, args.max_tokens, args.time_limit,
+                   prompts=prompts[:-1])
+        runs.append({"prefix_cache_tokens": cache_tokens, **run})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    finally:
+      proc.terminate()
+      proc.wait(30)
+  ttft = {(r["prefix_cache_tokens"] > 0, r["clients"]): r["ttft_p50_ms"] for r in runs}
+  emit({"benchmark": "serve_load_shared_prefix", "checkpoint": checkpoint, "shared_prefix": len(shared),
+        "user_turn": 50, "max_tokens": args.max_tokens, "runs": runs,
+        "ttft_p50_off_over_on": {f"{c}_clients": round(ttft[(False, c)] / ttft[(True, c)], 2)
+                                 for c in args.clients if ttft.get((True, c))},
+        "machine": machine()})
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", default=None, help="a checkpoint to serve (default: see --model)")
@@ -172,6 +209,8 @@ def main():
   p.add_argument("--baseline_repo", default=None, help="also load the server of this checkout (A/B)")
   p.add_argument("--only_continuous", action="store_true",
                  help="only the continuous-batching server(s): no one-slot server, no engine-alone runs")
+  p.add_argument("--shared_prefix", type=int, default=0,
+                 help="N: prompts share an N-token prefix; compare the prefix cache off and on")
   args = p.parse_args()
   checkpoint = args.checkpoint
   trained = os.path.join(REPO, "workdir", "tiny")
@@ -181,6 +220,8 @@ def main():
     checkpoint = random_model(args.model, tempfile.mkdtemp(prefix=f"serve_load_{args.model}_"))
   from common import emit, machine
 
+  if args.shared_prefix:
+    return shared_prefix(args, checkpoint)
   runs = []
   servers = [("this", REPO, args.slots, args.clients)]
   if args.baseline_repo:  # alternately: this, baseline, this, baseline (each server started once)

@@ -38,6 +38,10 @@ _SLOTS = flags.DEFINE_integer("slots", 8, "Decode slots: requests generated at t
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Prompt + completion tokens per request (default: "
                                     "min(max_position_embeddings, 4096)). Sets the KV cache size.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; beyond, 429.")
+_PREFIX_CACHE = flags.DEFINE_integer("prefix_cache_tokens", 0, "Keep the KV cache of long prompts' "
+                                     "prefixes (in whole 256-token pieces) for later prompts that start the "
+                                     "same way, up to this many tokens of cache rows (each snapshot is a "
+                                     "whole row: --max_context tokens). 0: off.")
 _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' (default: "
                                "$LLAMA4_JAX_API_KEY; none: open).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
@@ -78,7 +82,7 @@ def main(argv):
         "decode steps", flush=True)
   api_key = _API_KEY.value or os.environ.get(API_KEY_ENV)
   server = Server(model, tokenizer, name, _HOST.value, _PORT.value, _SLOTS.value, _MAX_CONTEXT.value,
-                  _MAX_QUEUE.value, api_key)
+                  _MAX_QUEUE.value, api_key, prefix_cache_tokens=_PREFIX_CACHE.value)
   e = server.engine
   print(f"serve: {name} on {server.url} ({e.slots} slots x {e.max_length} tokens, queue {e.max_queue}"
         f"{', API key required' if api_key else ''}); ready after "

@@ -699,3 +699,46 @@ def test_lm_eval_harness(server, model, tokenizer, tmp_path, monkeypatch):
     ref = tokenizer.decode([t for t in generate(model, [ids], 12, stop_tokens=stop)[0] if t not in stop])
     assert sample["resps"][0][0] == ref.split("\n")[0], (sample["resps"], ref)
   wait_idle(server.engine)
+
+
+def test_prefix_cache_lru():
+  from llama4_jax.serving.prefix_cache import PrefixCache
+  cache = PrefixCache(capacity_tokens=2 * 100, block=4, row_tokens=100)  # room for two rows
+  a = list(range(3, 20))
+  cache.put(a, 4, {"r": 4})
+  cache.put(a, 8, {"r": 8})
+  assert cache.longest(a + [1]) == (8, {"r": 8}) and cache.longest(a[:8]) == (4, {"r": 4})  # < the prompt
+  cache.put(a, 12, {"r": 12})  # evicts the least recently used: the 8-token one (4 was looked up after it)
+  assert len(cache) == 2 and cache.longest(a) == (12, {"r": 12})
+  assert cache.longest(a[:9] + [0]) == (4, {"r": 4})
+  assert cache.longest([3, 4, 5, 99, 7]) == (0, None) and not cache.wants(a, 6)  # not a whole block
+  assert PrefixCache(0, 4, 100).longest(a) == (0, None)  # off
+
+
+def test_prefix_cache_gives_the_same_tokens(model):
+  """Prompts sharing a 70-token prefix, with the prefix cache (blocks of 32 tokens: it keeps rows after
+  32 and 64) and without: the same tokens, greedy and sampled, and every request after the first
+  prefills only what follows its 64 cached tokens. The model's chunked layers (chunk 16) see the cached
+  ring buffer of positions 48-63 continued."""
+  from llama4_jax.serving.prefix_cache import PrefixCache
+  rng = np.random.RandomState(7)
+  shared = rng.randint(3, model.config.vocab_size, 70).tolist()
+  prompts = [shared + rng.randint(3, model.config.vocab_size, n).tolist() for n in (5, 9, 20)]
+  wanted = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.8, seed=3)]
+
+  def run(capacity):
+    engine = Engine(model, slots=2, max_length=CONTEXT, prefix_cache_tokens=capacity)
+    engine.policy.buckets = [16, 32]  # pieces (and cache blocks) of 32 tokens in a 128-token context
+    engine.prefix = PrefixCache(capacity, 32, CONTEXT)
+    engine.start()
+    try:
+      out = [collect(engine.submit(Request(p, s))) for p in prompts for s in wanted]
+      return out, engine.stats, engine.prefix
+    finally:
+      engine.shutdown()
+
+  without, stats_off, _ = run(0)
+  with_cache, stats_on, cache = run(4 * CONTEXT)
+  assert with_cache == without
+  assert stats_off.prefix_reused_tokens == 0 and stats_on.prefix_reused_tokens == 64 * 5
+  assert stats_on.prompt_tokens == stats_off.prompt_tokens - 64 * 5 and cache.hits == 5

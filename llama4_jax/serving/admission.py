@@ -11,6 +11,8 @@ The rules:
   does not stall the others; one at a time, and a second long prompt waits (and so does the queue
   behind it, to keep its order). Once whole, the staged row takes the lowest free slot before any other
   admission.
+- With the prefix cache on (`prefix_cache.py`), a prompt that starts with a kept prefix is staged as
+  well: its row starts as a copy of the prefix's, and only the rest is prefilled.
 - Requests with the same prompt admitted together (the `n` choices of one prompt) share one prefill:
   the first is prefilled, the others copy its cache row. A prompt the engine kept from an earlier pass
   (its waiting repeats did not fit in the slots then) is copied, never prefilled again.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from llama4_jax.serving.requests import Request
 
@@ -105,10 +107,11 @@ class AdmissionPolicy:
     return next(n for n in self.step_widths if n > top_busy)
 
   def plan(self, waiting: collections.deque[Request], free: Sequence[int], kept: Sequence[int] | None,
-           staging: bool) -> Admission:
+           staging: bool, cached: Callable[[Sequence[int]], bool] | None = None) -> Admission:
     """Takes the requests it admits off the front of `waiting` (the caller holds its lock). `free`: the
     free slots, lowest first; `kept`: the prompt whose prefilled row the engine keeps, if any;
-    `staging`: a long prompt is being prefilled in pieces already."""
+    `staging`: a long prompt is being prefilled in pieces already; `cached(prompt)`: the prefix cache
+    holds a prefix of it (then it is staged too, continuing from that prefix)."""
     out = Admission()
     taken: list[Slotted] = []
     while waiting and (len(taken) < len(free) or waiting[0].params.max_tokens == 0):
@@ -117,10 +120,12 @@ class AdmissionPolicy:
         (out.cancelled if request.cancelled else out.score_only).append(waiting.popleft())
         continue
       repeats_kept = kept is not None and request.prompt == kept
-      if self.is_long(request.prompt) and not repeats_kept and (staging or out.stage is not None):
+      staged = not repeats_kept and (self.is_long(request.prompt)
+                                     or (cached is not None and cached(request.prompt)))
+      if staged and (staging or out.stage is not None):
         break  # one long prompt in pieces at a time; the queue keeps its order
       waiting.popleft()
-      if self.is_long(request.prompt) and not repeats_kept:
+      if staged:
         out.stage = request
       else:
         taken.append((free[len(taken)], request))

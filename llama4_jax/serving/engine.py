@@ -41,6 +41,7 @@ from llama4_jax.progress import bar
 from llama4_jax.serving import steps
 from llama4_jax.serving.admission import (MIN_BUCKET, PREFILL_PIECE, PREFILL_WIDTH, Admission,
                                           AdmissionPolicy, prefill_piece)
+from llama4_jax.serving.prefix_cache import PrefixCache
 from llama4_jax.serving.requests import Logprobs, QueueFull, Request, SamplingParams
 from llama4_jax.sharding import RULES, batch_shards
 
@@ -54,7 +55,8 @@ class EngineStats:
   """Counters the engine keeps (read by /metrics); updated on the engine thread only."""
 
   def __init__(self, window_s: float = 10.0):
-    self.prompt_tokens = 0
+    self.prompt_tokens = 0  # prefilled (not counting what the prefix cache gave)
+    self.prefix_reused_tokens = 0  # prompt tokens taken from the prefix cache
     self.generated_tokens = 0
     self.finished = collections.Counter()  # finish reason -> requests
     self._window = window_s
@@ -88,11 +90,13 @@ class _Kept:
 
 @dataclasses.dataclass
 class _Staged:
-  """A long prompt being prefilled piece by piece into its own cache row, outside the slots."""
+  """A long prompt being prefilled piece by piece into its own cache row, outside the slots (from a
+  prefix cache snapshot of its first `reused` tokens, if there was one)."""
   request: Request
   row: dict
   done: int = 0  # prompt tokens in `row`
   logits: jax.Array | None = None  # [1, V] after the last piece so far
+  reused: int = 0  # of `done`, tokens that came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +185,8 @@ class Engine:
   more steps, whose tokens are dropped.
   """
 
-  def __init__(self, model, slots: int = 8, max_length: int = 2048, max_queue: int = 64):
+  def __init__(self, model, slots: int = 8, max_length: int = 2048, max_queue: int = 64,
+               prefix_cache_tokens: int = 0):
     cfg = model.config
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
@@ -192,6 +197,8 @@ class Engine:
       raise ValueError(f"max_queue={max_queue} must be >= 0")
     self.config, self.slots, self.max_length, self.max_queue = cfg, slots, max_length, max_queue
     self.policy = AdmissionPolicy(slots, max_length)
+    self._prefix_capacity = prefix_cache_tokens
+    self.prefix = PrefixCache(prefix_cache_tokens, self.policy.buckets[-1], max_length)
     self._static, self._leaves = split_model(model)
     self._slots = _Slots(slots)
     self._waiting: collections.deque[Request] = collections.deque()
@@ -300,6 +307,8 @@ class Engine:
                      lambda rows=rows, p=prompt: admit(*[[i] + p[1:] for i in range(rows)])))
     if self.max_length - 1 > policy.buckets[-1]:
       work.append(("prefill in pieces", lambda: in_pieces([0] * (policy.buckets[-1] + 1))))
+      if self.prefix.enabled:  # the same prefix again: from the prefix cache
+        work.append(("prefix cache", lambda: in_pieces([0] * (policy.buckets[-1] + 2))))
     work += [(f"decode {rows} rows", lambda rows=rows: step(rows)) for rows in policy.step_widths]
     with bar(len(work), "compiling the server's programs", unit="program", enabled=progress) as done:
       for what, how in work:
@@ -309,7 +318,7 @@ class Engine:
       while self._unread:
         self._iterate()
     self.stats = EngineStats()
-
+    self.prefix = PrefixCache(self._prefix_capacity, self.policy.buckets[-1], self.max_length)
   # --- the engine thread -----------------------------------------------------------------------------
   def _run(self) -> None:
     while True:
@@ -361,7 +370,8 @@ class Engine:
     with self._cond:
       plan: Admission = self.policy.plan(self._waiting, self._slots.free(),
                                          None if self._kept is None else self._kept.prompt,
-                                         staging=self._staged is not None)
+                                         staging=self._staged is not None,
+                                         cached=self.prefix.has if self.prefix.enabled else None)
     for request in plan.cancelled:
       self._finish(request, "cancelled")
     for request in plan.score_only:  # echo with max_tokens 0: the prompt's logprobs, no slot
@@ -370,8 +380,10 @@ class Engine:
     if plan.stage is not None:
       if plan.stage.params.echo:
         self._score(plan.stage)
-      self._staged = _Staged(plan.stage, steps.empty_state(self._static, self._leaves, 1,
-                                                           self.max_length)[0])
+      reused, row = self.prefix.longest(plan.stage.prompt)
+      row = (steps.copy_row(row) if row is not None  # (a copy: extending a row consumes it)
+             else steps.empty_state(self._static, self._leaves, 1, self.max_length)[0])
+      self._staged = _Staged(plan.stage, row, done=reused, reused=reused)
     if not plan.slotted:
       return
     for slot, request in plan.slotted:  # in their slots before any device call: a failed call fails them
@@ -409,12 +421,16 @@ class Engine:
                                                    np.array([staged.done], np.int32),
                                                    np.array([len(part)], np.int32), staged.row)
       staged.done += len(part)
+      if self.prefix.wants(request.prompt, staged.done):  # a whole number of pieces: keep a snapshot
+        self.prefix.put(request.prompt, staged.done,
+                        steps.copy_row(staged.row) if staged.done < n else staged.row)
     free = self._slots.free()
     if staged.done == n and free:
       self._slots.take(free[0], request)
       self._staged = None  # (the request is in its slot: if the copy fails, `_fail_active` finds it)
       self._copy(free[0], request, _Kept(request.prompt, staged.row, staged.logits))
-      self.stats.prompt_tokens += n
+      self.stats.prompt_tokens += n - staged.reused
+      self.stats.prefix_reused_tokens += staged.reused
       self._keep_for_waiting([(free[0], request, staged.logits)])
 
   def _keep_for_waiting(self, prefilled: list[tuple[int, Request, jax.Array]]) -> None:

@@ -421,9 +421,11 @@ class Server:
 
   def __init__(self, model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                slots: int = 8, max_length: int | None = None, max_queue: int = 64,
-               api_key: str | None = None, warmup: bool = True, limits: Limits | None = None):
+               api_key: str | None = None, warmup: bool = True, limits: Limits | None = None,
+               prefix_cache_tokens: int = 0):
     cfg = model.config
-    self.engine = Engine(model, slots, max_length or min(cfg.max_position_embeddings, 4096), max_queue)
+    self.engine = Engine(model, slots, max_length or min(cfg.max_position_embeddings, 4096), max_queue,
+                         prefix_cache_tokens)
     if warmup:
       self.engine.warmup()
     limits = limits or Limits()

@@ -2,6 +2,7 @@
 
     llama4_jax_requests_total{endpoint, status}     counter    HTTP requests answered, by status code
     llama4_jax_prompt_tokens_total                  counter    prompt tokens prefilled
+    llama4_jax_prefix_cache_reused_tokens_total     counter    prompt tokens the prefix cache gave
     llama4_jax_generation_tokens_total              counter    tokens generated
     llama4_jax_finished_requests_total{reason}      counter    stop, length, cancelled, error
     llama4_jax_queue_depth                          gauge      requests waiting for a slot
@@ -31,6 +32,9 @@ class _EngineCollector:
   def collect(self):
     engine, stats = self._engine, self._engine.stats
     yield CounterMetricFamily("llama4_jax_prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens)
+    yield CounterMetricFamily("llama4_jax_prefix_cache_reused_tokens",
+                              "Prompt tokens taken from the prefix cache instead of prefilled.",
+                              stats.prefix_reused_tokens)
     yield CounterMetricFamily("llama4_jax_generation_tokens", "Tokens generated.", stats.generated_tokens)
     finished = CounterMetricFamily("llama4_jax_finished_requests", "Requests finished, by reason.",
                                    labels=["reason"])

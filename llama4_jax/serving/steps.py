@@ -57,6 +57,7 @@ def prefill_insert(static, leaves, tokens_bT, lengths_b, cache, tok_S, slots_b, 
 
 
 row_at = jax.jit(_take_row)
+copy_row = jax.jit(lambda row: jax.tree.map(jnp.copy, row))  # a fresh copy (the prefix cache keeps one)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
