@@ -39,9 +39,9 @@ _MAX_CONTEXT = flags.DEFINE_integer("max_context", None, "Prompt + completion to
                                     "min(max_position_embeddings, 4096)). Sets the KV cache size.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; beyond, 429.")
 _PREFIX_CACHE = flags.DEFINE_integer("prefix_cache_tokens", 0, "Keep the KV cache of long prompts' "
-                                     "prefixes (in whole 256-token pieces) for later prompts that start the "
-                                     "same way, up to this many tokens of cache rows (each snapshot is a "
-                                     "whole row: --max_context tokens). 0: off.")
+                                     "prefixes (after each 256-token piece, and where prompts part) for "
+                                     "later prompts that start the same way, up to this many tokens of cache "
+                                     "rows (each snapshot is a whole row: --max_context tokens). 0: off.")
 _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' (default: "
                                "$LLAMA4_JAX_API_KEY; none: open).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")

@@ -702,24 +702,31 @@ def test_lm_eval_harness(server, model, tokenizer, tmp_path, monkeypatch):
 
 
 def test_prefix_cache_lru():
-  from llama4_jax.serving.prefix_cache import PrefixCache
+  from llama4_jax.serving.prefix_cache import MISS, PrefixCache
   cache = PrefixCache(capacity_tokens=2 * 100, block=4, row_tokens=100)  # room for two rows
   a = list(range(3, 20))
   cache.put(a, 4, {"r": 4})
   cache.put(a, 8, {"r": 8})
-  assert cache.longest(a + [1]) == (8, {"r": 8}) and cache.longest(a[:8]) == (4, {"r": 4})  # < the prompt
+  assert cache.longest(a + [1]).row == {"r": 8} and cache.longest(a[:8]).length == 4  # shorter than it
   cache.put(a, 12, {"r": 12})  # evicts the least recently used: the 8-token one (4 was looked up after it)
-  assert len(cache) == 2 and cache.longest(a) == (12, {"r": 12})
-  assert cache.longest(a[:9] + [0]) == (4, {"r": 4})
-  assert cache.longest([3, 4, 5, 99, 7]) == (0, None) and not cache.wants(a, 6)  # not a whole block
-  assert PrefixCache(0, 4, 100).longest(a) == (0, None)  # off
+  assert len(cache) == 2 and cache.longest(a).length == 12
+  assert cache.longest(a[:9] + [0]).length == 4
+  assert cache.longest([3, 4, 5, 99, 7]) == MISS and not cache.wants(a, 6)  # not a whole block
+  assert PrefixCache(0, 4, 100).longest(a) == MISS  # off
+  # where prompts part: a prompt that reuses a snapshot and agrees with its maker beyond it learns the
+  # boundary, and a snapshot there (off the block grid) serves the prompts after it
+  b = a[:10] + [1, 2, 3]
+  hit = cache.longest(b)
+  assert (hit.length, hit.boundary) == (4, 10)  # b and a part at 10
+  cache.put(b, 10, {"r": 10}, anywhere=True)
+  assert cache.longest(a[:10] + [7, 7]).length == 10 and cache.longest(a[:10]).length == 4
 
 
 def test_prefix_cache_gives_the_same_tokens(model):
   """Prompts sharing a 70-token prefix, with the prefix cache (blocks of 32 tokens: it keeps rows after
-  32 and 64) and without: the same tokens, greedy and sampled, and every request after the first
-  prefills only what follows its 64 cached tokens. The model's chunked layers (chunk 16) see the cached
-  ring buffer of positions 48-63 continued."""
+  32 and 64, and at 70 once two prompts have parted there) and without: the same tokens, greedy and
+  sampled, and the requests after the first prefill only what follows their cached tokens. The model's
+  chunked layers (chunk 16) see a cached ring buffer (positions 48-63, or 54-69) continued."""
   from llama4_jax.serving.prefix_cache import PrefixCache
   rng = np.random.RandomState(7)
   shared = rng.randint(3, model.config.vocab_size, 70).tolist()
@@ -738,7 +745,10 @@ def test_prefix_cache_gives_the_same_tokens(model):
       engine.shutdown()
 
   without, stats_off, _ = run(0)
-  with_cache, stats_on, cache = run(4 * CONTEXT)
+  with_cache, stats_on, cache = run(8 * CONTEXT)
   assert with_cache == without
-  assert stats_off.prefix_reused_tokens == 0 and stats_on.prefix_reused_tokens == 64 * 5
-  assert stats_on.prompt_tokens == stats_off.prompt_tokens - 64 * 5 and cache.hits == 5
+  # the repeat of prompt 0 reuses 64 tokens; prompt 1 too, and it parts from prompt 0 at 70, where a
+  # snapshot is kept: the three requests after it reuse all 70 shared tokens
+  reused = 64 + 64 + 70 * 3
+  assert stats_off.prefix_reused_tokens == 0 and stats_on.prefix_reused_tokens == reused
+  assert stats_on.prompt_tokens == stats_off.prompt_tokens - reused and cache.hits == 5

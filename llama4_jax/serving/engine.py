@@ -97,6 +97,8 @@ class _Staged:
   done: int = 0  # prompt tokens in `row`
   logits: jax.Array | None = None  # [1, V] after the last piece so far
   reused: int = 0  # of `done`, tokens that came from the prefix cache
+  boundary: int | None = None  # where this prompt parts from the one that made its snapshot: a piece
+  # ends there and the prefix cache keeps the row (see prefix_cache.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,10 +382,10 @@ class Engine:
     if plan.stage is not None:
       if plan.stage.params.echo:
         self._score(plan.stage)
-      reused, row = self.prefix.longest(plan.stage.prompt)
-      row = (steps.copy_row(row) if row is not None  # (a copy: extending a row consumes it)
+      hit = self.prefix.longest(plan.stage.prompt)
+      row = (steps.copy_row(hit.row) if hit.row is not None  # (a copy: extending a row consumes it)
              else steps.empty_state(self._static, self._leaves, 1, self.max_length)[0])
-      self._staged = _Staged(plan.stage, row, done=reused, reused=reused)
+      self._staged = _Staged(plan.stage, row, done=hit.length, reused=hit.length, boundary=hit.boundary)
     if not plan.slotted:
       return
     for slot, request in plan.slotted:  # in their slots before any device call: a failed call fails them
@@ -415,15 +417,19 @@ class Engine:
     n = len(request.prompt)
     if staged.done < n:
       tokens = np.zeros((1, piece), np.int32)
-      part = request.prompt[staged.done:staged.done + piece]
+      end = staged.done + piece
+      if staged.boundary is not None and staged.done < staged.boundary < end:
+        end = staged.boundary
+      part = request.prompt[staged.done:end]
       tokens[0, :len(part)] = part
       staged.logits, staged.row = steps.extend_row(self._static, self._leaves, tokens,
                                                    np.array([staged.done], np.int32),
                                                    np.array([len(part)], np.int32), staged.row)
       staged.done += len(part)
-      if self.prefix.wants(request.prompt, staged.done):  # a whole number of pieces: keep a snapshot
-        self.prefix.put(request.prompt, staged.done,
-                        steps.copy_row(staged.row) if staged.done < n else staged.row)
+      at_boundary = staged.done == staged.boundary
+      if self.prefix.wants(request.prompt, staged.done, anywhere=at_boundary):  # whole pieces, or where
+        self.prefix.put(request.prompt, staged.done,  # prompts part: keep a snapshot
+                        steps.copy_row(staged.row) if staged.done < n else staged.row, anywhere=at_boundary)
     free = self._slots.free()
     if staged.done == n and free:
       self._slots.take(free[0], request)

@@ -7,8 +7,9 @@ the event loop only waits, so idle or slow connections cost no thread.
 
 Connections are bounded in time and size (`Limits`): a connection that sends no request for
 `idle_timeout` seconds (15 s by default; also between requests on a keep-alive connection), or whose
-request line and headers are not complete that long after their first byte, is closed; a body that stalls for `body_timeout` seconds gets 408; a body over `max_body_bytes` gets 413 before it is
-read (from its Content-Length, or as soon as the bytes read pass the limit). A client that goes away
+request line and headers are not complete that long after their first byte, is closed; a body that
+stalls for `body_timeout` seconds gets 408; a body over `max_body_bytes` gets 413 before it is read
+(from its Content-Length, or as soon as the bytes read pass the limit). A client that goes away
 (a closed socket while it waits, or a failed write while streaming) cancels its requests, and the
 engine frees their slots at its next step.
 """
@@ -80,7 +81,8 @@ class Generation:
     self.parsed = parsed
     self._engine = engine
     self._events = _Events(loop)
-    self.requests = [Request(job.prompt, job.params, self._events, tag=i) for i, job in enumerate(parsed.jobs)]
+    self.requests = [Request(job.prompt, job.params, self._events, tag=i)
+                     for i, job in enumerate(parsed.jobs)]
     self.streams = [TextStream(tokenizer, job.stop) for job in parsed.jobs]
     self.tokens = [0] * len(self.requests)
     self.reasons: list[str | None] = [None] * len(self.requests)

@@ -4,15 +4,19 @@ prefilling them (a chat service's shared system prompt, few-shot examples).
 What is kept: when the engine prefills a long prompt a piece at a time (`Llama4.extend`, pieces of
 `block` tokens), the cache row after each whole piece is a snapshot of the prompt's first P tokens
 (P = block, 2 block, ...). A later prompt whose first P tokens are the same (and that has at least one
-token more) starts from a copy of that row at position P and prefills only the rest. Chunked-attention
-layers need no special care: their ring buffer in the snapshot is exactly what an uninterrupted prefill
-holds after P tokens (the last `attention_chunk_size` positions), and the rest continues from it as the
-pieces of a long prompt do.
+token more) starts from a copy of that row at position P and prefills only the rest. Shared prefixes
+rarely end on a block boundary, so the cache also learns where they end: each snapshot remembers the
+whole prompt that made it, and a prompt that reuses it and agrees with that prompt beyond P ends its
+next piece where the two part (their longest common prefix, L) and keeps a snapshot there too; the
+prompts after it reuse all L tokens.
 
-Matching is by prefix blocks: a chained hash per block (the hash of the previous blocks' hash and this
-block's token ids, so equal keys mean equal positions too), confirmed by comparing the token ids. The
-cache is LRU and bounded by `capacity_tokens`: each entry is a whole cache row (`max_length` positions
-for global layers), so it is charged `max_length` tokens whatever its P.
+Chunked-attention layers need no special care: their ring buffer in a snapshot is exactly what an
+uninterrupted prefill holds after P tokens (the last `attention_chunk_size` positions), and the rest
+continues from it as the pieces of a long prompt do.
+
+Entries are keyed by (P, hash of the first P token ids) and confirmed by comparing the ids. The cache is
+LRU and bounded by `capacity_tokens`: each entry is a whole cache row (`max_length` positions for global
+layers), so it is charged `max_length` tokens whatever its P.
 """
 
 from __future__ import annotations
@@ -25,16 +29,25 @@ from typing import Sequence
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   tokens: tuple[int, ...]  # the prefix, to confirm a hash match
-  row: dict  # batch-1 cache row after prefilling exactly these tokens
+  source: tuple[int, ...]  # the whole prompt whose prefill made it
+  row: dict  # batch-1 cache row after prefilling exactly `tokens`
 
 
-def block_keys(tokens: Sequence[int], block: int) -> list[int]:
-  """The chained hash of each whole block of `tokens`: key i covers tokens[: (i + 1) * block]."""
-  keys, h = [], 0
-  for start in range(0, len(tokens) - len(tokens) % block, block):
-    h = hash((h, tuple(tokens[start:start + block])))
-    keys.append(h)
-  return keys
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """A kept prefix of a prompt: `length` tokens in `row`; `boundary`: where the prompt parts from the
+  prompt that made the snapshot, if beyond `length` and before the prompt's end (else None)."""
+  length: int
+  row: dict | None
+  boundary: int | None = None
+
+
+MISS = Hit(0, None)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class PrefixCache:
@@ -46,7 +59,8 @@ class PrefixCache:
       raise ValueError(f"prefix cache capacity {capacity_tokens} must be >= 0 tokens")
     self.block, self.row_tokens = block, row_tokens
     self.max_entries = capacity_tokens // row_tokens
-    self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+    self._entries: collections.OrderedDict[tuple[int, int], _Entry] = collections.OrderedDict()
+    self._lengths: collections.Counter = collections.Counter()  # entry lengths off the block grid
     self.hits = self.hit_tokens = self.misses = 0
 
   def __len__(self) -> int:
@@ -56,38 +70,54 @@ class PrefixCache:
   def enabled(self) -> bool:
     return self.max_entries > 0
 
-  def longest(self, prompt: Sequence[int]) -> tuple[int, dict | None]:
-    """(P, row) of the longest kept prefix of `prompt` shorter than it, or (0, None). Counts the lookup."""
-    if not self.enabled:
-      return 0, None
-    keys = block_keys(prompt[:len(prompt) - 1], self.block)  # leave at least one token to prefill
-    for i in range(len(keys) - 1, -1, -1):
-      entry = self._entries.get(keys[i])
-      n = (i + 1) * self.block
-      if entry is not None and entry.tokens == tuple(prompt[:n]):
-        self._entries.move_to_end(keys[i])
-        self.hits, self.hit_tokens = self.hits + 1, self.hit_tokens + n
-        return n, entry.row
-    self.misses += 1
-    return 0, None
+  def _candidates(self, prompt: Sequence[int]) -> list[int]:
+    """Prefix lengths that could be kept for `prompt`, longest first (each shorter than the prompt)."""
+    n = len(prompt) - 1  # leave at least one token to prefill
+    aligned = range(self.block, n + 1, self.block)
+    return sorted({*aligned, *(k for k in self._lengths if k <= n)}, reverse=True)
+
+  def _find(self, prompt: Sequence[int]) -> tuple[tuple[int, int], _Entry] | None:
+    for k in self._candidates(prompt):
+      key = (k, hash(tuple(prompt[:k])))
+      entry = self._entries.get(key)
+      if entry is not None and entry.tokens == tuple(prompt[:k]):
+        return key, entry
+    return None
 
   def has(self, prompt: Sequence[int]) -> bool:
-    """Whether some kept prefix of `prompt` (shorter than it) is here; counts nothing."""
-    keys = block_keys(prompt[:len(prompt) - 1], self.block)
-    return any(k in self._entries for k in keys)
+    """Whether a kept prefix of `prompt` (shorter than it) is here; counts nothing."""
+    return self.enabled and self._find(prompt) is not None
 
-  def wants(self, prompt: Sequence[int], n: int) -> bool:
-    """Whether a snapshot of prompt[:n] would be new (n a whole number of blocks)."""
-    if not self.enabled or n == 0 or n % self.block:
+  def longest(self, prompt: Sequence[int]) -> Hit:
+    """The longest kept prefix of `prompt` shorter than it (MISS if none). Counts the lookup."""
+    found = self._find(prompt) if self.enabled else None
+    if found is None:
+      self.misses += self.enabled
+      return MISS
+    key, entry = found
+    self._entries.move_to_end(key)
+    self.hits, self.hit_tokens = self.hits + 1, self.hit_tokens + key[0]
+    shared = common_prefix(prompt, entry.source)
+    return Hit(key[0], entry.row, shared if key[0] < shared < len(prompt) else None)
+
+  def wants(self, prompt: Sequence[int], n: int, anywhere: bool = False) -> bool:
+    """Whether a snapshot of prompt[:n] would be new: n a whole number of blocks, or any n > 0 if
+    `anywhere` (a learnt boundary)."""
+    if not self.enabled or n <= 0 or (n % self.block and not anywhere):
       return False
-    key = block_keys(prompt[:n], self.block)[-1]
-    return key not in self._entries
+    return (n, hash(tuple(prompt[:n]))) not in self._entries
 
-  def put(self, prompt: Sequence[int], n: int, row: dict) -> None:
+  def put(self, prompt: Sequence[int], n: int, row: dict, anywhere: bool = False) -> None:
     """Keeps `row` (the cache row after prompt[:n]; the cache owns it from now on), evicting the least
     recently used entries beyond the capacity."""
-    if not self.wants(prompt, n):
+    if not self.wants(prompt, n, anywhere):
       return
-    self._entries[block_keys(prompt[:n], self.block)[-1]] = _Entry(tuple(prompt[:n]), row)
+    self._entries[(n, hash(tuple(prompt[:n])))] = _Entry(tuple(prompt[:n]), tuple(prompt), row)
+    if n % self.block:
+      self._lengths[n] += 1
     while len(self._entries) > self.max_entries:
-      self._entries.popitem(last=False)
+      (k, _), _ = self._entries.popitem(last=False)
+      if k % self.block:
+        self._lengths[k] -= 1
+        if not self._lengths[k]:
+          del self._lengths[k]
