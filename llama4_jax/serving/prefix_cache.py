@@ -14,8 +14,10 @@ Chunked-attention layers need no special care: their ring buffer in a snapshot i
 uninterrupted prefill holds after P tokens (the last `attention_chunk_size` positions), and the rest
 continues from it as the pieces of a long prompt do.
 
-Entries are keyed by (P, hash of the first P token ids) and confirmed by comparing the ids. The cache is
-LRU and bounded by `capacity_tokens`: each entry is a whole cache row (`max_length` positions for global
+Entries are keyed by (P, a hash of the first P token ids) and confirmed by comparing the ids; on the
+block grid the hash is chained block by block (each block's hash covers the ones before it), so every
+block-aligned prefix of a prompt is hashed in one pass over it. The cache is LRU and bounded by
+`capacity_tokens`: each entry is a whole cache row (`max_length` positions for global
 layers), so it is charged `max_length` tokens whatever its P.
 """
 
@@ -45,6 +47,15 @@ class Hit:
 MISS = Hit(0, None)
 
 
+def block_hashes(tokens: Sequence[int], block: int) -> list[int]:
+  """The chained hash of each whole block of `tokens`: item i covers tokens[: (i + 1) * block]."""
+  out, h = [], 0
+  for start in range(0, len(tokens) - len(tokens) % block, block):
+    h = hash((h, tuple(tokens[start:start + block])))
+    out.append(h)
+  return out
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
   n = min(len(a), len(b))
   return next((i for i in range(n) if a[i] != b[i]), n)
@@ -70,15 +81,19 @@ class PrefixCache:
   def enabled(self) -> bool:
     return self.max_entries > 0
 
-  def _candidates(self, prompt: Sequence[int]) -> list[int]:
-    """Prefix lengths that could be kept for `prompt`, longest first (each shorter than the prompt)."""
-    n = len(prompt) - 1  # leave at least one token to prefill
-    aligned = range(self.block, n + 1, self.block)
-    return sorted({*aligned, *(k for k in self._lengths if k <= n)}, reverse=True)
+  def _key(self, prompt: Sequence[int], k: int, chained: list[int] | None = None) -> tuple[int, int]:
+    if k % self.block == 0:
+      return k, (chained or block_hashes(prompt[:k], self.block))[k // self.block - 1]
+    return k, hash(tuple(prompt[:k]))
 
   def _find(self, prompt: Sequence[int]) -> tuple[tuple[int, int], _Entry] | None:
-    for k in self._candidates(prompt):
-      key = (k, hash(tuple(prompt[:k])))
+    """The longest kept prefix shorter than `prompt` (at least one token is left to prefill)."""
+    n = len(prompt) - 1
+    chained = block_hashes(prompt[:n], self.block)
+    lengths = sorted({*range(self.block, n + 1, self.block), *(k for k in self._lengths if k <= n)},
+                     reverse=True)
+    for k in lengths:
+      key = self._key(prompt, k, chained)
       entry = self._entries.get(key)
       if entry is not None and entry.tokens == tuple(prompt[:k]):
         return key, entry
@@ -105,14 +120,14 @@ class PrefixCache:
     `anywhere` (a learnt boundary)."""
     if not self.enabled or n <= 0 or (n % self.block and not anywhere):
       return False
-    return (n, hash(tuple(prompt[:n]))) not in self._entries
+    return self._key(prompt, n) not in self._entries
 
   def put(self, prompt: Sequence[int], n: int, row: dict, anywhere: bool = False) -> None:
     """Keeps `row` (the cache row after prompt[:n]; the cache owns it from now on), evicting the least
     recently used entries beyond the capacity."""
     if not self.wants(prompt, n, anywhere):
       return
-    self._entries[(n, hash(tuple(prompt[:n])))] = _Entry(tuple(prompt[:n]), tuple(prompt), row)
+    self._entries[self._key(prompt, n)] = _Entry(tuple(prompt[:n]), tuple(prompt), row)
     if n % self.block:
       self._lengths[n] += 1
     while len(self._entries) > self.max_entries:
