@@ -141,7 +141,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
   return k
 
 
-def _sampling(body: dict, max_tokens: int, stop_tokens, chat: bool) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, stop_tokens, chat: bool, echo: bool = False) -> SamplingParams:
   temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
   top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
   top_k = _get(body, "top_k", int, 0)
@@ -149,7 +149,6 @@ def _sampling(body: dict, max_tokens: int, stop_tokens, chat: bool) -> SamplingP
     raise invalid("top_k", f"'top_k'={top_k} must be >= 1, or -1 / 0 for no limit")
   seed = _get(body, "seed", int, None)
   seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-  echo = False if chat else _get(body, "echo", bool, False)
   return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
                         seed=seed, stop_tokens=tuple(stop_tokens), logprobs=_logprobs(body, chat), echo=echo)
 
@@ -216,7 +215,7 @@ def parse_completion(body: dict, tokenizer, context: int, stop_tokens) -> Parsed
   echo = _get(body, "echo", bool, False)
   max_tokens = _max_tokens(body, ("max_tokens",), DEFAULT_COMPLETION_TOKENS, least=0 if echo else 1)
   stream, usage = _stream_flags(body)
-  params = _sampling(body, max_tokens, stop_tokens, chat=False)
+  params = _sampling(body, max_tokens, stop_tokens, chat=False, echo=echo)
   stop = _stop_strings(body)
   n = _choices(body)
   jobs = _jobs(ids, n, params, stop)

@@ -39,14 +39,12 @@ from llama4_jax.inference.sampling import MAX_TOP_LOGPROBS
 from llama4_jax.inference.static import split_model
 from llama4_jax.progress import bar
 from llama4_jax.serving import steps
-from llama4_jax.serving.admission import (MIN_BUCKET, PREFILL_PIECE, PREFILL_WIDTH, Admission,
-                                          AdmissionPolicy, prefill_piece)
+from llama4_jax.serving.admission import MIN_BUCKET, PREFILL_WIDTH, Admission, AdmissionPolicy
 from llama4_jax.serving.prefix_cache import PrefixCache
 from llama4_jax.serving.requests import Logprobs, QueueFull, Request, SamplingParams
 from llama4_jax.sharding import RULES, batch_shards
 
-__all__ = ["Engine", "EngineStats", "Logprobs", "QueueFull", "Request", "SamplingParams", "PREFILL_PIECE",
-           "prefill_piece"]
+__all__ = ["Engine", "EngineStats", "Logprobs", "QueueFull", "Request", "SamplingParams"]
 
 _IN_FLIGHT = 2  # decode steps left running while the host hands out older tokens
 
@@ -199,7 +197,6 @@ class Engine:
       raise ValueError(f"max_queue={max_queue} must be >= 0")
     self.config, self.slots, self.max_length, self.max_queue = cfg, slots, max_length, max_queue
     self.policy = AdmissionPolicy(slots, max_length)
-    self._prefix_capacity = prefix_cache_tokens
     self.prefix = PrefixCache(prefix_cache_tokens, self.policy.buckets[-1], max_length)
     self._static, self._leaves = split_model(model)
     self._slots = _Slots(slots)
@@ -273,11 +270,6 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout)
 
-  def buckets(self) -> list[int]:
-    """The padded prompt widths that get compiled: powers of two from 16 up to the context or
-    PREFILL_PIECE (longer prompts are prefilled in pieces of that many tokens)."""
-    return list(self.policy.buckets)
-
   def warmup(self, progress: bool | None = None) -> None:
     """Compiles, through the admission path itself, the prefill of every prompt bucket (and of several
     short prompts at once, and of a prompt in pieces), the copy of a prefilled row, and the decode step of
@@ -320,7 +312,7 @@ class Engine:
       while self._unread:
         self._iterate()
     self.stats = EngineStats()
-    self.prefix = PrefixCache(self._prefix_capacity, self.policy.buckets[-1], self.max_length)
+    self.prefix.clear()  # (warm-up's own prompts)
   # --- the engine thread -----------------------------------------------------------------------------
   def _run(self) -> None:
     while True:

@@ -74,6 +74,12 @@ class PrefixCache:
     self._lengths: collections.Counter = collections.Counter()  # entry lengths off the block grid
     self.hits = self.hit_tokens = self.misses = 0
 
+  def clear(self) -> None:
+    """Drops every entry and resets the counters."""
+    self._entries.clear()
+    self._lengths.clear()
+    self.hits = self.hit_tokens = self.misses = 0
+
   def __len__(self) -> int:
     return len(self._entries)
 
