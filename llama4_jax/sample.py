@@ -70,7 +70,7 @@ def main(argv):
   from llama4_jax.sharding import mesh_from_flag
   from llama4_jax.tokenizer import encode_chat, stop_ids, tokenizer_for
   try:
-    mesh = mesh_from_flag(_MESH.value, context=False)
+    mesh = mesh_from_flag(_MESH.value)
   except ValueError as e:
     sys.exit(f"sample: {e}")
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)

@@ -70,7 +70,7 @@ def main(argv):
 
   t0 = time.perf_counter()
   try:
-    mesh = mesh_from_flag(_MESH.value, context=False)
+    mesh = mesh_from_flag(_MESH.value)
   except ValueError as e:
     sys.exit(f"serve: {e}")
   tokenizer = tokenizer_for(_CHECKPOINT.value, _TOKENIZER.value)

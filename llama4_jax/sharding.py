@@ -25,6 +25,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": "context",
+    "kv_seq": "context",  # a NoPE layer's KV cache along the sequence (the ring buffers are not split)
     "act_embed": None,
     # parameters (and the activation axes that share their sharding)
     "vocab": "tensor",
@@ -164,14 +165,14 @@ def batch_shards(sizes) -> int:
 
 
 MESH_FLAG_HELP = ("Shard the model and the KV cache over this host's devices, e.g. 'fsdp=4,tensor=2' (axes "
-                  "data, fsdp, tensor, expert; those not named are 1, one may be -1: the rest). Default: "
-                  "one device.")
+                  "data, fsdp, tensor, expert, context; those not named are 1, one may be -1: the rest). "
+                  "context=N prefills prompts through ring attention over N devices and splits the "
+                  "global layers' KV cache over them. Default: one device.")
 
 
-def mesh_from_flag(spec: str | None, context: bool = True) -> Mesh | None:
+def mesh_from_flag(spec: str | None) -> Mesh | None:
   """The mesh a command line's `--mesh` names: "fsdp=4,tensor=2" (axes it does not name are 1; one may be
-  -1: the devices the others leave), or None for an empty or missing flag. `context=False` refuses a
-  context axis (the sampler and the server do not split sequences over devices)."""
+  -1: the devices the others leave), or None for an empty or missing flag."""
   if not spec:
     return None
   sizes = {}
@@ -182,9 +183,6 @@ def mesh_from_flag(spec: str | None, context: bool = True) -> Mesh | None:
     except ValueError:
       raise ValueError(f"--mesh={spec!r}: {part!r} is not AXIS=SIZE (e.g. --mesh=fsdp=4,tensor=2; "
                        f"the axes are {', '.join(MESH_AXES)})") from None
-  if not context and sizes.get("context", 1) != 1:
-    raise ValueError(f"--mesh={spec!r}: sampling does not split sequences over devices; leave context at "
-                     "1 and use data, fsdp, tensor or expert")
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"--mesh={spec!r}: unknown axes {sorted(unknown)}; the axes are {', '.join(MESH_AXES)}")

@@ -1,10 +1,12 @@
-"""The blocked dense attention kernel against a naive softmax, with GQA, packed segments and chunks."""
+"""The blocked dense attention kernel and the blockwise (flash-style) prefill kernel against a naive
+softmax, with GQA, packed segments and chunks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama4_jax.model import blockwise
 from llama4_jax.model.attention import attention_mask, dense_attention
 
 
@@ -21,8 +23,12 @@ def naive(q, k, v, mask):
   return np.einsum("bnts,bsnh->btnh", p, v)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "blockwise"])
 @pytest.mark.parametrize("t,chunk", [(40, 16), (384, 48), (384, None)])
-def test_blocked_attention_matches_naive(t, chunk):
+def test_blocked_attention_matches_naive(t, chunk, kernel, monkeypatch):
+  """Blockwise: blocks of 64 tokens (6 query blocks, each looping over the key blocks its mask reaches;
+  chunks of 48 straddle the blocks)."""
+  monkeypatch.setattr(blockwise, "BLOCK", 64)
   rng = np.random.RandomState(0)
   b, n, kv, h = 2, 4, 2, 8
   q, k, v = (rng.randn(b, t, x, h).astype(np.float32) for x in (n, kv, kv))
@@ -31,7 +37,10 @@ def test_blocked_attention_matches_naive(t, chunk):
   seg = np.stack([(np.arange(t) >= c).astype(np.int32) for c in bounds])
   pos = np.stack([np.where(np.arange(t) >= c, np.arange(t) - c, np.arange(t)) for c in bounds])
   mask = np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(seg), chunk))
-  got = np.asarray(jax.jit(dense_attention)(q, k, v, mask))
+  if kernel == "dense":
+    got = np.asarray(jax.jit(dense_attention)(q, k, v, mask))
+  else:
+    got = np.asarray(jax.jit(blockwise.prefill_attention, static_argnums=5)(q, k, v, pos, seg, chunk))
   np.testing.assert_allclose(got, naive(q, k, v, mask), atol=2e-6, rtol=0)
 
 

@@ -17,13 +17,14 @@ def test_sample_cli(tmp_path):
                         text=True, timeout=180)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.startswith("def add") and "tokens/s after the first]" in proc.stdout
-  # on a mesh of the 8 devices: the same text; a mesh that does not fit is refused before loading
+  # on a mesh of the 8 devices (a context axis too: ring prefill, split cache): the same text; a mesh that
+  # does not fit is refused before loading
+  split = "fsdp=2,tensor=2,context=2"
   runs = {mesh: subprocess.run([sys.executable, "-m", "llama4_jax.sample", f"--checkpoint={tmp_path}",
                                 "--prompt=def add", "--max_new_tokens=12", f"--mesh={mesh}"], cwd=REPO,
-                               capture_output=True, text=True, timeout=180) for mesh in ("fsdp=4,tensor=2",
-                                                                                         "tensor=3")}
-  assert runs["fsdp=4,tensor=2"].returncode == 0, runs["fsdp=4,tensor=2"].stderr[-2000:]
-  assert runs["fsdp=4,tensor=2"].stdout.split("\n[")[0] == proc.stdout.split("\n[")[0]
+                               capture_output=True, text=True, timeout=180) for mesh in (split, "tensor=3")}
+  assert runs[split].returncode == 0, runs[split].stderr[-2000:]
+  assert runs[split].stdout.split("\n[")[0] == proc.stdout.split("\n[")[0]
   assert runs["tensor=3"].returncode == 1 and runs["tensor=3"].stderr.strip().endswith(
       "needs 3 devices but 8 are available; make the product of the axis sizes equal 8 "
       "(or set one axis to -1)")

@@ -61,10 +61,13 @@ def scout(tmp_path_factory):
   return l4.load_model(d)
 
 
-def test_prefill_in_pieces_equals_one_prefill(scout):
+def test_prefill_in_pieces_equals_one_prefill(scout, monkeypatch):
   """`extend` continues cached prompts: rows of 30 and 19 tokens prefilled 12 at a time (pieces longer
   than the chunked layers' ring buffer of 8, crossing chunk boundaries; NoPE layers too) give one
-  prefill's logits and cache."""
+  prefill's logits and cache. Blockwise blocks of 16: the prefill is two query blocks, and a piece
+  reads the NoPE layers' 48-slot cache as up to three blocks, only those holding earlier tokens."""
+  from llama4_jax.model import blockwise
+  monkeypatch.setattr(blockwise, "BLOCK", 16)
   model = scout
   extend = nnx.jit(lambda m, *args: m.extend(*args))
   prompts = prompts_for(model.config, (30, 19))
@@ -84,6 +87,69 @@ def test_prefill_in_pieces_equals_one_prefill(scout):
   np.testing.assert_allclose(last, whole, atol=2e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(whole_cache)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_blockwise_prefill_equals_dense_prefill(scout, monkeypatch):
+  """The prefill's blockwise attention (blocks of 16 tokens; the chunked layers' chunks of 8 and the
+  right padding inside them) gives the logits and the KV cache of a prefill through the dense kernel, and
+  so does a prefill in pieces of 24 tokens (one scan of `extend`s; rows end in different pieces)."""
+  from llama4_jax.model import attention, blockwise
+  monkeypatch.setattr(blockwise, "BLOCK", 16)
+  model = scout
+  prompts = prompts_for(model.config, (61, 40, 17))
+  tokens = np.zeros((3, 64), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  args = (jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32))
+  prefill = lambda m, *a: m.prefill(*a)  # noqa: E731
+  logits, cache = nnx.jit(prefill)(model, *args, model.init_cache(3, 80))
+
+  def dense(q, k, v, positions, segment_ids, chunk_size, mesh=None):
+    return attention.dense_attention(q, k, v, attention.attention_mask(positions, segment_ids, chunk_size))
+  monkeypatch.setattr(attention, "prefill_attention", dense)
+  want_logits, want_cache = nnx.jit(prefill)(model, *args, model.init_cache(3, 80))
+  pieces_logits, pieces_cache = nnx.jit(lambda m, *a: m.prefill(*a, piece=24))(model, *args,
+                                                                              model.init_cache(3, 80))
+  for got, got_cache in ((logits, cache), (pieces_logits, pieces_cache)):
+    np.testing.assert_allclose(got, want_logits, atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+      np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_memory_is_linear_in_length():
+  """The compiled prefill of a 4,096-token prompt holds no buffer of T x T / 8 elements (the dense kernel's
+  mask alone was T x T; the largest now is one block pair's scores, whatever T is), and its scratch memory
+  at most doubles (x2.1) from 2,048 tokens to 4,096."""
+  cfg = SCOUT_LIKE.replace(num_hidden_layers=4, max_position_embeddings=8192)
+  model = l4.create_model(cfg, seed=0)
+  temp = {}
+  for t in (2048, 4096):
+    cache = jax.eval_shape(lambda: model.init_cache(1, t))  # noqa: B023
+    compiled = nnx.jit(lambda m, *a: m.prefill(*a)).lower(
+        model, jax.ShapeDtypeStruct((1, t), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+        cache).compile()
+    temp[t] = compiled.memory_analysis().temp_size_in_bytes
+  sizes = [int(np.prod([int(d) for d in dims.split(",")]))
+           for dims in re.findall(r"\b(?:f32|bf16|s32|pred|u32)\[([\d,]+)\]", compiled.as_text())]
+  assert max(sizes) < t * t // 8, max(sizes)
+  assert temp[4096] <= 2.1 * temp[2048], temp
+
+
+def test_context_parallel_generate_equals_one_device(scout, tmp_path):
+  """With a context axis of 8 the prefill runs through the ring (zigzag runs of 4 tokens: chunked layers
+  exchange K/V in pairs of devices, NoPE layers around the whole ring), the NoPE layers' cache is split
+  over `context` along the sequence and decode reduces across its shards: greedy tokens (a ragged batch,
+  and one prompt streamed) equal one device's."""
+  prompts = prompts_for(scout.config, (30, 45, 60))
+  want = generate(scout, prompts, max_new_tokens=12, stop_tokens=[])
+  l4.save_pretrained(scout, tmp_path / "ckpt")
+  mesh = l4.make_mesh(fsdp=1, context=8)
+  model = l4.load_model(tmp_path / "ckpt", mesh=mesh)
+  cache = model.init_cache(batch=3, max_length=128)
+  nope = [j for j, layer in enumerate(model.blocks) if not layer.kind.rope][0]
+  assert cache["blocks"][nope]["k"].sharding.spec[3] == "context"  # [L, B, K, S, H]
+  assert generate(model, prompts, max_new_tokens=12, stop_tokens=[]) == want
+  assert list(generate_stream(model, prompts[2], 12, stop_tokens=[])) == want[2]
 
 
 def test_sampling_strategies(scout):
@@ -172,12 +238,19 @@ def compiled_step(model, cache, slots: int, rows: int):
 def test_scanned_blocks_keep_their_own_cache():
   """Two scanned superblocks plus a tail layer: decode updates each block's slice of the stacked cache
   (carried through the scan) in place; the tokens equal the uncached sampler's for a ragged batch."""
+  from llama4_jax.inference.static import split_for_inference
   cfg = SCOUT_LIKE.replace(num_hidden_layers=9, attention_chunk_size=8, eos_token_id=(2,))
   model = l4.create_model(cfg, seed=5)
   assert model.num_blocks == 2 and len(model.tail) == 1
   prompts = prompts_for(cfg, (3, 11))
   out = generate(model, prompts, max_new_tokens=20, stop_tokens=[])
   assert out == [sample_uncached(model, p, 20, window=64) for p in prompts]
+  # on CPU generate runs the unstacked copy (made once, remade when the weights change)
+  static, leaves = split_for_inference(model)
+  assert static.value[0] is split_for_inference(model)[0].value[0]
+  assert len(leaves) > len(jax.tree.leaves(nnx.state(model)))  # 9 layers' own arrays
+  model.lm_head[...] = model.lm_head[...] * 2
+  assert split_for_inference(model)[1][-1] is not leaves[-1]
   # the compiled decode step (all rows, and the serving engine's first row of 4) copies no cache array
   cache = model.init_cache(batch=4, max_length=64)
   for rows in (1, 4):

@@ -34,11 +34,10 @@ def test_mesh_flag():
   assert dict(mesh_from_flag("fsdp=4, tensor=2").shape) == dict(data=1, fsdp=4, tensor=2, expert=1, context=1)
   assert dict(mesh_from_flag("tensor=2,data=-1").shape)["data"] == 4
   for spec, message in (("fsdp4", "is not AXIS=SIZE"), ("model=8", r"unknown axes \['model'\]"),
-                        ("tensor=3", "needs 3 devices but 8 are available"),
-                        ("context=8", "sampling does not split sequences")):
+                        ("tensor=3", "needs 3 devices but 8 are available")):
     with pytest.raises(ValueError, match=message):
-      mesh_from_flag(spec, context=False)
-  assert dict(mesh_from_flag("context=8").shape)["context"] == 8  # training may
+      mesh_from_flag(spec)
+  assert dict(mesh_from_flag("context=8").shape)["context"] == 8  # training, sampling and serving
 
 
 def test_rules_reject_collisions():

@@ -3,8 +3,13 @@
 Prompts of different lengths share a batch: they are right-padded, each row keeps its own positions
 and stop state, so a row's tokens are exactly those it would get alone. The chunked (RoPE) layers keep
 a ring buffer of C = attention_chunk_size entries, the NoPE layers the whole length (`Llama4.init_cache`).
-The cache is created sharded (batch over data/fsdp/expert, kv heads over tensor) and donated to the
-compiled loop.
+The cache is created sharded (batch over data/fsdp/expert, kv heads over tensor; the NoPE layers'
+sequence over context) inside the compiled program.
+
+Every compiled call here is a plain `jax.jit` over `split_for_inference`'s (static handle, parameter
+leaves): `nnx.jit` walks the whole module graph on every call (measured: 61 ms vs 9.6 ms per decode step
+for the 100M-parameter benchmark model on the 2-core CPU), and a (GraphDef, State) pair costs ~2 ms per
+call to hash and flatten. On CPU a model of several scanned superblocks runs as its `unstacked` copy.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from llama4_jax.inference.sampling import row_keys, sample_rows, settings_rows
-from llama4_jax.inference.static import merge_model, split_model
+from llama4_jax.inference.static import merge_model, split_for_inference
 
 _BUCKET = 64  # prompt and cache lengths are rounded up to this, so few shapes get compiled
 
@@ -59,13 +63,15 @@ def _pack(prompts, width):
   tokens = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, : len(p)] = p
-  return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
-def _generate_loop(model, tokens, lengths, cache, seeds, settings, stop, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("static", "max_new_tokens", "cache_length"))
+def _generate_loop(static, leaves, tokens, lengths, seeds, settings, stop, max_new_tokens, cache_length):
+  """Prefill and the decode loop in one program; the cache is created inside it (no extra call)."""
+  model = merge_model(static, leaves)
   b = tokens.shape[0]
-  logits, cache = model.prefill(tokens, lengths, cache)
+  logits, cache = model.prefill(tokens, lengths, model.init_cache(b, cache_length))
   tok = sample_rows(logits, row_keys(seeds, lengths), *settings)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
   done = jnp.isin(tok, stop)
@@ -102,35 +108,30 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
   the model config's eos_token_id. cache_length defaults to the longest prompt + max_new_tokens (rounded
   up).
   """
-  settings, stop, tokens, lengths, cache = _prepare(model, prompts, max_new_tokens, temperature, top_k,
-                                                    top_p, stop_tokens, cache_length)
-  seeds = jnp.full((len(prompts),), seed % 2**32, jnp.uint32)  # as the server takes it
-  out, count = _generate_loop(model, tokens, lengths, cache, seeds, settings,
-                              jnp.asarray(stop or [-1], jnp.int32), max_new_tokens)
+  settings, stop, tokens, lengths, length = _prepare(model, prompts, max_new_tokens, temperature, top_k,
+                                                     top_p, stop_tokens, cache_length)
+  seeds = np.full((len(prompts),), seed % 2**32, np.uint32)  # as the server takes it
+  out, count = _generate_loop(*split_for_inference(model), tokens, lengths, seeds, settings,
+                              np.asarray(stop or [-1], np.int32), max_new_tokens, length)
   out, count = np.asarray(out), np.asarray(count)
   return [out[i, : count[i]].tolist() for i in range(len(prompts))]
 
 
-@functools.partial(nnx.jit, static_argnames=("batch", "length"))
-def _init_cache(model, batch, length):
-  return model.init_cache(batch, length)
+@functools.partial(jax.jit, static_argnames=("static", "batch", "length"))
+def _init_cache(static, leaves, batch, length):
+  return merge_model(static, leaves).init_cache(batch, length)
 
 
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length):
-  """Checks the arguments; returns (sampling settings per row, stop ids, padded tokens [B, T],
-  lengths [B], empty cache)."""
+  """Checks the arguments; returns (sampling settings per row, stop ids, padded tokens [B, T] and
+  lengths [B] (host arrays), the cache length)."""
   longest = _check_prompts(model, prompts, max_new_tokens, cache_length)
   settings = settings_rows(len(prompts), temperature, top_k, top_p)
   stop = list(model.config.eos_token_id if stop_tokens is None else stop_tokens)
   tokens, lengths = _pack(prompts, _round_up(longest, _BUCKET))
-  cache = _init_cache(model, len(prompts), cache_length or _round_up(longest + max_new_tokens, _BUCKET))
-  return settings, stop, tokens, lengths, cache
+  return settings, stop, tokens, lengths, cache_length or _round_up(longest + max_new_tokens, _BUCKET)
 
 
-# The streaming path calls one compiled step per token, so it uses plain jax.jit over `split_model`'s
-# (static handle, parameter leaves): nnx.jit walks the whole module graph on every call (measured: 61 ms vs
-# 9.6 ms per decode step for the 100M-parameter benchmark model on the 2-core CPU), and a (GraphDef, State)
-# pair costs ~2 ms per call to hash and flatten.
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("cache",))
 def _prefill_pure(static, leaves, tokens, lengths, cache, seeds, settings):
   logits, cache = merge_model(static, leaves).prefill(tokens, lengths, cache)
@@ -150,10 +151,11 @@ def generate_stream(model, prompt: Sequence[int], max_new_tokens: int = 64, temp
   """Yields the new tokens of one prompt as they are produced (one compiled decode step per token).
 
   Same tokens as `generate` for the same arguments."""
-  settings, stop, tokens, lengths, cache = _prepare(model, [prompt], max_new_tokens, temperature, top_k,
-                                                    top_p, stop_tokens, cache_length)
+  settings, stop, tokens, lengths, length = _prepare(model, [prompt], max_new_tokens, temperature, top_k,
+                                                     top_p, stop_tokens, cache_length)
   stop = set(stop)
-  static, leaves = split_model(model)
+  static, leaves = split_for_inference(model)
+  cache = _init_cache(static, leaves, 1, length)
   seeds = jnp.full((1,), seed % 2**32, jnp.uint32)
   tok, cache = _prefill_pure(static, leaves, tokens, lengths, cache, seeds, settings)
   pos = lengths

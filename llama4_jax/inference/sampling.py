@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def argmax(logits_BV):
@@ -29,11 +30,11 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: fl
 
 
 def settings_rows(batch: int, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  top_p: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(temperature_B, top_k_B, top_p_B) for `sample_rows`, every row alike (checked first)."""
   check_sampling(temperature, top_k, top_p)
-  return (jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k or 0, jnp.int32),
-          jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32))
+  return (np.full((batch,), temperature, np.float32), np.full((batch,), top_k or 0, np.int32),
+          np.full((batch,), 1.0 if top_p is None else top_p, np.float32))
 
 
 def row_keys(seeds_B, positions_B):

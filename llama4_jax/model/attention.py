@@ -14,10 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import ModelConfig
+from llama4_jax.model import blockwise
+from llama4_jax.model.blockwise import extend_attention, prefill_attention
 from llama4_jax.model.layers import apply_rope, rms_normalize
 from llama4_jax.model.linear import declare_linear, weight
 from llama4_jax.model.platform import target_platform
-from llama4_jax.model.ring_attention import RingContext, make_plan, ring_attention, visible
+from llama4_jax.model.ring_attention import RingContext, from_zigzag, make_plan, ring_attention, visible
+from llama4_jax.model.split_decode import split_decode
 from llama4_jax.sharding import constrain
 
 
@@ -133,13 +136,17 @@ class Attention(nnx.Module):
       q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(dt)
     return q, k, v
 
-  def _decode(self, q_B1NH, k_B1KH, v_B1KH, pos_B, cache, key=None):
+  def _decode(self, q_B1NH, k_B1KH, v_B1KH, pos_B, cache, mesh=None, key=None):
     """One token per row against the cache: a layer's dict, or a `StackedCache` (the scanned layers'
     arrays and this layer's index). The cache may hold more rows than the batch (the serving engine
-    steps only its first B): only rows 0..B-1 are written and read, in place."""
+    steps only its first B): only rows 0..B-1 are written and read, in place. A NoPE layer's cache split
+    over a `context` axis goes through `split_decode` (each device its shard, merged by log-sum-exp)."""
     b = q_B1NH.shape[0]
     stacked = isinstance(cache, StackedCache)
     arrays, at = (cache.arrays, (cache.index,)) if stacked else (cache, ())
+    if mesh is not None and mesh.shape.get("context", 1) > 1 and self.chunk_size is None:
+      out, arrays = split_decode(q_B1NH[:, 0], k_B1KH[:, 0], v_B1KH[:, 0], pos_B, arrays, at, mesh)
+      return self._out(out[:, None], key), StackedCache(arrays, cache.index) if stacked else arrays
     arrays = store_decode(arrays, k_B1KH, v_B1KH, pos_B, at)
     rows = {n: a[at][:b] for n, a in arrays.items()}
 
@@ -174,30 +181,37 @@ class Attention(nnx.Module):
       plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned,
                        kernel=ring.kernel)
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
+      if mode == "prefill":  # a context-parallel prefill: the cache takes the keys in token order
+        if ring.layout == "zigzag":
+          kv_axes = ("batch", "seq", "kv_heads", "head_dim")
+          k, v = from_zigzag(k, mesh, kv_axes), from_zigzag(v, mesh, kv_axes)
+          segment_ids_BT = from_zigzag(segment_ids_BT, mesh)
+        lengths_B = jnp.sum(segment_ids_BT > 0, axis=1)
+        cache = store_tokens(cache, k, v, jnp.zeros_like(lengths_B), lengths_B, fresh=True)
+      elif mode is not None:
+        raise ValueError(f"ring attention with a KV cache runs prefill only, not {mode!r}")
       return self._out(out, key), cache
     if mode == "decode":
-      return self._decode(q, k, v, positions_BT[:, 0], cache, key)
+      return self._decode(q, k, v, positions_BT[:, 0], cache, mesh, key)
     if mode == "extend":
       return self._extend(q, k, v, positions_BT, segment_ids_BT, cache, key)
-    mask = attention_mask(positions_BT, segment_ids_BT, self.chunk_size)
-    out = self._out(dense_attention(q, k, v, mask, mesh), key)
+    if mode == "prefill" and q.shape[1] > blockwise.BLOCK:  # blockwise: memory linear in length
+      out = prefill_attention(q, k, v, positions_BT, segment_ids_BT, self.chunk_size, mesh)
+    else:  # up to one block (the same arithmetic, with no loops to compile), or no cache
+      out = dense_attention(q, k, v, attention_mask(positions_BT, segment_ids_BT, self.chunk_size), mesh)
     if mode == "prefill":  # into a fresh cache
       lengths_B = jnp.sum(segment_ids_BT > 0, axis=1)
       cache = store_tokens(cache, k, v, jnp.zeros_like(lengths_B), lengths_B, fresh=True)
-    return out, cache
+    return self._out(out, key), cache
 
   def _extend(self, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, cache, key=None):
     """Rows continue at positions_BT[:, 0] (their earlier tokens are in `cache`, a layer's dict): each new
     token attends over the cached entries before that start and the new tokens up to itself (causal; the
-    same chunk on chunked layers), then the new tokens are stored."""
+    same chunk on chunked layers), blockwise with the cache read in place, then the new tokens are
+    stored."""
     start_B, lengths_B = positions_BT[:, 0], jnp.sum(segment_ids_BT > 0, axis=1)
-    cached_BS = jnp.where(cache["pos"] < start_B[:, None], cache["pos"], -1)
-    kpos_BS = jnp.concatenate([cached_BS, jnp.where(segment_ids_BT > 0, positions_BT, -1)], axis=1)
-    k_BSKH = jnp.concatenate([cache["k"].transpose(0, 2, 1, 3).astype(k_BTKH.dtype), k_BTKH], axis=1)
-    v_BSKH = jnp.concatenate([cache["v"].transpose(0, 2, 1, 3).astype(v_BTKH.dtype), v_BTKH], axis=1)
-    mask_BTS = cache_mask(kpos_BS[:, None, :], positions_BT, self.chunk_size)
-    out = self._out(masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS), key)
-    return out, store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B)
+    out = extend_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT > 0, cache, self.chunk_size)
+    return self._out(out, key), store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,8 +230,14 @@ def store_tokens(cache, k_BTKH, v_BTKH, start_B, lengths_B, fresh: bool = False)
   slot s gets the latest new position p with p % S == s, so a ring buffer shorter than the tokens keeps
   the last chunk; the other slots keep what they held, or with `fresh` (a prefill into an empty cache)
   are emptied without reading the cache, so a donated cache stays unused and XLA drops it."""
-  size = cache["pos"].shape[1]
+  size, t = cache["pos"].shape[1], k_BTKH.shape[1]
   slots = jnp.arange(size)
+  if fresh and size >= t:  # nothing wraps: slot s holds token s (a pad, which splits over `context` too)
+    new = slots[None, :] < lengths_B[:, None]
+    put = lambda x, c: jnp.where(new[:, None, :, None], jnp.pad(  # noqa: E731
+        x.transpose(0, 2, 1, 3).astype(c.dtype), ((0, 0), (0, 0), (0, size - t), (0, 0))), 0)
+    return {"k": put(k_BTKH, cache["k"]), "v": put(v_BTKH, cache["v"]),
+            "pos": jnp.where(new, slots[None, :], -1).astype(jnp.int32)}
   last = (start_B + lengths_B - 1)[:, None]
   src = last - jnp.mod(last - slots[None, :], size)  # [B, S] the latest new position per slot
   new = src >= start_B[:, None]

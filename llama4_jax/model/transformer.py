@@ -55,6 +55,8 @@ class DecoderLayer(nnx.Module):
     return h_BTD, aux, cache
 
 
+PREFILL_PIECE = 8192  # `prefill` runs longer prompts a piece of this many tokens at a time (one call)
+
 _REMAT = {
     "full": lambda: None,
     "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
@@ -152,8 +154,9 @@ class Llama4(nnx.Module):
     def one(kind, stack=()):
       c = init_kv_cache(batch, cfg.kv_cache_length(kind.rope, max_length), cfg.num_key_value_heads,
                         cfg.head_dim, dtype)
-      axes = {"k": ("batch", "kv_heads", None, None), "v": ("batch", "kv_heads", None, None),
-              "pos": ("batch", None)}
+      seq = None if kind.rope else "kv_seq"  # a NoPE layer's cache is split over `context` (RULES)
+      axes = {"k": ("batch", "kv_heads", seq, None), "v": ("batch", "kv_heads", seq, None),
+              "pos": ("batch", seq)}
       c = {k: constrain(v, self.mesh, axes[k]) for k, v in c.items()}
       return jax.tree.map(lambda x: jnp.broadcast_to(x, stack + x.shape), c)
 
@@ -161,26 +164,67 @@ class Llama4(nnx.Module):
             "tail": [one(layer.kind) for layer in self.tail]}
 
   @on_model_mesh
-  def prefill(self, tokens, lengths, cache):
+  def prefill(self, tokens, lengths, cache, piece: int | None = None):
     """Runs right-padded prompts tokens [B, T] (row b has lengths[b] real tokens) and stores them in
-    `cache`. Returns (logits [B, V] at each row's last prompt token, cache)."""
+    `cache`. Returns (logits [B, V] at each row's last prompt token, cache).
+
+    Attention is blockwise (memory linear in T). A prompt longer than `piece` tokens (default
+    PREFILL_PIECE) runs as a `lax.scan` of `extend` calls of that many tokens, so the per-token
+    activations (the MLP's and the experts' hidden layers: most of the memory) exist for one piece at a
+    time; with a `context` axis the whole prompt goes through the ring instead, split over the devices."""
     b, t = tokens.shape
+    piece = piece or PREFILL_PIECE
+    if t > piece and self._ring_context(b, t, aligned=True) is None:
+      return self._prefill_pieces(tokens, lengths, cache, piece)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "prefill")
+    ring = self._ring_context(b, t, aligned=True)  # with a context axis: the ring, as in training
+    zigzag = ring is not None and ring.layout == "zigzag"
+    if zigzag:
+      tokens, positions, segment_ids = (to_zigzag(x, self.mesh) for x in (tokens, positions, segment_ids))
+    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "prefill", ring)
+    if zigzag:
+      h = from_zigzag(h, self.mesh, ("batch", "seq", "act_embed"))
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.lm_logits(last)[:, 0], cache
+
+  def _prefill_pieces(self, tokens, lengths, cache, piece: int):
+    """`prefill` as a scan over pieces of `piece` tokens (the prompt padded to a multiple of it), each an
+    `extend` of every row; a row's last hidden state is kept from the piece that holds its last token."""
+    b, t = tokens.shape
+    n = -(-t // piece)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * piece - t))).reshape(b, n, piece).transpose(1, 0, 2)
+
+    def one(carry, xs):
+      cache, last_h = carry
+      i, toks = xs
+      start = i * piece
+      count = jnp.clip(lengths - start, 0, piece)
+      h, cache = self._extend_hidden(toks, jnp.full((b,), start, jnp.int32), count, cache)
+      here = (lengths - 1 >= start) & (lengths - 1 < start + piece)
+      idx = jnp.clip(lengths - 1 - start, 0, piece - 1)
+      h_last = jnp.take_along_axis(h, idx[:, None, None], axis=1)  # [B, 1, D]
+      return (cache, jnp.where(here[:, None, None], h_last, last_h)), None
+
+    last = jnp.zeros((b, 1, self.config.hidden_size), dtype_of(self.config.dtype))
+    (cache, last), _ = jax.lax.scan(one, (cache, last), (jnp.arange(n, dtype=jnp.int32), tokens))
+    return self.lm_logits(last)[:, 0], cache
+
+  def _extend_hidden(self, tokens, starts, lengths, cache):
+    """`extend`'s last-layer hidden states [B, T, D] and cache."""
+    b, t = tokens.shape
+    positions = (starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]).astype(jnp.int32)
+    segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
+    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "extend")
+    return h, cache
 
   @on_model_mesh
   def extend(self, tokens, starts, lengths, cache):
     """Continues prompts whose first starts[b] tokens are in `cache` with tokens [B, T] (row b has
     lengths[b] real ones, at positions starts[b], starts[b] + 1, ...), so a long prompt can be prefilled
     a piece at a time. Returns (logits [B, V] at each row's last new token, cache)."""
-    b, t = tokens.shape
-    positions = (starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]).astype(jnp.int32)
-    segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
-    h, _, cache = self._layers(self._embed(tokens), positions, segment_ids, cache, "extend")
-    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    h, cache = self._extend_hidden(tokens, starts, lengths, cache)
+    last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
     return self.lm_logits(last)[:, 0], cache
 
   @on_model_mesh
@@ -258,6 +302,24 @@ def _forward_jit(model, input_ids, positions, segment_ids, return_aux):
 def abstract_model(cfg: ModelConfig, mesh: Mesh | None = None) -> Llama4:
   """The model with ShapeDtypeStructs instead of arrays: no memory is allocated."""
   return nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def unstacked(model: Llama4) -> Llama4:
+  """The same model with every layer's weights in arrays of their own (`scan_layers=False`: one superblock
+  of all the layers, which XLA unrolls), sliced from the scanned model's stacks: a second copy of the layer
+  weights. For decoding on CPU, where XLA copies each weight slice a scan over two or more superblocks
+  reads before multiplying by it (twice the memory traffic of a step bound by it)."""
+  cfg = model.config.replace(scan_layers=False)
+  graphdef, state = nnx.split(abstract_model(cfg, model.mesh))
+  old = nnx.to_pure_dict(nnx.state(model))
+  new = {k: v for k, v in old.items() if k not in ("blocks", "tail")}
+  new["blocks"], new["tail"] = {}, {}
+  for i in range(cfg.num_hidden_layers):
+    where, j, index = model.layer_location(i)
+    take = (lambda x: x[index:index + 1]) if index is not None else (lambda x: x[None])  # noqa: E731
+    new["blocks"][i] = jax.tree.map(take, old[where][j])
+  nnx.replace_by_pure_dict(state, new)
+  return nnx.merge(graphdef, state)
 
 
 def check_mesh_fits(cfg: ModelConfig, mesh: Mesh) -> None:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from llama4_jax.inference.sampler import check_prompt_ids
 from llama4_jax.inference.sampling import MAX_TOP_LOGPROBS
-from llama4_jax.inference.static import split_model
+from llama4_jax.inference.static import split_for_inference
 from llama4_jax.progress import bar
 from llama4_jax.serving import steps
 from llama4_jax.serving.admission import MIN_BUCKET, PREFILL_WIDTH, Admission, AdmissionPolicy
@@ -198,7 +198,7 @@ class Engine:
     self.config, self.slots, self.max_length, self.max_queue = cfg, slots, max_length, max_queue
     self.policy = AdmissionPolicy(slots, max_length)
     self.prefix = PrefixCache(prefix_cache_tokens, self.policy.buckets[-1], max_length)
-    self._static, self._leaves = split_model(model)
+    self._static, self._leaves = split_for_inference(model)
     self._slots = _Slots(slots)
     self._waiting: collections.deque[Request] = collections.deque()
     self._unread: collections.deque[_Dispatched] = collections.deque()  # in dispatch order
