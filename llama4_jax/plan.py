@@ -73,7 +73,7 @@ def _plan():
     length = _CACHE.value or c.seq_len
 
     def plan_fn(cfg, n, mem):
-      return planning.plan_serving(cfg, n, _BATCH.value, length, mem)
+      return planning.plan_serving(cfg, n, _BATCH.value, length, mem, _PROMPT.value)
   else:
     def plan_fn(cfg, n, mem):  # the activation model fitted to the TPU compiler when a TPU is named
       return planning.plan_training(cfg, n, mem, platform="tpu" if tpu else "cpu")

@@ -196,14 +196,23 @@ def activation_bytes(c, cfg: ModelConfig, sizes: dict[str, int], platform: str =
   return int(sum(coefficients[k] * v for k, v in feats.items()))
 
 
-def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: int) -> int:
-  """The sampler's KV cache on one device: keys, values (compute dtype) and int32 positions."""
+def kv_cache_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, length: int,
+                   rope: bool | None = None) -> int:
+  """The sampler's KV cache on one device: keys, values (compute dtype) and int32 positions. The global
+  (NoPE) layers' cache is split over `context` along the sequence (when it divides the length). `rope`:
+  only the chunked (True) or only the global (False) layers'."""
   shards = batch_shards(sizes)
   rows = batch // shards if batch % shards == 0 else batch  # a batch the axes do not divide is replicated
   k = cfg.num_key_value_heads // sizes["tensor"]
   a = np.dtype(cfg.dtype).itemsize
-  return sum(rows * cfg.kv_cache_length(kind.rope, length) * (2 * k * cfg.head_dim * a + 4)
-             for kind in cfg.layer_kinds())
+  context = sizes.get("context", 1)
+
+  def slots(rope: bool) -> int:
+    n = cfg.kv_cache_length(rope, length)
+    return n // context if not rope and n % context == 0 else n
+
+  return sum(rows * slots(kind.rope) * (2 * k * cfg.head_dim * a + 4) for kind in cfg.layer_kinds()
+             if rope is None or kind.rope == rope)
 
 
 @dataclasses.dataclass
@@ -243,13 +252,20 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None, platform: str =
   return Plan("train", sizes, parts, hbm_bytes)
 
 
-def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None) -> Plan:
-  """Per-device bytes of serving with `batch` slots of `length` tokens (run config `c`'s model).
+def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None,
+                 prompt: int | None = None) -> Plan:
+  """Per-device bytes of serving with `batch` slots of `length` tokens (run config `c`'s model), prefilling
+  a prompt of `prompt` tokens (default: the engine's 256-token piece).
 
-  Parameters and the KV cache are exact; the activations are a rough allowance (not fitted) for the
-  serving engine's largest program: a 256-token piece of a long prompt prefilled into a row of its own
-  (that row's cache, one layer's float32 scores of the piece against the row, a few hidden-width buffers
-  per token) and the logits of the slots."""
+  Parameters and the KV cache are exact; the activations are an allowance for the prefill of the prompt
+  into a fresh row (that row's cache, and per token a few hidden-width and FFN-width buffers and three
+  float32 copies of its queries; attention is blockwise, so nothing grows with the square of the length),
+  over the tokens one device holds at once: the prompt / context with a context axis (the ring), else up
+  to `Llama4.prefill`'s piece of 8,192 tokens; or, when larger, a copy of the global layers' cache (the
+  TPU compiler kept one in the decode step of the bf16 Scout configs); plus the slots' logits. Checked
+  against the TPU compiler (README, TPU table), e.g. Scout at 262,144 tokens on v5p-8 and at 1,048,576
+  context-parallel on v5p-16."""
+  from llama4_jax.model.transformer import PREFILL_PIECE as MODEL_PIECE
   from llama4_jax.model.transformer import check_mesh_fits
   from llama4_jax.serving.admission import PREFILL_PIECE
   from llama4_jax.train.config import model_config
@@ -257,14 +273,18 @@ def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None
   cfg = model_config(c)
   check_mesh_fits(cfg, _Sizes(sizes))
   weights, _ = weight_bytes(cfg, sizes)
-  tp, a = sizes["tensor"], np.dtype(cfg.dtype).itemsize
-  piece = min(length, PREFILL_PIECE)
+  tp, a, context = sizes["tensor"], np.dtype(cfg.dtype).itemsize, sizes.get("context", 1)
+  prompt = min(prompt or PREFILL_PIECE, length)
+  tokens = -(-prompt // context) if context > 1 else min(prompt, MODEL_PIECE)
   heads = max(1, cfg.num_attention_heads // tp)
-  prefill = (piece * length * heads * 4 + piece * cfg.hidden_size * a * 8
-             + (kv_cache_bytes(cfg, sizes, 1, length) if length > piece else 0))
+  kinds = cfg.layer_kinds()
+  ffn = max(cfg.intermediate_size if k.moe else cfg.intermediate_size_mlp for k in kinds) // tp
+  per_token = 3 * heads * cfg.head_dim * 4 + 8 * ffn * a + 4 * cfg.hidden_size * a
+  prefill = tokens * per_token + kv_cache_bytes(cfg, sizes, 1, length)
+  decode = kv_cache_bytes(cfg, sizes, batch, length, rope=False)
   logits = max(1, batch // batch_shards(sizes)) * cfg.vocab_size // tp * 4 * 2
   parts = {"parameters": weights, "kv cache": kv_cache_bytes(cfg, sizes, batch, length),
-           "activations": int(prefill + logits)}
+           "activations": int(max(prefill, decode) + logits)}
   return Plan("serve", sizes, parts, hbm_bytes)
 
 

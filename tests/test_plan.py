@@ -49,12 +49,14 @@ def test_parameter_counts_match_the_published_ones(preset, total, active):
 
 
 def test_kv_cache_matches_the_sampler():
+  """Per device, as the sampler creates it; with a context axis the global layers' cache is split."""
   cfg = l4.get_config("tiny", num_hidden_layers=4, attention_chunk_size=16, max_position_embeddings=512)
-  mesh = l4.make_mesh(fsdp=4, tensor=2)
-  model = l4.create_model(cfg, mesh)
-  cache = model.init_cache(8, 100)
-  per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(cache))
-  assert planning.kv_cache_bytes(cfg, dict(mesh.shape), 8, 100) == per_device
+  for sizes in (dict(fsdp=4, tensor=2), dict(fsdp=2, tensor=2, context=2)):
+    mesh = l4.make_mesh(**sizes)
+    model = l4.create_model(cfg, mesh)
+    cache = model.init_cache(8, 100)
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(cache))
+    assert planning.kv_cache_bytes(cfg, dict(mesh.shape), 8, 100) == per_device, sizes
 
 
 def test_tpu_names_and_bad_meshes():

@@ -144,7 +144,8 @@ class Attention(nnx.Module):
     b = q_B1NH.shape[0]
     stacked = isinstance(cache, StackedCache)
     arrays, at = (cache.arrays, (cache.index,)) if stacked else (cache, ())
-    if mesh is not None and mesh.shape.get("context", 1) > 1 and self.chunk_size is None:
+    context = 1 if mesh is None else mesh.shape.get("context", 1)
+    if context > 1 and self.chunk_size is None and arrays["pos"].shape[-1] % context == 0:  # split
       out, arrays = split_decode(q_B1NH[:, 0], k_B1KH[:, 0], v_B1KH[:, 0], pos_B, arrays, at, mesh)
       return self._out(out[:, None], key), StackedCache(arrays, cache.index) if stacked else arrays
     arrays = store_decode(arrays, k_B1KH, v_B1KH, pos_B, at)

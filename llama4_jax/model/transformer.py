@@ -146,8 +146,9 @@ class Llama4(nnx.Module):
   @on_model_mesh
   def init_cache(self, batch: int, max_length: int, dtype=None):
     """Zeroed KV cache for `batch` rows of up to `max_length` tokens: a ring buffer of
-    min(C, max_length) entries for chunked layers, `max_length` for NoPE layers. dtype: by default the
-    compute dtype (float32 on CPU for bf16, see `ops.kv_cache_dtype`)."""
+    min(C, max_length) entries for chunked layers, `max_length` for NoPE layers (split over the mesh's
+    `context` axis along the sequence: `kv_seq` in the rules table). dtype: by default the compute dtype
+    (float32 on CPU for bf16, see `ops.kv_cache_dtype`)."""
     cfg = self.config
     dtype = dtype or kv_cache_dtype(dtype_of(cfg.dtype))
 
