@@ -107,6 +107,7 @@ def main():
   from common import MOE_100M, timeit
   from llama4_jax.inference import generate
   from llama4_jax.inference.sampler import _init_cache, _pack, _prefill_pure
+  from llama4_jax.inference.sampling import settings_rows
   from llama4_jax.inference.static import split_model
 
   torch.set_num_threads(os.cpu_count())
@@ -129,7 +130,8 @@ def main():
 
         def prefill():
           cache = _init_cache(*split_model(model), batch, args.prompt + args.new)
-          _prefill_pure(*split_model(model), tokens, lengths, cache)[0].block_until_ready()
+          _prefill_pure(*split_model(model), tokens, lengths, cache, np.zeros(batch, np.uint32),
+                        settings_rows(batch))[0].block_until_ready()
 
         t_prefill = timeit(prefill, 3)
         t_step = (t_total - t_prefill) / (args.new - 1)
