@@ -119,6 +119,8 @@ def _attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, chunk_size, ca
     o, _, l = acc
     return (o / jnp.where(l == 0, 1.0, l)[..., None]).astype(q_BTNH.dtype)
 
+  if t == blk:  # one query block (a serving piece): no map around it, less to compile
+    return _unfold(per_block((jnp.int32(0), qf[0], qpos[0], qseg[0]))[None], n)
   out = jax.lax.map(per_block, (jnp.arange(t // blk), qf, qpos, qseg))
   return _unfold(out, n)
 
