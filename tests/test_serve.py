@@ -537,20 +537,21 @@ def test_text_stream_holds_back_stop_strings(tokenizer):
 
 
 def test_serve_cli(tmp_path, model, tokenizer):
-  """The CLI serving a model sharded over the 8 devices (data=2, fsdp=2, tensor=2: batch and kv heads of
-  the cache split) with an int8 base (--quantize=int8): greedy completions equal `generate` of the same
-  checkpoint loaded with an int8 base on one device."""
+  """The CLI serving a model sharded over the 8 devices (fsdp=2, tensor=2, context=2: kv heads of the cache
+  split, prompts prefilled through the ring, the global layers' cache split over context and decoded by
+  the log-sum-exp merge) with an int8 base (--quantize=int8): greedy completions equal `generate` of the
+  same checkpoint loaded with an int8 base on one device."""
   ckpt = tmp_path / "ckpt"
   l4.save_pretrained(model, str(ckpt))
   os.link(tokenizer.path, ckpt / "tokenizer.json")
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
-                           "--slots=2", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,data=-1",
+                           "--slots=3", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,context=2",
                            "--quantize=int8"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in proc.stdout:
       m = re.search(r"on (http://[\d.]+:\d+) .*ready", line)
-      assert "compiling" not in line or "mesh {'data': 2, 'fsdp': 2, 'tensor': 2" in line, line
+      assert "compiling" not in line or "'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 2}" in line, line
       if m:
         break
     else:
@@ -572,8 +573,8 @@ def test_serve_cli(tmp_path, model, tokenizer):
   finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]
-  # 2 slots over data x fsdp = 4 devices: the cache cannot be split over both, and the log says so
-  assert "slots=2 is not a multiple of the mesh's batch axes (data x fsdp x expert = 4)" in proc.stderr.read()
+  # 3 slots over fsdp = 2 devices: the cache's rows cannot be split, and the log says so
+  assert "slots=3 is not a multiple of the mesh's batch axes (data x fsdp x expert = 2)" in proc.stderr.read()
 
 
 def test_close_ends_idle_connections(model, tokenizer):
