@@ -80,7 +80,8 @@ def depth_row(layers: int, prompt: int = 32, new: int = 64) -> dict:
   th_one, th_all = timeit(lambda: hf_gen(1), 3), timeit(lambda: hf_gen(new), 2)
   ours, theirs = (new - 1) / (t_all - t_one), (new - 1) / (th_all - th_one)
   return {"layers": layers, "superblocks": model.num_blocks, "params": cfg.num_params(),
-          "ours_decode_tokens_per_sec": round(ours, 1), "transformers_decode_tokens_per_sec": round(theirs, 1),
+          "ours_decode_tokens_per_sec": round(ours, 1),
+          "transformers_decode_tokens_per_sec": round(theirs, 1),
           "decode_speedup": round(ours / theirs, 2), "generate_1_token_ms": round(1e3 * t_one, 1),
           "compiled_program_ms": round(1e3 * t_program, 1),
           "host_overhead_ms": round(1e3 * (t_one - t_program), 1)}

@@ -76,7 +76,8 @@ def child_server(length: int) -> dict:
 def _spawn(args: list[str], devices: int = 1) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if devices > 1:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
   out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
                        text=True, check=False)
   if out.returncode:

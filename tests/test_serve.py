@@ -545,7 +545,8 @@ def test_serve_cli(tmp_path, model, tokenizer):
   l4.save_pretrained(model, str(ckpt))
   os.link(tokenizer.path, ckpt / "tokenizer.json")
   proc = subprocess.Popen([sys.executable, "-m", "llama4_jax.serve", f"--checkpoint={ckpt}", "--port=0",
-                           "--slots=3", "--max-context=32", "--api-key=k1", "--mesh=fsdp=2,tensor=2,context=2",
+                           "--slots=3", "--max-context=32", "--api-key=k1",
+                           "--mesh=fsdp=2,tensor=2,context=2",
                            "--quantize=int8"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
