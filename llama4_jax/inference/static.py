@@ -58,9 +58,10 @@ def split_for_inference(model) -> tuple[Static, list[jax.Array]]:
   """`split_model` of the model to sample with: on CPU, a model of two or more scanned superblocks is
   replaced by its `unstacked` copy (each layer's weights in arrays of their own), made once and kept
   while the model's weights are the same arrays (a training step that replaces them makes a new one).
-  XLA CPU copies every weight slice a multi-step scan reads before its matmul: the 8-layer ~126M MoE
-  decoded at 35 tokens/s scanned and 61 unstacked. The copy costs a second set of layer weights in host
-  memory; elsewhere (TPU) the scanned model is used as it is."""
+  XLA CPU copies every weight slice a multi-step scan reads before its matmul (an 8-layer ~126M MoE
+  decoded at 35 tokens/s scanned, 61 with `scan_layers=False`; README, Measured, for `generate` now).
+  The copy costs a second set of layer weights in host memory; elsewhere (TPU) the scanned model is
+  used as it is."""
   static, leaves = split_model(model)
   if model.num_blocks < 2 or (mesh_platform(model.mesh) or jax.default_backend()) != "cpu":
     return static, leaves
