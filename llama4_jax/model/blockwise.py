@@ -19,35 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llama4_jax.model.ops import finite_or_zero
 from llama4_jax.model.platform import on_tpu
-from llama4_jax.model.ring_attention import make_plan, ring_attention
+from llama4_jax.model.ring_attention import (block_size, fold_queries, make_plan, merge_block,
+                                             ring_attention, unfold_queries)
 
 BLOCK = 512  # query and key block length (CPU: 512 x 512 score blocks ran ~1.5x faster than 128 x 128)
-
-
-def block_size(n: int, target: int | None = None) -> int:
-  """The largest divisor of n not above `target` (default BLOCK) that is at least 16 (or n itself when
-  there is none)."""
-  target = target or BLOCK
-  best = max((b for b in range(1, min(n, target) + 1) if n % b == 0), default=n)
-  return best if best >= min(n, 16) else n
-
-
-def _fold(q_BTNH, kv_heads: int, block: int):
-  """[B, T, N, H] -> [T / block, B, K, block * G, H]: each kv head's query group next to its tokens."""
-  b, t, n, h = q_BTNH.shape
-  g = n // kv_heads
-  x = q_BTNH.reshape(b, t // block, block, kv_heads, g, h).transpose(1, 0, 3, 2, 4, 5)
-  return x.reshape(t // block, b, kv_heads, block * g, h)
-
-
-def _unfold(x, n: int):
-  """Inverse of `_fold`: [T / block, B, K, block * G, H] -> [B, T, N, H]."""
-  nq, b, kv, m, h = x.shape
-  g = n // kv
-  x = x.reshape(nq, b, kv, m // g, g, h).transpose(1, 0, 3, 2, 4, 5)  # [B, nq, block, K, G, H]
-  return x.reshape(b, nq * (m // g), n, h)
 
 
 def _blocks(x_BT, block: int):
@@ -67,7 +43,6 @@ def _merge(acc, q_BKMH, qpos_Bt, qseg_Bt, k_BKSH, v_BKSH, kpos_BS, kseg_BS, lo, 
   scale = h ** -0.5
 
   def body(j, acc):
-    o, m, l = acc
     at = j * block
     kk = jax.lax.dynamic_slice_in_dim(k_BKSH, at, block, axis=2).astype(q_BKMH.dtype)
     vv = jax.lax.dynamic_slice_in_dim(v_BKSH, at, block, axis=2).astype(q_BKMH.dtype)
@@ -80,12 +55,7 @@ def _merge(acc, q_BKMH, qpos_Bt, qseg_Bt, k_BKSH, v_BKSH, kpos_BS, kseg_BS, lo, 
       mask &= kp // chunk_size == qp // chunk_size
     mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, g, block)).reshape(b, 1, m_, block)
     s = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, kk, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    alpha = jnp.exp(m - finite_or_zero(m_new))
-    p = jnp.exp(s - finite_or_zero(m_new)[..., None])
-    pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
-    return o * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
+    return merge_block(acc, jnp.where(mask, s, -jnp.inf), vv)
 
   return jax.lax.fori_loop(lo, hi, body, acc)
 
@@ -97,14 +67,14 @@ def _attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, chunk_size, ca
   kvh = k_BTKH.shape[2]
   if n % kvh:
     raise ValueError(f"query heads {n} must be a multiple of kv heads {kvh}")
-  blk = block_size(t)
+  blk = block_size(t, BLOCK)
   k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-  qf = _fold(q_BTNH, kvh, blk)
+  qf = jnp.moveaxis(fold_queries(q_BTNH, kvh, blk), 1, 0)  # [T / block, B, K, block * G, H]: lax.map's
   qpos, qseg = _blocks(positions_BT, blk), _blocks(segment_ids_BT, blk)
   reach = t if chunk_size is None else chunk_size - 1  # how far back (in tokens) a query may see
   if cached is not None:
     ck, cv, ckpos, filled = cached
-    cblk = block_size(ck.shape[2])
+    cblk = block_size(ck.shape[2], BLOCK)
     chi = (jnp.minimum(filled, ck.shape[2]) + cblk - 1) // cblk
 
   def per_block(xs):
@@ -120,9 +90,10 @@ def _attend(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, chunk_size, ca
     return (o / jnp.where(l == 0, 1.0, l)[..., None]).astype(q_BTNH.dtype)
 
   if t == blk:  # one query block (a serving piece): no map around it, less to compile
-    return _unfold(per_block((jnp.int32(0), qf[0], qpos[0], qseg[0]))[None], n)
-  out = jax.lax.map(per_block, (jnp.arange(t // blk), qf, qpos, qseg))
-  return _unfold(out, n)
+    out = per_block((jnp.int32(0), qf[0], qpos[0], qseg[0]))[None]
+  else:
+    out = jax.lax.map(per_block, (jnp.arange(t // blk), qf, qpos, qseg))
+  return unfold_queries(jnp.moveaxis(out, 0, 1), n)
 
 
 def prefill_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, chunk_size: int | None,

@@ -117,7 +117,7 @@ def make_plan(seq_len: int, devices: int, chunk_size: int | None, layout: str = 
   """
   run = run_length(seq_len, devices, layout)
   kernel = _choose_kernel(kernel, run, seq_len, chunk_size)
-  blk = run if kernel == "splash" else _block_size(run, block)
+  blk = run if kernel == "splash" else block_size(run, block)
   with_kernel = lambda group, steps: RingPlan(  # noqa: E731
       devices, group, steps, chunk_size, blk, kernel, kernel == "splash" and not on_tpu(),
       seq_len)
@@ -152,7 +152,7 @@ def _choose_kernel(kernel: str, run: int, seq_len: int, chunk_size: int | None) 
   return "splash"
 
 
-def _block_size(run: int, target: int) -> int:
+def block_size(run: int, target: int) -> int:
   """Kernel block length: the largest divisor of `run` not above `target`, so blocks never straddle runs;
   a whole run when only tiny divisors exist (a prime length), trading memory for speed."""
   best = max(b for b in range(1, min(run, target) + 1) if run % b == 0)
@@ -216,18 +216,32 @@ def from_zigzag(x, mesh: Mesh | None, logical_axes=("batch", "seq")):
 # The per-step kernel: blockwise attention of the local queries over one K/V shard.
 # Queries are kept folded per kv head: [b, nq, K, M, H] with M = block * G (G query heads per kv head).
 
-def _fold(q_BTNH, kv_heads: int, block: int):
+def fold_queries(q_BTNH, kv_heads: int, block: int):
+  """[B, T, N, H] -> [B, T / block, K, block * G, H]: each kv head's query group next to its tokens."""
   b, t, n, h = q_BTNH.shape
   g = n // kv_heads
   x = q_BTNH.reshape(b, t // block, block, kv_heads, g, h).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, t // block, kv_heads, block * g, h)
 
 
-def _unfold(x, n: int):
+def unfold_queries(x, n: int):
+  """Inverse of `fold_queries`: [B, T / block, K, block * G, H] -> [B, T, N, H]."""
   b, nq, kv, m, h = x.shape
   g = n // kv
   x = x.reshape(b, nq, kv, m // g, g, h).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, nq * (m // g), n, h)
+
+
+def merge_block(acc, s_BKMS, v_BKSH):
+  """Online softmax: acc = (o [B, K, M, H], m [B, K, M], l [B, K, M]) (float32; unnormalised output,
+  running max, running sum) merged with one key block's scaled scores s [B, K, M, S] (-inf where masked)
+  and values v [B, K, S, H]."""
+  o, m, l = acc
+  m_new = jnp.maximum(m, jnp.max(s_BKMS, axis=-1))
+  alpha = jnp.exp(m - finite_or_zero(m_new))
+  p = jnp.exp(s_BKMS - finite_or_zero(m_new)[..., None])
+  pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+  return o * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
 
 
 def _kv_blocks(k_BSKH, block):
@@ -275,14 +289,8 @@ def _attend_step(qf, qmeta, k, v, kmeta, acc, plan: RingPlan):
       kk, vv, km = kv
 
       def compute(carry):
-        o, m, l = carry
         s, mask = _scores(q, kk, qm, km, plan.chunk_size)
-        s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - finite_or_zero(m_new))
-        p = jnp.exp(s - finite_or_zero(m_new)[..., None])
-        pv = jnp.einsum("BKMS,BKSH->BKMH", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
-        return o * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
+        return merge_block(carry, jnp.where(mask, s, -jnp.inf), vv)
 
       return jax.lax.cond(_any_visible(qm, km, plan.chunk_size), compute, lambda c: c, carry), None
 
@@ -340,7 +348,7 @@ def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
   q, k, v, qmeta, kmeta = jax.lax.optimization_barrier((q, k, v, qmeta, kmeta))
   b, t, n, h = q.shape
   kvh = k.shape[2]
-  qf = _fold(q, kvh, plan.block)
+  qf = fold_queries(q, kvh, plan.block)
   shape = qf.shape[:-1]
   acc = (jnp.zeros(qf.shape, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
          jnp.zeros(shape, jnp.float32))
@@ -370,13 +378,13 @@ def _ring_forward(q, k, v, qmeta, kmeta, plan: RingPlan):
   o, m, l = acc
   out = o / jnp.where(l == 0, 1.0, l)[..., None]
   lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
-  return _unfold(out, n).astype(q.dtype), lse
+  return unfold_queries(out, n).astype(q.dtype), lse
 
 
 def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   kvh, n = k.shape[2], q.shape[2]
-  qf, dof = _fold(q, kvh, plan.block), _fold(dout, kvh, plan.block)
-  delta = jnp.sum(dof.astype(jnp.float32) * _fold(out, kvh, plan.block).astype(jnp.float32), axis=-1)
+  qf, dof = fold_queries(q, kvh, plan.block), fold_queries(dout, kvh, plan.block)
+  delta = jnp.sum(dof.astype(jnp.float32) * fold_queries(out, kvh, plan.block).astype(jnp.float32), axis=-1)
   grad = _grad_step
   if plan.kernel == "splash":
     grad = ring_splash.grad_step
@@ -410,7 +418,7 @@ def _ring_backward(q, k, v, qmeta, kmeta, out, lse, dout, plan: RingPlan):
   if plan.back:
     (bk, bv), dq = sweep(ahead, dq, -1, plan.back, plan.back)
     dk, dv = dk + bk, dv + bv
-  return _unfold(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return unfold_queries(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_BT, mesh: Mesh | None,
@@ -435,7 +443,7 @@ def ring_attention(q_BTNH, k_BTKH, v_BTKH, index_BT, positions_BT, segment_ids_B
   devices = 1 if mesh is None else mesh.shape.get(AXIS, 1)
   if devices != plan.devices:
     raise ValueError(f"a ring plan for {plan.devices} devices used on a context axis of {devices}")
-  lse_shape = (b, t // plan.block, kvh, plan.block * (n // kvh))  # [B, blocks, K, M], see _fold
+  lse_shape = (b, t // plan.block, kvh, plan.block * (n // kvh))  # [B, blocks, K, M], see fold_queries
   specs = None
   if mesh is not None and mesh.size > 1:  # also on one context device: each device attends its own rows
     tensor = mesh.shape.get("tensor", 1)

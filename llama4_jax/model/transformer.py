@@ -174,12 +174,11 @@ class Llama4(nnx.Module):
     activations (the MLP's and the experts' hidden layers: most of the memory) exist for one piece at a
     time; with a `context` axis the whole prompt goes through the ring instead, split over the devices."""
     b, t = tokens.shape
-    piece = piece or PREFILL_PIECE
-    if t > piece and self._ring_context(b, t, aligned=True) is None:
-      return self._prefill_pieces(tokens, lengths, cache, piece)
+    ring = self._ring_context(b, t, aligned=True)  # with a context axis: the ring, as in training
+    if t > (piece or PREFILL_PIECE) and ring is None:
+      return self._prefill_pieces(tokens, lengths, cache, piece or PREFILL_PIECE)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    ring = self._ring_context(b, t, aligned=True)  # with a context axis: the ring, as in training
     zigzag = ring is not None and ring.layout == "zigzag"
     if zigzag:
       tokens, positions, segment_ids = (to_zigzag(x, self.mesh) for x in (tokens, positions, segment_ids))
