@@ -1,12 +1,14 @@
 """LoRA against full fine-tuning: trainable share, optimizer-state bytes, peak memory and step time.
 
-    python benchmarks/lora.py [--batch 2 --seq 256 --steps 3 --rank 16]
+    python benchmarks/lora.py [--batch 2 --seq 256 --steps 3 --rank 16] [--base nf4]
 
-One config (the ~100M-parameter MoE of forward.py), three runs, each in its own process:
+One config (the ~100M-parameter MoE of forward.py), four runs, each in its own process:
 - full: every parameter trained, float32 weights and AdamW moments (the usual mixed-precision master copy);
 - lora_bf16: rank-16 adapters on every linear weight (routed experts included), base frozen in bfloat16;
-- lora_int8: the same adapters, base frozen in int8 (embedding and LM head stay bfloat16).
-Compute is float32 in all three (bf16 matmuls are emulated, slowly, on CPU). Peak memory is XLA's own
+- lora_int8: the same adapters, base frozen in int8 (embedding and LM head stay bfloat16);
+- lora_nf4: the same adapters, base frozen in NF4 (QLoRA: 4-bit codes + a bf16 scale per 64 weights).
+`--base nf4` (or int8) runs only the three LoRA bases and compares that one against the others.
+Compute is float32 in all (bf16 matmuls are emulated, slowly, on CPU). Peak memory is XLA's own
 account of the compiled train step: arguments + outputs - donated aliases + temporaries, i.e. the device
 memory one step needs; the process's peak RSS is reported too (it includes the compiler). Prints JSON.
 """
@@ -20,7 +22,8 @@ import resource
 import subprocess
 import sys
 
-VARIANTS = ("full", "lora_bf16", "lora_int8")
+VARIANTS = ("full", "lora_bf16", "lora_int8", "lora_nf4")
+BASES = {"lora_bf16": "none", "lora_int8": "int8", "lora_nf4": "nf4"}
 
 
 def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> dict:
@@ -41,12 +44,18 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   model = l4.create_model(base_cfg)
   if lora:
     model = l4.adapt_model(model, release=True, lora_rank=rank, lora_alpha=2.0 * rank,
-                           base_quant="int8" if variant == "lora_int8" else "none")
+                           base_quant=BASES[variant])
+  linear = set()  # the linear weights' parts that a quantized base holds quantized (kernels, scales)
+  for path, module in nnx.iter_graph(model):
+    for name, *_ in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
+      linear |= {tuple(path) + (name,), tuple(path) + (name + "_scale",)}
   c = default_run_config()
   c.steps, c.batch_size, c.seq_len = 1000, batch, seq
   c.weight_decay = 0.0 if lora else 0.1
   tm = TrainModel.of(model)
   trainable, frozen = split_trainable(nnx.to_pure_dict(nnx.state(model)), lora)
+  from flax import traverse_util
+  frozen_linear = int(sum(x.nbytes for k, x in traverse_util.flatten_dict(frozen).items() if k in linear))
   del model
   tx = make_optimizer(c)
   opt_state = tx.init(trainable)
@@ -72,7 +81,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   n_train = sum(x.size for x in jax.tree.leaves(state["p"]))
   return {"variant": variant, "trainable_params": int(n_train),
           "trainable_fraction": n_train / base_cfg.num_params(),
-          "frozen_bytes": nbytes(frozen), "trainable_bytes": nbytes(state["p"]),
+          "frozen_bytes": nbytes(frozen), "frozen_linear_bytes": frozen_linear,
+          "trainable_bytes": nbytes(state["p"]),
           "optimizer_state_bytes": nbytes(state["o"]), "peak_bytes_xla": mem["peak"],
           "temp_bytes_xla": mem["temporaries"],
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -83,23 +93,27 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
 def l4_scout_shapes(rank: int) -> dict:
   """Scout with rank-`rank` adapters on every target, counted from the abstract model (no memory):
   trainable share, Adam's state (two float32 moments per trainable parameter) against full fine-tuning's,
-  and the frozen base's bytes in int8 (embedding, router, norms, LM head in bf16) and in bf16."""
+  and the frozen base's bytes in int8 and NF4 (embedding, router, norms, LM head in bf16) and in bf16."""
   import jax
   from flax import nnx
 
   import llama4_jax as l4
   from llama4_jax.model.linear import is_adapter
-  cfg = l4.get_config("scout", lora_rank=rank, base_quant="int8", param_dtype="bfloat16")
-  flat = jax.tree_util.tree_flatten_with_path(nnx.state(l4.abstract_model(cfg)))[0]
   from llama4_jax.model.paths import state_path
-  adapters = sum(x.size for p, x in flat if is_adapter(state_path(p)))
-  total = cfg.num_params()
+
+  def base_bytes(quant):
+    cfg = l4.get_config("scout", lora_rank=rank, base_quant=quant, param_dtype="bfloat16")
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(l4.abstract_model(cfg)))[0]
+    return (sum(x.size * x.dtype.itemsize for p, x in flat if not is_adapter(state_path(p))),
+            sum(x.size for p, x in flat if is_adapter(state_path(p))))
+
+  total = l4.get_config("scout").num_params()
+  (int8, adapters), (nf4, _) = base_bytes("int8"), base_bytes("nf4")
   return {"rank": rank, "params": total, "adapter_params": int(adapters),
           "trainable_fraction": round(adapters / total, 5),
           "optimizer_state_vs_full": round(adapters / total, 5),
-          "int8_base_gb": round(sum(x.size * x.dtype.itemsize for p, x in flat
-                                    if not is_adapter(state_path(p))) / 1e9, 1),
-          "bf16_base_gb": round(2 * total / 1e9, 1)}
+          "int8_base_gb": round(int8 / 1e9, 1), "nf4_base_gb": round(nf4 / 1e9, 1),
+          "bf16_base_gb": round(2 * total / 1e9, 1), "nf4_base_vs_bf16": round(nf4 / (2 * total), 4)}
 
 
 def main():
@@ -109,29 +123,38 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--rank", type=int, default=16)
   ap.add_argument("--variant", choices=VARIANTS, default=None, help="run one (used internally)")
+  ap.add_argument("--base", choices=("int8", "nf4"), default=None,
+                  help="compare this frozen base against bf16 and int8 (LoRA runs only)")
   args = ap.parse_args()
   if args.variant:
     print(json.dumps(run_variant(args.variant, args.batch, args.seq, args.steps, args.rank)))
     return
   here = os.path.dirname(os.path.abspath(__file__))
   results = {}
-  for v in VARIANTS:
+  variants = VARIANTS if args.base is None else tuple(BASES)
+  for v in variants:
     out = subprocess.run([sys.executable, os.path.join(here, "lora.py"), "--variant", v,
                           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                           "--rank", str(args.rank)], capture_output=True, text=True, check=True)
     results[v] = json.loads(out.stdout.strip().splitlines()[-1])
   scout = l4_scout_shapes(args.rank)
-  full = results["full"]
-  for v in VARIANTS[1:]:
+  full, bf16, int8 = results.get("full"), results["lora_bf16"], results["lora_int8"]
+  for v in BASES:
     r = results[v]
-    r["optimizer_state_vs_full"] = round(r["optimizer_state_bytes"] / full["optimizer_state_bytes"], 4)
-    r["peak_xla_vs_full"] = round(r["peak_bytes_xla"] / full["peak_bytes_xla"], 4)
-    r["step_time_vs_full"] = round(r["step_seconds"] / full["step_seconds"], 3)
+    if full:
+      r["optimizer_state_vs_full"] = round(r["optimizer_state_bytes"] / full["optimizer_state_bytes"], 4)
+      r["peak_xla_vs_full"] = round(r["peak_bytes_xla"] / full["peak_bytes_xla"], 4)
+      r["step_time_vs_full"] = round(r["step_seconds"] / full["step_seconds"], 3)
+    r["frozen_vs_bf16_base"] = round(r["frozen_bytes"] / bf16["frozen_bytes"], 4)
+    r["frozen_linear_vs_bf16_base"] = round(r["frozen_linear_bytes"] / bf16["frozen_linear_bytes"], 4)
+    r["peak_xla_vs_bf16_base"] = round(r["peak_bytes_xla"] / bf16["peak_bytes_xla"], 4)
+    r["step_time_vs_int8_base"] = round(r["step_seconds"] / int8["step_seconds"], 3)
   from common import MOE_100M, emit, machine
   emit({"benchmark": "lora_vs_full_finetuning", "config": "moe_100m_hidden512",
         "params": MOE_100M.num_params(), "batch": args.batch, "seq": args.seq, "rank": args.rank,
-        "results": list(results.values()), "scout_from_shapes": scout, "targets": {"optimizer_state_vs_full": "< 0.02",
-                                                      "int8_peak_vs_full": "< 0.40"},
+        "results": list(results.values()), "scout_from_shapes": scout,
+        "targets": {"optimizer_state_vs_full": "< 0.02", "int8_peak_vs_full": "< 0.40",
+                    "nf4_base_vs_bf16": "<= 0.29", "nf4_step_time_vs_int8_base": "<= 1.3"},
         "machine": machine()})
 
 

@@ -30,6 +30,7 @@ ROWS = [
     ("scout_long_context_v5p256", "configs/scout_long_context_v5p256.py", "v5p-256", {}, None),
     ("maverick_v6e256", "configs/maverick_v6e256.py", "v6e-256", {}, None),
     ("lora_scout_v5p8", "configs/lora_scout_v5p8.py", "v5p-8", {}, None),
+    ("qlora_scout_v5e8", "configs/qlora_scout_v5e8.py", "v5e-8", {}, None),
     # serving: the engine's prefill (256 tokens), a long prompt's next piece and a decode step of 8 slots
     ("serve_scout_v5p8", "configs/serve_scout_v5p8.py", "v5p-8", {}, (8, 131072)),
     ("serve_scout_int8_v6e8", "configs/serve_scout_int8_v6e8.py", "v6e-8", {}, (8, 131072)),
@@ -37,6 +38,7 @@ ROWS = [
     # the notebooks' models on a Colab TPU (one v5e chip)
     ("tiny_cpu_v5e1", "configs/tiny_cpu.py", "v5e-1", {}, None),
     ("lora_tiny_cpu_v5e1", "configs/lora_tiny_cpu.py", "v5e-1", {}, None),
+    ("qlora_tiny_cpu_v5e1", "configs/lora_tiny_cpu.py", "v5e-1", {"model.base_quant": "nf4"}, None),
     ("tiny_cpu_v6e1", "configs/tiny_cpu.py", "v6e-1", {}, None),
 ]
 

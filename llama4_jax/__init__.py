@@ -12,7 +12,7 @@ The public API (README, notebooks and tests use exactly these names):
 
 LoRA (see llama4_jax/model/linear.py and model/adapters.py):
 
-    model = l4.load_model(path, lora_rank=16, base_quant="int8")   # adapters on a frozen int8 base
+    model = l4.load_model(path, lora_rank=16, base_quant="nf4")    # adapters on a frozen 4-bit base (QLoRA)
     merged = l4.merge_lora(model)                                  # adapters folded into the weights
     l4.save_adapters(model, dir, base=path); l4.save_peft(model, dir)
 """

@@ -25,7 +25,7 @@ RING_KERNELS = ("auto", "xla", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "shared", "experts")
-BASE_QUANTS = ("none", "int8")
+BASE_QUANTS = ("none", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,9 @@ class ModelConfig:
   lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
   lora_targets: tuple[str, ...] = LORA_TARGETS  # subset of q, k, v, o, mlp, shared, experts
-  base_quant: str = "none"  # "int8": linear weights held as int8 + per-channel scales (weight-only)
+  # "int8": linear weights held as int8 + per-channel scales (weight-only); "nf4": 4-bit NormalFloat codes
+  # + a bf16 scale per 64 weights (QLoRA's frozen base; model/linear.py)
+  base_quant: str = "none"
 
   def __post_init__(self):
     if isinstance(self.lora_targets, str):  # "q,v" from a command line

@@ -113,7 +113,7 @@ def _plan():
   print(f"model: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token), "
         f"{cfg.num_hidden_layers} layers, params {cfg.param_dtype}, compute {cfg.dtype}"
         + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
-        + (", int8 base" if cfg.base_quant == "int8" else ""))
+        + (f", {cfg.base_quant} base" if cfg.base_quant != "none" else ""))
   if plan.mode == "train":
     print(f"batch {c.batch_size} x {c.seq_len} tokens in {c.microbatches} microbatch(es), remat "
           f"{cfg.remat_policy}; per device:")
@@ -140,7 +140,7 @@ def _plan():
     else:
       print("no change tried fits (remat, the blockwise attention, microbatches, context or expert "
             "parallelism, bf16, all of these together, a slice up to 64x larger); consider LoRA with an "
-            "int8 base for fine-tuning")
+            "int8 or NF4 base for fine-tuning")
 
 
 def _compile(c, plan, tpu, serve_length):

@@ -24,7 +24,7 @@ import numpy as np
 from llama4_jax.config import ModelConfig
 from llama4_jax.model.attention import _query_block
 from llama4_jax.model.linear import is_adapter
-from llama4_jax.sharding import batch_shards, logical_to_spec, resolve_mesh_sizes
+from llama4_jax.sharding import LOOSE, batch_shards, logical_to_spec, resolve_mesh_sizes
 
 GiB = 2**30
 # HBM per chip and TensorCores per chip (the number in a slice name counts cores on v4 / v5p).
@@ -77,8 +77,9 @@ class _Sizes:
 
 
 @functools.lru_cache(maxsize=32)
-def _weights(cfg: ModelConfig) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
-  """(shape, itemsize, logical axes, is adapter) of every weight of the abstract model."""
+def _weights(cfg: ModelConfig) -> tuple[tuple[tuple[int, ...], int, tuple, bool, bool], ...]:
+  """(shape, itemsize, logical axes, is adapter, replicated where its mesh axes do not divide it) of
+  every weight of the abstract model."""
   from flax import nnx
 
   from llama4_jax.model.transformer import abstract_model
@@ -86,7 +87,8 @@ def _weights(cfg: ModelConfig) -> tuple[tuple[tuple[int, ...], int, tuple, bool]
                                                 is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
   return tuple((tuple(var.shape), np.dtype(var.dtype).itemsize,
                 tuple(var.get_metadata().get("logical_axes") or (None,) * len(var.shape)),
-                is_adapter([getattr(path[-1], "key", path[-1])])) for path, var in leaves)
+                is_adapter([getattr(path[-1], "key", path[-1])]),
+                bool(var.get_metadata().get(LOOSE))) for path, var in leaves)
 
 
 def weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
@@ -94,8 +96,8 @@ def weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[int, int]:
   mesh = _Sizes(sizes)
   total = trainable = 0
   lora = cfg.lora_rank > 0
-  for shape, itemsize, axes, adapter in _weights(cfg):
-    spec = logical_to_spec(axes, mesh, shape, strict=True)
+  for shape, itemsize, axes, adapter, loose in _weights(cfg):
+    spec = logical_to_spec(axes, mesh, shape, strict=not loose)
     n = itemsize
     for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
       parts = () if part is None else (part,) if isinstance(part, str) else part
@@ -171,8 +173,8 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int],
     out["mlp"] = float(max(x["mlp"] for x in per_layer))
   out["logits"] = float(t // c.get("loss_chunks", 1) * (cfg.vocab_size // tp) * 4)  # one chunk's at a time
   # One superblock's weights (still split over tensor / expert) are gathered over fsdp x context, and
-  # cast to the compute dtype when stored otherwise (an int8 base, bfloat16 compute over float32).
-  layer_weights = [(math.prod(shape), itemsize) for shape, itemsize, axes, _ in _weights(cfg)
+  # cast to the compute dtype when stored otherwise (an int8 / NF4 base, bfloat16 compute over float32).
+  layer_weights = [(math.prod(shape), itemsize) for shape, itemsize, axes, *_ in _weights(cfg)
                    if "layers" in axes]
   split = max(blocks, 1) * sizes["tensor"] * sizes["expert"]
   gathered = 0.0
@@ -180,8 +182,9 @@ def activation_features(c, cfg: ModelConfig, sizes: dict[str, int],
   gathering = sizes["fsdp"] * sizes["context"] * (sizes["expert"] if tpu else 1)
   if gathering > 1:
     gathered += sum(n * size for n, size in layer_weights) / split
-  if cfg.base_quant != "none" or cfg.param_dtype != cfg.dtype:
-    gathered += sum(n for n, _ in layer_weights) * a / split
+  if cfg.base_quant != "none" or cfg.param_dtype != cfg.dtype:  # the weights as the compute dtype has them
+    plain = _weights(cfg.replace(base_quant="none", lora_rank=0))
+    gathered += sum(math.prod(shape) for shape, _, axes, *_ in plain if "layers" in axes) * a / split
   out["gathered_weights"] = gathered / (period if tpu else 1)  # TPU: gathered a layer at a time
   if tpu:
     out["lm_head"] = 0.0 if cfg.lora_rank else float(d * (cfg.vocab_size // tp) * 4)
@@ -292,8 +295,8 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
   """(total, active per token) base parameters (adapters and int8 scales excluded): a token uses
   num_experts_per_tok of each MoE layer's routed experts."""
   base = cfg.replace(lora_rank=0, base_quant="none")
-  total = sum(math.prod(shape) for shape, _, _, _ in _weights(base))
-  routed = sum(math.prod(shape) for shape, _, axes, _ in _weights(base) if "experts" in axes)
+  total = sum(math.prod(shape) for shape, *_ in _weights(base))
+  routed = sum(math.prod(shape) for shape, _, axes, *_ in _weights(base) if "experts" in axes)
   return total, total - routed + routed * cfg.num_experts_per_tok // cfg.num_local_experts
 
 
@@ -340,6 +343,8 @@ def _candidates(c, mode: str) -> list[tuple[dict, str]]:
       out.append(({"mesh.expert": e, "mesh.fsdp": -1, "mesh.data": 1}, "expert parallel"))
   if mode == "serve" and c.model.base_quant == "none":
     out.append(({"model.base_quant": "int8"}, "weight-only int8"))
+  if c.model.base_quant == "int8" or (mode == "serve" and c.model.base_quant == "none"):
+    out.append(({"model.base_quant": "nf4"}, "4-bit NF4"))
   return out
 
 

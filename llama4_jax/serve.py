@@ -46,9 +46,10 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer 
                                "$LLAMA4_JAX_API_KEY; none: open).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter/compute dtype (default: the checkpoint's).")
 _MESH = flags.DEFINE_string("mesh", None, MESH_FLAG_HELP)
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: hold the linear weights as int8 "
-                              "with per-channel scales (weight-only; half of bf16's memory), quantized "
-                              "weight by weight as they load.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8", "nf4"], "int8: hold the linear weights "
+                              "as int8 with per-channel scales (weight-only; half of bf16's memory); nf4: "
+                              "4-bit NormalFloat with a bf16 scale per 64 weights (0.27 of bf16); "
+                              "quantized a tensor at a time as they load.")
 
 API_KEY_ENV = "LLAMA4_JAX_API_KEY"
 

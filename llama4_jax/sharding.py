@@ -20,6 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
+# Parameter metadata flag: a dim its mesh axes do not divide is replicated instead of an error (NF4 block
+# scales: Scout's 5120 / 64 = 80 blocks along `embed`, which Scout's pretraining mesh splits 128 ways).
+LOOSE = "replicate_undivided"
+
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
@@ -111,7 +115,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict | None = None) 
   """NamedShardings for an NNX state whose Variables carry `logical_axes` metadata.
 
   A dim not divisible by its mesh axes raises ValueError naming the parameter, e.g.
-  `layers/0/attn/q: dimension 1 ('heads', size 40) is not divisible by mesh axes ('tensor',) ...`.
+  `layers/0/attn/q: dimension 1 ('heads', size 40) is not divisible by mesh axes ('tensor',) ...`,
+  unless the parameter's metadata sets `LOOSE` (then that dim is replicated).
   """
   from flax import nnx
 
@@ -121,7 +126,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict | None = None) 
       return NamedSharding(mesh, P())
     name = "/".join(str(getattr(p, "key", p)) for p in path)
     try:
-      return named_sharding(mesh, axes, var.shape, strict=True, rules=rules)
+      return named_sharding(mesh, axes, var.shape, strict=not var.get_metadata().get(LOOSE), rules=rules)
     except ValueError as e:
       raise ValueError(f"cannot shard parameter {name} of shape {tuple(var.shape)} with logical axes "
                        f"{axes} on mesh {dict(mesh.shape)}: {e}") from None

@@ -91,6 +91,22 @@ def test_expert_parallel_equals_one_device(axes, experts):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
+def test_expert_parallel_with_an_nf4_base():
+  """NF4 codes and block scales enter the shard_map split as stored, including scales the mesh does not
+  divide (replicated): 2 blocks of 48 along the FFN width split 4 ways over tensor, 1 block along the model
+  dim split over fsdp. The outputs equal one device's."""
+  import llama4_jax as l4
+  cfg = SCOUT_LIKE.replace(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
+                           base_quant="nf4")
+  moe = MoE(cfg, nnx.Rngs(0))
+  assert moe.down.shape == (4, 48, cfg.hidden_size) and moe.down_scale.shape == (4, 2, cfg.hidden_size)
+  x = jnp.asarray(np.random.RandomState(3).randn(8, 12, cfg.hidden_size), jnp.float32)
+  mesh = l4.make_mesh(data=1, fsdp=2, tensor=4, expert=1, context=1)
+  run = nnx.jit(lambda m, x, mesh: m(x, mesh)[0], static_argnums=2)
+  np.testing.assert_allclose(np.asarray(run(moe, x, mesh)), np.asarray(run(moe, x, None)), atol=1e-5,
+                             rtol=1e-5)
+
+
 def test_grouped_matmul_rows_past_the_groups_are_zero():
   """The expert-parallel receive buffer ends in rows of no group: they give zeros (and no gradient)."""
   rng = np.random.RandomState(4)

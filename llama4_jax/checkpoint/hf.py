@@ -26,6 +26,7 @@ from llama4_jax.checkpoint.keys import ParamPlan, hf_tensor_specs, plan
 from llama4_jax.checkpoint.safetensors_io import (CheckpointError, SafetensorsFile, contiguous,
                                                  write_safetensors)
 from llama4_jax.config import ModelConfig, from_hf_config, read_hf_config, to_hf_config
+from llama4_jax.model.adapters import build_quantized
 from llama4_jax.model.paths import sharding_table, state_leaves, state_path
 from llama4_jax.model.transformer import Llama4, model_shardings
 from llama4_jax.progress import bar
@@ -123,27 +124,37 @@ def _read_param(tensors: HFTensors, prefix: str, p: ParamPlan, idx: tuple[slice,
 
 
 def load_hf_model(directory: str, mesh: Mesh | None, overrides: dict) -> Llama4:
-  """The Hugging Face checkpoint in `directory` as a `Llama4` on `mesh`, each device reading its slices."""
+  """The Hugging Face checkpoint in `directory` as a `Llama4` on `mesh`, each device reading its slices.
+
+  With `base_quant` ("int8" / "nf4") in `overrides` the linear weights are quantized as they load, one
+  tensor at a time (`build_quantized`): the unquantized model is never resident whole."""
   hf = read_hf_config(directory)
   _check_architecture(hf, directory)
   cfg = from_hf_config(hf, **overrides)
   tensors = HFTensors(directory)
   prefix = text_prefix(tensors.keys())
-  graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
+  plain_cfg = cfg.replace(base_quant="none")
+  graphdef, abstract_state, shardings = model_shardings(plain_cfg, mesh)
   plans = plan(nnx.merge(graphdef, abstract_state))
   _check_tensors(tensors, prefix, plans)
   by_path = {p.path: p for p in plans}
-  sharding_of = sharding_table(shardings)
   param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
 
+  def read(path, abstract):
+    p = by_path[path]
+    return jax.make_array_from_callback(
+        p.shape, abstract.sharding, lambda idx: _read_param(tensors, prefix, p, idx, param_dtype))
+
+  if cfg.base_quant != "none":
+    return build_quantized(cfg, mesh, read, f"loading {directory} into {cfg.base_quant}")
+  sharding_of = sharding_table(shardings)
   total = sum(int(np.prod(p.shape)) for p in plans) * param_dtype.itemsize
   loading = bar(total, f"loading {directory}", unit="B")
 
   def build(path, var):
-    p = by_path[state_path(path)]
-    arr = jax.make_array_from_callback(
-        p.shape, sharding_of[p.path], lambda idx: _read_param(tensors, prefix, p, idx, param_dtype))
-    loading.update(int(np.prod(p.shape)) * param_dtype.itemsize)
+    path = state_path(path)
+    arr = read(path, jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of[path]))
+    loading.update(arr.size * param_dtype.itemsize)
     return var.replace(arr)
 
   with loading:

@@ -25,7 +25,9 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lo
   dtype: parameter and compute dtype (a name like "bfloat16" or a jnp dtype); default: the checkpoint's.
   overrides: ModelConfig fields, e.g. `attention_impl="dense"`, `remat_policy="full"`, or adapter fields
   applied after loading (`lora_rank=16` adds adapters initialised from `lora_seed`, `base_quant="int8"`
-  quantizes the base, `lora_rank=0` merges a checkpoint's adapters; see `model.adapters.adapt_model`).
+  or `"nf4"` quantizes the base, `lora_rank=0` merges a checkpoint's adapters; see
+  `model.adapters.adapt_model`). Quantizing a plain checkpoint happens while it loads, one tensor at a
+  time, so a base that only fits quantized (Scout in NF4 on a v5e-8) loads.
   """
   directory = storage.check(os.fspath(path), "checkpoint")
   if not storage.isdir(directory):
@@ -34,6 +36,8 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, lo
     name = jnp.dtype(dtype).name
     overrides = {"param_dtype": name, "dtype": name, **overrides}
   adapters = {k: overrides.pop(k) for k in ADAPTER_FIELDS if k in overrides}
+  if adapters.get("base_quant", "none") != "none":
+    overrides["base_quant"] = adapters["base_quant"]  # quantized while loading (see above)
   if storage.exists(storage.join(directory, "config.json")):
     model = load_hf_model(directory, mesh, overrides)
   else:

@@ -29,7 +29,7 @@ from llama4_jax.checkpoint.load import load_model
 from llama4_jax.checkpoint.orbax import StateLeaves, find_checkpoints, read_metadata, read_model_config
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
 from llama4_jax.checkpoint.training import Checkpointer
-from llama4_jax.model.linear import SCALE_SUFFIX, Weight, is_adapter, quantize_int8
+from llama4_jax.model.linear import SCALE_SUFFIX, Weight, is_adapter, quantize
 from llama4_jax.model.paths import state_leaves
 from llama4_jax.model.transformer import abstract_model
 
@@ -136,8 +136,9 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
   (`Llama4ForCausalLM`), streaming: each base weight slice (one layer) is read from the frozen base (the
   Hugging Face or Orbax directory the checkpoint names), W + (alpha / r) A @ B is formed in float32 with
   that layer's adapter and cast to the model's param_dtype (what `merge_lora` computes), and the result is
-  written out, so memory holds a few layers whatever the model size. With an int8 training base, W is the
-  dequantized int8 weight the adapters were trained on (quantized again from the base, slice by slice).
+  written out, so memory holds a few layers whatever the model size. With an int8 or NF4 training base, W
+  is the dequantized weight the adapters were trained on (quantized again from the base, slice by slice,
+  with the same code).
   Tokenizer files next to the base and the source are copied (the source's win)."""
   src = storage.check(os.fspath(src), "source")
   meta, step = read_metadata(src)
@@ -157,11 +158,11 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
     w = get_base(p, i)
     if p.path not in linears:  # norms, router, embedding, LM head: as the model holds them
       return np.asarray(w).astype(plain.param_dtype)
-    lead, n_in = linears[p.path]
+    lead, n_in, quant = linears[p.path]
     g = lead - (1 if p.stacked else 0)  # group dims (experts) before the input dims
-    if n_in is not None:  # the int8 base the adapters were trained on
+    if quant != "none":  # the quantized base the adapters were trained on
       with jax.default_device(jax.devices("cpu")[0]):
-        w = np.asarray(Weight(*quantize_int8(w, g, n_in), None, None, g).value(np.float32))
+        w = np.asarray(Weight(*quantize(quant, w, g, n_in), None, None, g).value(np.float32))
     a_path = ("params", *p.path[:-1], f"{p.path[-1]}_lora_a")
     if a_path not in adapters:
       return w.astype(plain.param_dtype)
@@ -179,17 +180,16 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
   return dict(summary, merged=True, base=base, parameters=plain.num_params())
 
 
-def _linears(cfg) -> dict[tuple, tuple[int, int | None]]:
+def _linears(cfg) -> dict[tuple, tuple[int, int, str]]:
   """State path of each linear weight -> (its dims before the input dims: stack + expert groups, its
-  number of input dims if it is held in int8, else None)."""
+  number of input dims, how it is held: "none", or the config's base_quant when it is quantized)."""
   model = abstract_model(cfg)
-  shapes = {path: np.shape(x) for path, x in state_leaves(model).items()}
+  leaves = state_leaves(model)
   out = {}
   for path, module in nnx.iter_graph(model):
-    for name, lead in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
+    for name, lead, n_in in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
       w = tuple(path) + (name,)
-      scale = shapes.get(w[:-1] + (name + SCALE_SUFFIX,))
-      out[w] = (lead, None if scale is None else len(shapes[w]) - len(scale))
+      out[w] = (lead, n_in, cfg.base_quant if w[:-1] + (name + SCALE_SUFFIX,) in leaves else "none")
   return out
 
 

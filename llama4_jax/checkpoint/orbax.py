@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 from llama4_jax import storage
 from llama4_jax.checkpoint.safetensors_io import CheckpointError
 from llama4_jax.config import ModelConfig
-from llama4_jax.model.adapters import ADAPTER_FIELDS
+from llama4_jax.model.adapters import ADAPTER_FIELDS, build_quantized
 from llama4_jax.model.linear import is_adapter
 from llama4_jax.model.paths import sharding_table, state_path
 from llama4_jax.model.transformer import model_shardings
@@ -267,9 +267,16 @@ def restore_adapters(path: str, model):
 def load_orbax_model(path: str, mesh=None, **overrides):
   """A `Llama4` with the params of the latest checkpoint under `path` (a workdir or its checkpoints/),
   restored straight into their shards on `mesh` (one device without a mesh); `overrides` are
-  ModelConfig fields (dtypes, kernels) to change. (A checkpoint of adapters only: `frozen_base`.)"""
-  cfg, _ = read_model_config(path)
-  graphdef, abstract_state, shardings = model_shardings(cfg.replace(**overrides), mesh)
+  ModelConfig fields (dtypes, kernels) to change. (A checkpoint of adapters only: `frozen_base`.)
+  `base_quant` ("int8" / "nf4") over an unquantized checkpoint restores and quantizes one tensor at a
+  time (`build_quantized`)."""
+  stored, _ = read_model_config(path)
+  cfg = stored.replace(**overrides)
+  if cfg.base_quant != "none" and stored.base_quant == "none":
+    def read(p, abstract):
+      return jax.tree.leaves(restore_params(path, traverse_util.unflatten_dict({p: abstract})))[0]
+    return build_quantized(cfg, mesh, read, f"loading {path} into {cfg.base_quant}")
+  graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   table = sharding_table(shardings)
   target = jax.tree_util.tree_map_with_path(
       lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=table[state_path(p)]),

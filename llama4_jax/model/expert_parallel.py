@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from llama4_jax.model.linear import Weight, packed_axis, quant_of
 from llama4_jax.model.platform import target_platform
 from llama4_jax.sharding import logical_to_spec
 
@@ -138,6 +139,8 @@ def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, weight_axe
   the compiler, they came back as all-reduces of whole gradients."""
   ep = mesh.shape.get(AXIS, 1)
   tokens = logical_to_spec(("batch", "seq", None), mesh, x_BTD.shape, strict=False)
+  weights = jax.tree.map(lambda w, axes: _scales_split_like_codes(w, axes, mesh), weights, weight_axes,
+                         is_leaf=lambda w: isinstance(w, Weight))
   w_specs = jax.tree.map(lambda w, axes: logical_to_spec(axes, mesh, w.shape, strict=False), weights,
                          weight_axes)
   width_split = any(TENSOR in _axes(part) for spec in jax.tree.leaves(w_specs, is_leaf=_is_spec)
@@ -157,6 +160,20 @@ def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, weight_axe
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (w_specs, P()), out_specs=tokens,
                        check_vma=False)(x_BTD, idx_BTk, score_BTk, weights, key)
+
+
+def _scales_split_like_codes(w: Weight, axes: Weight, mesh) -> Weight:
+  """`w` with NF4 block scales that a device can pair with its codes inside the shard_map: where the mesh
+  does not divide the scales' blocked dim (they are then replicated, `sharding.LOOSE`) but splits the
+  codes', each scale is repeated once per weight of its block (a transient of one layer; Llama 4's
+  dims never need it: their blocks divide every mesh axis that splits them)."""
+  if quant_of(w.kernel, w.scale) != "nf4":
+    return w
+  a = packed_axis(w.kernel, w.scale)
+  spec = lambda x, ax: tuple(logical_to_spec(ax, mesh, x.shape, strict=False)) + (None,) * x.ndim  # noqa
+  if spec(w.kernel, axes.kernel)[a] == spec(w.scale, axes.scale)[a]:
+    return w
+  return dataclasses.replace(w, scale=jnp.repeat(w.scale, 2 * w.kernel.shape[a] // w.scale.shape[a], axis=a))
 
 
 def _axes(part) -> tuple[str, ...]:

@@ -1,8 +1,15 @@
-"""Low-rank adapters (LoRA) and weight-only int8 for the model's linear weights.
+"""Low-rank adapters (LoRA) and weight-only int8 / NF4 for the model's linear weights.
 
 A linear weight W is declared by `declare_linear`, which also declares what the config asks for:
-- `<name>_scale` when `base_quant == "int8"`: W is stored as int8 with one float32 scale per output
-  channel (absmax / 127 over the input dims); the forward pass dequantizes one layer at a time.
+- `<name>_scale` when `base_quant` is "int8": W is stored as int8 with one float32 scale per output
+  channel (absmax / 127 over the input dims);
+  or "nf4" (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): W is stored as 4-bit codes into
+  `NF4_VALUES`, two per byte (uint8), with one absmax scale per block of `NF4_BLOCK` = 64 consecutive
+  weights along the last input dim (`nf4_block`), kept in bfloat16 rather than double-quantized (8-bit
+  scales would save 0.125 bits of the 4.25 per weight, 3% of the base, for a second lookup in every
+  dequantization and block-of-256 constraints on the sharded dims). Codes and scales keep the kernel's
+  dims and logical axes, the last input dim shrunk to pairs (codes) and to blocks (scales).
+  The forward pass dequantizes one layer at a time (inside the layer scan).
 - `<name>_lora_a` [*groups, *in, r] and `<name>_lora_b` [*groups, r, *out] (zeros at init) when the weight's
   target group is in `lora_targets` and `lora_rank > 0`. The forward pass adds
   (alpha / r) * (dropout(x) @ A) @ B to x @ W, so at init the adapted model equals the base model.
@@ -30,6 +37,7 @@ from flax import nnx
 from llama4_jax.model.kernels.grouped_matmul import grouped_matmul
 from llama4_jax.model.ops import dot
 from llama4_jax.model.params import param
+from llama4_jax.sharding import LOOSE
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 SCALE_SUFFIX = "_scale"
@@ -38,6 +46,92 @@ SCALE_SUFFIX = "_scale"
 def is_adapter(path: Sequence) -> bool:
   """Whether a parameter path (tuple of keys) names a LoRA adapter weight."""
   return str(path[-1]).endswith(ADAPTER_SUFFIXES)
+
+
+# NF4: the 16 values of a 4-bit NormalFloat (the QLoRA paper's construction: quantiles of N(0, 1),
+# 8 on the positive side and 7 on the negative side plus an exact zero, scaled to [-1, 1]; the test
+# rebuilds them from that definition).
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+NF4_BLOCK = 64
+
+
+def nf4_block(n: int) -> int:
+  """Block size of NF4 scales along an input dim of size n: 64 when it divides n (all of Llama 4's dims),
+  else the largest even divisor of n below 64 (small test models: 32 for a head_dim of 32, 48 for 96)."""
+  for b in range(NF4_BLOCK, 1, -2):
+    if n % b == 0:
+      return b
+  raise ValueError(f"an NF4 weight needs an even last input dim, got {n}; use base_quant='int8' for this "
+                   "model")
+
+
+def quantize_nf4(w, axis: int):
+  """(uint8 codes, bfloat16 scales) of `w` in NF4 with blocks along `axis` (the last input dim).
+
+  Each block of `nf4_block(n)` weights is divided by its absmax and each weight takes the code of the
+  nearest of `NF4_VALUES` (ties to the lower); codes pair up along `axis`, the even index in the low
+  nibble. Shapes: codes [..., n // 2, ...], scales [..., n // block, ...]."""
+  wf = jnp.asarray(w, jnp.float32)
+  shape, n = wf.shape, wf.shape[axis]
+  b = nf4_block(n)
+  blocks = wf.reshape(shape[:axis] + (n // b, b) + shape[axis + 1:])
+  absmax = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True)
+  normed = blocks / jnp.where(absmax == 0, 1.0, absmax)
+  table = jnp.asarray(NF4_VALUES, jnp.float32)
+  mids = (table[1:] + table[:-1]) / 2
+  codes = jnp.searchsorted(mids, normed, side="left", method="compare_all").astype(jnp.uint8)
+  pairs = codes.reshape(shape[:axis] + (n // 2, 2) + shape[axis + 1:])
+  lo, hi = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
+  return lo | (hi << 4), jnp.squeeze(absmax, axis + 1).astype(jnp.bfloat16)
+
+
+def packed_axis(codes, scale) -> int:
+  """The dim NF4 codes and scales are blocked along: the one where pairs and blocks differ in size."""
+  for i, (c, s) in enumerate(zip(codes.shape, scale.shape)):
+    if c != s:
+      return i
+  raise ValueError(f"NF4 codes {codes.shape} and scales {scale.shape} have no blocked dim")
+
+
+def dequantize_nf4(codes, scale, dtype):
+  """The weight NF4 `codes` (uint8, two per byte) and block `scale`s stand for, in `dtype`."""
+  axis = packed_axis(codes, scale)
+  shape = codes.shape
+  n = 2 * shape[axis]
+  nb = scale.shape[axis]
+  values = _nf4_lookup(jnp.stack([codes & 15, codes >> 4], axis=axis + 1), dtype)  # [..., n // 2, 2, ...]
+  values = values.reshape(shape[:axis] + (nb, n // nb) + shape[axis + 1:])
+  w = values * jnp.expand_dims(scale.astype(dtype), axis + 1)
+  return w.reshape(shape[:axis] + (n,) + shape[axis + 1:])
+
+
+def _nf4_lookup(nibbles, dtype):
+  """NF4_VALUES[nibbles] in `dtype` as a tree of 15 selects on the code's bits: elementwise, so XLA fuses it
+  into the dequantization and partitions it like the weight. (A gather from the 16-entry table made the
+  TPU compiler materialize int32 indices of the whole weight and all-gather them: 136 GiB of all-gathers
+  per step for 8 Scout layers on a v5e-8.)"""
+  level = [jnp.asarray(v, dtype) for v in NF4_VALUES]
+  for bit in range(4):
+    on = (nibbles & (1 << bit)) != 0
+    level = [jnp.where(on, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
+  return level[0]
+
+
+def quantize(method: str, w, lead: int, n_in: int):
+  """(kernel, scale) of `w` [*lead, *in (n_in dims), *out] held as `method` ("int8" or "nf4")."""
+  if method == "int8":
+    return quantize_int8(w, lead, n_in)
+  if method == "nf4":
+    return quantize_nf4(w, lead + n_in - 1)
+  raise ValueError(f"base_quant {method!r}: choose 'int8' or 'nf4'")
+
+
+def quant_of(kernel, scale) -> str:
+  """How a base kernel is held: "none", "int8" or "nf4"."""
+  return "none" if scale is None else "nf4" if jnp.dtype(kernel.dtype) == jnp.uint8 else "int8"
 
 
 def quantize_int8(w, n_groups: int, n_in: int):
@@ -54,17 +148,18 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
                    axes: Sequence[str | None], n_in: int, target: str | None, std: float, stack=(),
                    n_groups: int = 0) -> None:
   """Declares linear weight `name` of `module`: shape [*groups, *in, *out] (n_groups leading group dims,
-  then n_in contracted dims), with its int8 scale and LoRA adapter when `cfg` asks for them."""
+  then n_in contracted dims), with its int8 / NF4 scale and LoRA adapter when `cfg` asks for them."""
   w = param(rngs, shape, axes, cfg.param_dtype, std=std, stack=stack)
   lead = len(stack)
   g_shape, in_shape = tuple(shape[:n_groups]), tuple(shape[n_groups:n_groups + n_in])
   out_shape = tuple(shape[n_groups + n_in:])
-  part_axes = linear_part_axes(axes, n_in, n_groups)
-  if cfg.base_quant == "int8" and target is not None:
-    q, scale = quantize_int8(w[...], lead + n_groups, n_in)
+  part_axes = linear_part_axes(axes, n_in, n_groups, cfg.base_quant)
+  if cfg.base_quant != "none" and target is not None:
+    q, scale = quantize(cfg.base_quant, w[...], lead + n_groups, n_in)
     w = nnx.Param(q, logical_axes=w.get_metadata()["logical_axes"])
+    # NF4 scales: a block dim the mesh does not divide is replicated (they are 1/16 of the codes' bytes)
     setattr(module, name + SCALE_SUFFIX, nnx.Param(
-        scale, logical_axes=("layers",) * lead + part_axes["scale"]))
+        scale, logical_axes=("layers",) * lead + part_axes["scale"], **{LOOSE: cfg.base_quant == "nf4"}))
   setattr(module, name, w)
   if cfg.lora_rank and target in cfg.lora_targets:
     r = cfg.lora_rank
@@ -75,15 +170,18 @@ def declare_linear(module: nnx.Module, name: str, rngs: nnx.Rngs | None, cfg, sh
                                             "float32", init="zeros", stack=stack))
   module.lora_scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
   module.lora_dropout = cfg.lora_dropout
-  # (name, leading dims before the input dims incl. the stack): what `adapt_model` walks
-  module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups),)
+  # (name, leading dims before the input dims incl. the stack, input dims): what `adapt_model` walks
+  module.linears = getattr(module, "linears", ()) + ((name, lead + n_groups, n_in),)
 
 
-def linear_part_axes(axes: Sequence[str | None], n_in: int, n_groups: int = 0) -> dict[str, tuple]:
+def linear_part_axes(axes: Sequence[str | None], n_in: int, n_groups: int = 0,
+                     quant: str = "int8") -> dict[str, tuple]:
   """Logical axes of the parts of a linear weight whose kernel has `axes` [*groups, *in, *out]: the
-  kernel, its int8 scale [*groups, *out] and the adapter A [*groups, *in, r], B [*groups, r, *out]."""
+  kernel, its scale (int8: [*groups, *out]; NF4: the kernel's dims, blocked) and the adapter
+  A [*groups, *in, r], B [*groups, r, *out]."""
   g, i, o = tuple(axes[:n_groups]), tuple(axes[n_groups:n_groups + n_in]), tuple(axes[n_groups + n_in:])
-  return {"kernel": tuple(axes), "scale": g + o, "lora_a": g + i + (None,), "lora_b": g + (None,) + o}
+  scale = tuple(axes) if quant == "nf4" else g + o
+  return {"kernel": tuple(axes), "scale": scale, "lora_a": g + i + (None,), "lora_b": g + (None,) + o}
 
 
 def contract(eq: str, x, w):
@@ -116,8 +214,9 @@ def weight(module: nnx.Module, name: str, n_groups: int = 0) -> "Weight":
                    meta_fields=["n_groups", "lora_scale", "dropout"])
 @dataclasses.dataclass(frozen=True)
 class Weight:
-  """A linear weight as the forward pass sees it: base kernel [*groups, *in, *out] (maybe int8, with
-  `scale` [*groups, *out]) and an optional adapter A [*groups, *in, r], B [*groups, r, *out]."""
+  """A linear weight as the forward pass sees it: base kernel [*groups, *in, *out] (maybe int8 with
+  `scale` [*groups, *out], or NF4 codes with block scales; see the module doc) and an optional adapter
+  A [*groups, *in, r], B [*groups, r, *out]."""
   kernel: jax.Array
   scale: jax.Array | None
   lora_a: jax.Array | None
@@ -129,12 +228,12 @@ class Weight:
   def axes(self, kernel_axes: Sequence[str | None], n_in: int) -> "Weight":
     """This weight's logical axes: a `Weight` holding, for each array it has, that array's axes
     (see `linear_part_axes`), to map over together with it (`jax.tree.map(f, w, w.axes(...))`)."""
-    parts = linear_part_axes(kernel_axes, n_in, self.n_groups)
+    parts = linear_part_axes(kernel_axes, n_in, self.n_groups, quant_of(self.kernel, self.scale))
     return dataclasses.replace(self, **{k: None if getattr(self, k) is None else v for k, v in parts.items()})
 
   def narrowed(self, dtype) -> "Weight":
     """This weight with a float kernel wider than `dtype` cast to it (what the matmul would cast it to;
-    int8 kernels and adapters unchanged): to move or gather it at the compute dtype's size."""
+    int8 / NF4 kernels and adapters unchanged): to move or gather it at the compute dtype's size."""
     k = self.kernel
     if jnp.issubdtype(k.dtype, jnp.floating) and jnp.dtype(k.dtype).itemsize > jnp.dtype(dtype).itemsize:
       return dataclasses.replace(self, kernel=k.astype(dtype))
@@ -144,6 +243,8 @@ class Weight:
     """The dequantized base kernel in `dtype` (the adapter excluded)."""
     if self.scale is None:
       return self.kernel.astype(dtype)
+    if quant_of(self.kernel, self.scale) == "nf4":
+      return dequantize_nf4(self.kernel, self.scale, dtype)
     n_in = self.kernel.ndim - self.scale.ndim
     shape = self.scale.shape[:self.n_groups] + (1,) * n_in + self.scale.shape[self.n_groups:]
     return self.kernel.astype(dtype) * self.scale.reshape(shape).astype(dtype)
@@ -209,9 +310,8 @@ class Weight:
   def gathered(self, x_NkD, idx_Nk, key=None, tag: str = ""):
     """Per (token, chosen expert) matmul with only the chosen experts' weights read (decoding)."""
     dt = x_NkD.dtype
-    w = self.kernel[idx_Nk].astype(dt)
-    if self.scale is not None:
-      w = w * self.scale[idx_Nk][:, :, None, :].astype(dt)
+    scale = None if self.scale is None else self.scale[idx_Nk]
+    w = Weight(self.kernel[idx_Nk], scale, None, None, idx_Nk.ndim).value(dt)
     y = dot(x_NkD, w, (((2,), (2,)), ((0, 1), (0, 1))))
     if self.lora_a is None:
       return y
@@ -221,10 +321,10 @@ class Weight:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _converted_apply(apply, n_groups: int, x, kernel, scale, *extra):
-  """apply(x, W, *extra), W = the kernel dequantized (int8 * scale) or cast to x's dtype; `extra` are
+  """apply(x, W, *extra), W = the kernel dequantized (int8 / NF4) or cast to x's dtype; `extra` are
   non-differentiable arrays (group sizes). The backward pass rebuilds W from the kernel instead of
   keeping it: left to autodiff, every layer's full-precision W would stay alive from the forward to the
-  backward pass, undoing the int8 / bf16 base's saving."""
+  backward pass, undoing the quantized / bf16 base's saving."""
   return apply(x, _dequantize(kernel, scale, n_groups, x.dtype), *extra)
 
 
@@ -241,7 +341,7 @@ def _converted_bwd(apply, n_groups, res, dy):
   _, vjp = jax.vjp(lambda x, w: apply(x, w, *extra), x, _dequantize(kernel, scale, n_groups, x.dtype))
   dx, dw = vjp(dy)
   none = (None,) * len(extra)
-  if scale is not None:  # an int8 base is frozen: no gradient for it (nor for its scale)
+  if scale is not None:  # a quantized base is frozen: no gradient for it (nor for its scale)
     return (dx, None, None) + none
   return (dx, dw.astype(kernel.dtype), None) + none
 

@@ -254,7 +254,7 @@ def train(c, workdir: str, on_log: Callable[[int, dict[str, float]], None] | Non
     n_train = sum(x.size for x in jax.tree.leaves(params))
     log(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {n_train / 1e6:.2f}M trainable "
         f"parameters ({100 * n_train / cfg.num_params():.2f}%), base frozen"
-        + (" in int8" if cfg.base_quant == "int8" else f" in {cfg.param_dtype}"))
+        + (f" in {cfg.base_quant}" if cfg.base_quant != "none" else f" in {cfg.param_dtype}"))
 
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   tx = make_optimizer(c)
