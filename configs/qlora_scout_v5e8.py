@@ -29,7 +29,7 @@ def get_config():
   c.init_from = ""  # required: the Hugging Face Scout directory (or its converted Orbax checkpoint)
   c.steps = 2000
   c.batch_size = 8
-  c.seq_len = 4096
+  c.seq_len = 512
   c.microbatches = 1
   c.learning_rate = 2e-4
   c.warmup_steps = 50

@@ -92,9 +92,9 @@ def test_expert_parallel_equals_one_device(axes, experts):
 
 
 def test_expert_parallel_with_an_nf4_base():
-  """NF4 codes and block scales enter the shard_map split as stored, including scales the mesh does not
-  divide (replicated): 2 blocks of 48 along the FFN width split 4 ways over tensor, 1 block along the model
-  dim split over fsdp. The outputs equal one device's."""
+  """NF4 codes and block scales enter the shard_map split as stored where devices hold whole blocks (1
+  block along the model dim, gathered over fsdp inside), dequantized first where they would not (2 blocks
+  of 48 along the FFN width split 4 ways over tensor). The outputs equal one device's."""
   import llama4_jax as l4
   cfg = SCOUT_LIKE.replace(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
                            base_quant="nf4")

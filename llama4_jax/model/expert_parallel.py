@@ -139,8 +139,8 @@ def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, weight_axe
   the compiler, they came back as all-reduces of whole gradients."""
   ep = mesh.shape.get(AXIS, 1)
   tokens = logical_to_spec(("batch", "seq", None), mesh, x_BTD.shape, strict=False)
-  weights = jax.tree.map(lambda w, axes: _scales_split_like_codes(w, axes, mesh), weights, weight_axes,
-                         is_leaf=lambda w: isinstance(w, Weight))
+  pairs = [_blocks_whole(w, axes, mesh, x_BTD.dtype) for w, axes in zip(weights, weight_axes)]
+  weights, weight_axes = tuple(w for w, _ in pairs), tuple(a for _, a in pairs)
   w_specs = jax.tree.map(lambda w, axes: logical_to_spec(axes, mesh, w.shape, strict=False), weights,
                          weight_axes)
   width_split = any(TENSOR in _axes(part) for spec in jax.tree.leaves(w_specs, is_leaf=_is_spec)
@@ -162,18 +162,19 @@ def expert_parallel(routed, mesh, x_BTD, idx_BTk, score_BTk, weights, weight_axe
                        check_vma=False)(x_BTD, idx_BTk, score_BTk, weights, key)
 
 
-def _scales_split_like_codes(w: Weight, axes: Weight, mesh) -> Weight:
-  """`w` with NF4 block scales that a device can pair with its codes inside the shard_map: where the mesh
-  does not divide the scales' blocked dim (they are then replicated, `sharding.LOOSE`) but splits the
-  codes', each scale is repeated once per weight of its block (a transient of one layer; Llama 4's
-  dims never need it: their blocks divide every mesh axis that splits them)."""
+def _blocks_whole(w: Weight, axes: Weight, mesh, dtype) -> tuple[Weight, Weight]:
+  """(weight, axes) to enter the shard_map with: an NF4 weight as stored when every device holds whole
+  blocks (the mesh divides its scales' blocked dim as it divides the codes'), else dequantized to `dtype`
+  first (a byte holds weights half a block apart, so a split inside a block cannot be dequantized locally;
+  a transient of one layer, and never needed for Llama 4's dims, whose 64-blocks divide every mesh axis
+  that splits them)."""
   if quant_of(w.kernel, w.scale) != "nf4":
-    return w
+    return w, axes
   a = packed_axis(w.kernel, w.scale)
   spec = lambda x, ax: tuple(logical_to_spec(ax, mesh, x.shape, strict=False)) + (None,) * x.ndim  # noqa
   if spec(w.kernel, axes.kernel)[a] == spec(w.scale, axes.scale)[a]:
-    return w
-  return dataclasses.replace(w, scale=jnp.repeat(w.scale, 2 * w.kernel.shape[a] // w.scale.shape[a], axis=a))
+    return w, axes
+  return dataclasses.replace(w, kernel=w.value(dtype), scale=None), dataclasses.replace(axes, scale=None)
 
 
 def _axes(part) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ A linear weight W is declared by `declare_linear`, which also declares what the 
 - `<name>_scale` when `base_quant` is "int8": W is stored as int8 with one float32 scale per output
   channel (absmax / 127 over the input dims);
   or "nf4" (QLoRA's 4-bit NormalFloat, Dettmers et al. 2023): W is stored as 4-bit codes into
-  `NF4_VALUES`, two per byte (uint8), with one absmax scale per block of `NF4_BLOCK` = 64 consecutive
+  `NF4_VALUES`, two per byte (uint8; a block's halves share bytes), with one absmax scale per block of `NF4_BLOCK` = 64 consecutive
   weights along the last input dim (`nf4_block`), kept in bfloat16 rather than double-quantized (8-bit
   scales would save 0.125 bits of the 4.25 per weight, 3% of the base, for a second lookup in every
   dequantization and block-of-256 constraints on the sharded dims). Codes and scales keep the kernel's
@@ -71,9 +71,11 @@ def nf4_block(n: int) -> int:
 def quantize_nf4(w, axis: int):
   """(uint8 codes, bfloat16 scales) of `w` in NF4 with blocks along `axis` (the last input dim).
 
-  Each block of `nf4_block(n)` weights is divided by its absmax and each weight takes the code of the
-  nearest of `NF4_VALUES` (ties to the lower); codes pair up along `axis`, the even index in the low
-  nibble. Shapes: codes [..., n // 2, ...], scales [..., n // block, ...]."""
+  Each block of `nf4_block(n)` = b weights is divided by its absmax and each weight takes the code of the
+  nearest of `NF4_VALUES` (ties to the lower). A block's codes pair up halves: byte j of the block holds
+  weight j in its low nibble and weight j + b / 2 in its high one, so unpacking is a concatenation, not an
+  interleave (which cost the TPU a relayout copy of every dequantized weight). Shapes: codes
+  [..., n // 2, ...], scales [..., n // b, ...]."""
   wf = jnp.asarray(w, jnp.float32)
   shape, n = wf.shape, wf.shape[axis]
   b = nf4_block(n)
@@ -83,9 +85,9 @@ def quantize_nf4(w, axis: int):
   table = jnp.asarray(NF4_VALUES, jnp.float32)
   mids = (table[1:] + table[:-1]) / 2
   codes = jnp.searchsorted(mids, normed, side="left", method="compare_all").astype(jnp.uint8)
-  pairs = codes.reshape(shape[:axis] + (n // 2, 2) + shape[axis + 1:])
-  lo, hi = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
-  return lo | (hi << 4), jnp.squeeze(absmax, axis + 1).astype(jnp.bfloat16)
+  lo, hi = jnp.split(codes, 2, axis=axis + 1)  # [..., n // b, b // 2, ...] each
+  packed = (lo | (hi << 4)).reshape(shape[:axis] + (n // 2,) + shape[axis + 1:])
+  return packed, jnp.squeeze(absmax, axis + 1).astype(jnp.bfloat16)
 
 
 def packed_axis(codes, scale) -> int:
@@ -100,10 +102,9 @@ def dequantize_nf4(codes, scale, dtype):
   """The weight NF4 `codes` (uint8, two per byte) and block `scale`s stand for, in `dtype`."""
   axis = packed_axis(codes, scale)
   shape = codes.shape
-  n = 2 * shape[axis]
-  nb = scale.shape[axis]
-  values = _nf4_lookup(jnp.stack([codes & 15, codes >> 4], axis=axis + 1), dtype)  # [..., n // 2, 2, ...]
-  values = values.reshape(shape[:axis] + (nb, n // nb) + shape[axis + 1:])
+  n, nb = 2 * shape[axis], scale.shape[axis]
+  blocks = codes.reshape(shape[:axis] + (nb, n // nb // 2) + shape[axis + 1:])
+  values = _nf4_lookup(jnp.concatenate([blocks & 15, blocks >> 4], axis=axis + 1), dtype)  # [.., nb, b, ..]
   w = values * jnp.expand_dims(scale.astype(dtype), axis + 1)
   return w.reshape(shape[:axis] + (n,) + shape[axis + 1:])
 
