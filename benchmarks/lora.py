@@ -36,8 +36,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   from common import MOE_100M, timeit
   from llama4_jax.train.compiled_memory import memory_figures
   from llama4_jax.train.config import default_run_config
-  from llama4_jax.train.step import (TrainModel, make_optimizer, make_train_step, split_trainable,
-                                     step_hparams)
+  from llama4_jax.train.step import (TrainModel, batch_sharding, make_optimizer, make_train_step,
+                                     split_trainable, step_hparams)
 
   lora = variant != "full"
   base_cfg = MOE_100M.replace(param_dtype="bfloat16" if lora else "float32", dtype="float32")
@@ -65,7 +65,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
           "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
           "segment_ids": jnp.ones((batch, seq), jnp.int32), "loss_mask": jnp.ones((batch, seq), jnp.int32)}
   key, step_no = jax.random.PRNGKey(0), jnp.int32(0)
-  step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
+  one_device = l4.make_mesh(data=1, fsdp=1, tensor=1, expert=1, context=1, devices=jax.devices()[:1])
+  step = jax.jit(make_train_step(tm, tx, c, batch_sharding(one_device)), donate_argnums=(0, 1))
   lr = step_hparams(c, c.learning_rate)
   compiled = step.lower(trainable, opt_state, frozen, data, key, step_no, lr).compile()
   mem = memory_figures(compiled)

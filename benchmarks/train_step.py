@@ -32,7 +32,8 @@ def main():
   from common import MOE_100M, emit, machine, timeit
   from llama4_jax.train.config import default_run_config
   from llama4_jax.train.metrics import CPU_PEAK_FLOPS, train_flops_per_token
-  from llama4_jax.train.step import TrainModel, make_optimizer, make_train_step, step_hparams
+  from llama4_jax.train.step import (TrainModel, batch_sharding, make_optimizer, make_train_step,
+                                     step_hparams)
 
   torch.set_num_threads(os.cpu_count())
   wide = MOE_100M.replace(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
@@ -53,7 +54,8 @@ def main():
     params = nnx.to_pure_dict(nnx.state(model))
     tx = make_optimizer(c)
     opt_state = tx.init(params)
-    step = jax.jit(make_train_step(tm, tx, c, None), donate_argnums=(0, 1))
+    one_device = l4.make_mesh(data=1, fsdp=1, tensor=1, expert=1, context=1, devices=jax.devices()[:1])
+    step = jax.jit(make_train_step(tm, tx, c, batch_sharding(one_device)), donate_argnums=(0, 1))
     state = {"p": params, "o": opt_state}
 
     key = jax.random.PRNGKey(0)
