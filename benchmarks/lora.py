@@ -45,10 +45,9 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, rank: int) -> di
   if lora:
     model = l4.adapt_model(model, release=True, lora_rank=rank, lora_alpha=2.0 * rank,
                            base_quant=BASES[variant])
-  linear = set()  # the linear weights' parts that a quantized base holds quantized (kernels, scales)
-  for path, module in nnx.iter_graph(model):
-    for name, *_ in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
-      linear |= {tuple(path) + (name,), tuple(path) + (name + "_scale",)}
+  # the linear weights' parts that a quantized base holds quantized (kernels, scales)
+  from llama4_jax.model.adapters import linear_weights
+  linear = {p[:-1] + (p[-1] + s,) for p in linear_weights(model) for s in ("", "_scale")}
   c = default_run_config()
   c.steps, c.batch_size, c.seq_len = 1000, batch, seq
   c.weight_decay = 0.0 if lora else 0.1

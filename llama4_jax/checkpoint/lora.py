@@ -29,8 +29,8 @@ from llama4_jax.checkpoint.load import load_model
 from llama4_jax.checkpoint.orbax import StateLeaves, find_checkpoints, read_metadata, read_model_config
 from llama4_jax.checkpoint.safetensors_io import write_safetensors
 from llama4_jax.checkpoint.training import Checkpointer
-from llama4_jax.model.linear import SCALE_SUFFIX, Weight, is_adapter, quantize
-from llama4_jax.model.paths import state_leaves
+from llama4_jax.model.adapters import linear_weights
+from llama4_jax.model.linear import Weight, is_adapter, quantize
 from llama4_jax.model.transformer import abstract_model
 
 # our (module path inside a layer, weight) -> the HF nn.Linear it adapts
@@ -183,14 +183,8 @@ def merged_to_hf(src: str, dst: str, max_shard_size: int | str = "5GB", dtype=No
 def _linears(cfg) -> dict[tuple, tuple[int, int, str]]:
   """State path of each linear weight -> (its dims before the input dims: stack + expert groups, its
   number of input dims, how it is held: "none", or the config's base_quant when it is quantized)."""
-  model = abstract_model(cfg)
-  leaves = state_leaves(model)
-  out = {}
-  for path, module in nnx.iter_graph(model):
-    for name, lead, n_in in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
-      w = tuple(path) + (name,)
-      out[w] = (lead, n_in, cfg.base_quant if w[:-1] + (name + SCALE_SUFFIX,) in leaves else "none")
-  return out
+  return {p: (lead, n_in, cfg.base_quant if quantized else "none")
+          for p, (lead, n_in, quantized) in linear_weights(abstract_model(cfg)).items()}
 
 
 def _base_slices(base: str, cfg):

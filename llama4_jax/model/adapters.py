@@ -111,6 +111,16 @@ def _convert_weight(old: Weight, key, lead: int, n_in: int, quant: str, param_dt
   return out
 
 
+def linear_weights(model) -> dict[tuple, tuple[int, int, bool]]:
+  """State path of each linear weight's kernel -> (its dims before the input dims: stack + expert groups,
+  its number of input dims, whether it is held quantized: a `_scale` beside it)."""
+  out = {}
+  for path, module in nnx.iter_graph(model):
+    for name, lead, n_in in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
+      out[tuple(path) + (name,)] = (lead, n_in, getattr(module, name + SCALE_SUFFIX, None) is not None)
+  return out
+
+
 def build_quantized(cfg, mesh, read_plain, label: str = "loading"):
   """A `Llama4` of `cfg` (base_quant "int8" or "nf4") with no adapters, its weights read one tensor at a
   time by `read_plain(path, abstract)`: the unquantized parameter at state path `path`, as a jax.Array
@@ -123,11 +133,8 @@ def build_quantized(cfg, mesh, read_plain, label: str = "loading"):
   _, plain_state, plain_shardings = model_shardings(cfg.replace(base_quant="none"), mesh)
   graphdef, abstract_state, shardings = model_shardings(cfg, mesh)
   plain_table, table = sharding_table(plain_shardings), sharding_table(shardings)
-  kernels = {}  # state path of a quantized kernel -> (lead dims, input dims)
-  for path, module in nnx.iter_graph(nnx.merge(graphdef, abstract_state)):
-    for name, lead, n_in in getattr(module, "linears", ()) if isinstance(module, nnx.Module) else ():
-      if tuple(path) + (name + SCALE_SUFFIX,) in table:
-        kernels[tuple(path) + (name,)] = (lead, n_in)
+  kernels = {p: (lead, n_in) for p, (lead, n_in, quantized)  # the kernels to quantize
+             in linear_weights(nnx.merge(graphdef, abstract_state)).items() if quantized}
   plain = {state_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(
       plain_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
   loading = bar(sum(v.size * v.dtype.itemsize for v in plain.values()), label, unit="B")
