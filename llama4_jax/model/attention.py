@@ -23,6 +23,13 @@ from llama4_jax.model.ring_attention import RingContext, from_zigzag, make_plan,
 from llama4_jax.model.split_decode import split_decode
 from llama4_jax.sharding import constrain
 
+# Key/query block of the ring's XLA kernel in a context-parallel prefill (training keeps make_plan's 128,
+# which the ring benchmark's memory figures were measured with). On 8 simulated CPU devices a 131,072-token
+# prefill peaked at 12.6 GB RSS with 128-token blocks, 7.7 GB with 256, 5.9 GB with 512, at 1,044 / 1,060 /
+# 769 tokens/s (`benchmarks/long_context_inference.py`); the program's own buffers are 570 MB a device
+# either way: the rest is held by the XLA:CPU runtime while loops run (`benchmarks/xla_cpu_loop_memory.py`).
+RING_PREFILL_BLOCK = 256
+
 
 def attention_mask(positions_BT, segment_ids_BT, chunk_size: int | None, index_BT=None):
   """Boolean [B, T, S] (S = T): key s visible to query t (see `ring_attention.visible`).
@@ -179,7 +186,8 @@ class Attention(nnx.Module):
     None): LoRA dropout. Returns (out [B, T, D], cache)."""
     q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh, key)
     if ring is not None:
-      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned,
+      block = RING_PREFILL_BLOCK if mode == "prefill" else 128
+      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned, block,
                        kernel=ring.kernel)
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
       if mode == "prefill":  # a context-parallel prefill: the cache takes the keys in token order
