@@ -186,9 +186,9 @@ class Attention(nnx.Module):
     None): LoRA dropout. Returns (out [B, T, D], cache)."""
     q, k, v = self._project(x_BTD, positions_BT, rope_cos_sin, mesh, key)
     if ring is not None:
-      block = RING_PREFILL_BLOCK if mode == "prefill" else 128
-      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned, block,
-                       kernel=ring.kernel)
+      blocks = {"block": RING_PREFILL_BLOCK} if mode == "prefill" else {}  # else make_plan's default
+      plan = make_plan(q.shape[1], ring.devices, self.chunk_size, ring.layout, ring.aligned,
+                       kernel=ring.kernel, **blocks)
       out = ring_attention(q, k, v, ring.index, positions_BT, segment_ids_BT, mesh, plan)
       if mode == "prefill":  # a context-parallel prefill: the cache takes the keys in token order
         if ring.layout == "zigzag":
