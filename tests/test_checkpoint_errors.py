@@ -75,6 +75,18 @@ def test_crafted_safetensors_headers_are_refused(tmp_path, entries, size, messag
     SafetensorsFile(path)
 
 
+def test_what_only_the_library_checks_is_refused_too(tmp_path):
+  """A header our own checks pass but the safetensors library refuses (a metadata value that is not a
+  string): local files are opened by the library too, so it is refused before anything is read."""
+  header = json.dumps({"__metadata__": {"format": 1},
+                       "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+  path = tmp_path / "meta.safetensors"
+  path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+  with pytest.raises(l4.CheckpointError, match=r"meta.safetensors: the safetensors library refuses this "
+                                               r"file \(.*expected a string"):
+    SafetensorsFile(str(path))
+
+
 def test_missing_shard(ckpt_copy):
   victim = shard_files(ckpt_copy)[1]
   os.remove(ckpt_copy / victim)
