@@ -100,7 +100,8 @@ def _plan():
   if _JSON.value:
     print(json.dumps({"mode": plan.mode, "tpu": tpu.name if tpu else None, "devices": devices,
                       "mesh": plan.mesh, "bytes_per_device": plan.parts, "total": plan.total,
-                      "hbm_bytes": hbm, "fits": plan.fits, "parameters": total,
+                      "hbm_bytes": hbm, "fits": plan.fits, "verdict": plan.verdict,
+                      "peak_range_bytes": list(plan.peak_range), "parameters": total,
                       "active_parameters": active, "xla": measured,
                       "estimate_bytes": plan.total,
                       "compiled": compiled and _compiled_json(compiled, c, tpu, plan),

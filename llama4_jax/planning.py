@@ -44,6 +44,11 @@ COEFFICIENTS = {"attention_probs": 4.37, "attention_io": 0.0, "residual": 4.0, "
 # an estimate, not a verdict; `plan --compile` is the answer for a TPU run.
 TPU_COEFFICIENTS = {"attention_probs": 0.0, "attention_io": 0.0, "residual": 7.137, "mlp": 0.577,
                     "logits": 2.131, "gathered_weights": 9.61, "lm_head": 0.0}
+# What the TPU estimate has been off by: estimate / compiler peak over the fitted and the held-out configs
+# of `benchmarks/plan_calibration.py --tpu` (0.70: the LoRA tiny model on a v5e-1; 1.41: Scout with
+# capacity factor 2). A TPU training plan states the peak the compiler could then give, and calls a run
+# fitting (or not) only when the whole range does; between, the answer is `plan --compile`.
+TPU_ESTIMATE_RATIO = (0.70, 1.41)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +229,8 @@ class Plan:
   mesh: dict[str, int]
   parts: dict[str, int]  # name -> bytes per device
   hbm_bytes: int | None = None
+  # (low, high) of estimate / compiler peak seen where the model was checked (None: taken as exact)
+  ratio: tuple[float, float] | None = None
 
   @property
   def total(self) -> int:
@@ -231,7 +238,25 @@ class Plan:
 
   @property
   def fits(self) -> bool | None:
+    """Whether the estimate fits the usable HBM (None without an HBM size)."""
     return None if self.hbm_bytes is None else self.total <= USABLE_HBM * self.hbm_bytes
+
+  @property
+  def peak_range(self) -> tuple[int, int]:
+    """The compiler's peak that the estimate allows, given how far off the model has been."""
+    if self.ratio is None:
+      return self.total, self.total
+    low, high = self.ratio
+    return int(self.total / high), int(self.total / low)
+
+  @property
+  def verdict(self) -> str | None:
+    """"fits" / "does not fit" when the whole `peak_range` does / does not, else "uncertain"."""
+    if self.hbm_bytes is None:
+      return None
+    usable = USABLE_HBM * self.hbm_bytes
+    low, high = self.peak_range
+    return "fits" if high <= usable else "does not fit" if low > usable else "uncertain"
 
 
 def plan_training(c, devices: int, hbm_bytes: int | None = None, platform: str = "cpu") -> Plan:
@@ -252,7 +277,7 @@ def plan_training(c, devices: int, hbm_bytes: int | None = None, platform: str =
   parts = {"parameters": weights, "optimizer state": 2 * trainable,
            "gradients": trainable * (2 if c.microbatches > 1 else 1),
            "activations": activation_bytes(c, cfg, sizes, platform)}
-  return Plan("train", sizes, parts, hbm_bytes)
+  return Plan("train", sizes, parts, hbm_bytes, TPU_ESTIMATE_RATIO if platform == "tpu" else None)
 
 
 def plan_serving(c, devices: int, batch: int, length: int, hbm_bytes: int | None = None,
@@ -409,4 +434,13 @@ def describe(plan: Plan) -> str:
     usable = USABLE_HBM * plan.hbm_bytes
     total += (f" of {format_bytes(usable)} usable ({USABLE_HBM:.0%} of {format_bytes(plan.hbm_bytes)} "
               f"HBM): {'fits' if plan.fits else 'does NOT fit'}")
-  return "\n".join(lines + [total])
+  lines.append(total)
+  if plan.ratio is not None:
+    low, high = plan.peak_range
+    verdict = {"fits": "fits even at the top of that range",
+               "does not fit": "does not fit even at the bottom of that range",
+               "uncertain": "the range crosses the usable HBM: run with --compile for the compiler's peak",
+               None: "run with --compile for the compiler's peak"}[plan.verdict]
+    lines.append(f"  an estimate: the model has been {plan.ratio[0]:.2f}-{plan.ratio[1]:.2f}x the TPU compiler's "
+                 f"peak, so that peak would be {format_bytes(low)} to {format_bytes(high)}: {verdict}")
+  return "\n".join(lines)

@@ -84,11 +84,19 @@ def test_cli_verdict_and_changes_that_fit():
 
   ok = plan()
   assert ok["fits"] and ok["devices"] == 128 and ok["mesh"]["expert"] == 16
+  # the TPU estimate carries the range the compiler's peak could be in, given how far off the model has
+  # been (planning.TPU_ESTIMATE_RATIO), and calls a run fitting only when all of that range fits
+  low, high = planning.TPU_ESTIMATE_RATIO
+  assert ok["peak_range_bytes"] == [int(ok["total"] / high), int(ok["total"] / low)]
+  assert ok["verdict"] == "fits" and ok["peak_range_bytes"][1] <= 0.9 * 95 * 2**30
+  two = plan("--config.microbatches=1")  # 2 sequences per chip at once: the compiler says 66.6 GiB
+  assert two["fits"] and two["verdict"] == "uncertain"
+  assert two["peak_range_bytes"][0] <= 0.9 * 95 * 2**30 < two["peak_range_bytes"][1]
   assert ok["parameters"] == pytest.approx(107.77e9, rel=5e-5)
   # without remat every layer's activations stay for the backward pass: no longer fits, and the planner
   # names the changes that do (each verified by planning it)
   bad = plan("--config.model.remat_policy=none", "--config.microbatches=1")
-  assert not bad["fits"] and bad["total"] > 2 * ok["total"]
+  assert not bad["fits"] and bad["total"] > 2 * ok["total"] and bad["verdict"] == "does not fit"
   assert bad["fixes"] and all(f["total"] <= 0.9 * 95 * 2**30 for f in bad["fixes"])
   assert any("remat_policy=full" in f["change"] for f in bad["fixes"])
   # a mesh the slice cannot hold: one line naming the problem, no traceback
