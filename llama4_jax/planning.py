@@ -441,6 +441,7 @@ def describe(plan: Plan) -> str:
                "does not fit": "does not fit even at the bottom of that range",
                "uncertain": "the range crosses the usable HBM: run with --compile for the compiler's peak",
                None: "run with --compile for the compiler's peak"}[plan.verdict]
-    lines.append(f"  an estimate: the model has been {plan.ratio[0]:.2f}-{plan.ratio[1]:.2f}x the TPU "
-                 f"compiler's peak, so that peak would be {format_bytes(low)} to {format_bytes(high)}: {verdict}")
+    off = f"{plan.ratio[0]:.2f}-{plan.ratio[1]:.2f}x"
+    lines.append(f"  an estimate: the model has been {off} the TPU compiler's peak, so that peak would be "
+                 f"{format_bytes(low)} to {format_bytes(high)}: {verdict}")
   return "\n".join(lines)
