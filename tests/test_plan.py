@@ -4,6 +4,7 @@ KV cache against the sampler's, the TPU configs against their slices, and the CL
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -89,9 +90,16 @@ def test_cli_verdict_and_changes_that_fit():
   low, high = planning.TPU_ESTIMATE_RATIO
   assert ok["peak_range_bytes"] == [int(ok["total"] / high), int(ok["total"] / low)]
   assert ok["verdict"] == "fits" and ok["peak_range_bytes"][1] <= 0.9 * 95 * 2**30
-  two = plan("--config.microbatches=1")  # 2 sequences per chip at once: the compiler says 66.6 GiB
-  assert two["fits"] and two["verdict"] == "uncertain"
-  assert two["peak_range_bytes"][0] <= 0.9 * 95 * 2**30 < two["peak_range_bytes"][1]
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("scout", os.path.join(REPO, "configs", "scout_v5p256.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  tpu = planning.parse_tpu("v5p-256")  # 2 sequences per chip at once: the compiler says 66.6 GiB
+  two = planning.plan_training(planning.changed(module.get_config(), {"microbatches": 1}), tpu.chips,
+                               tpu.hbm_bytes, platform="tpu")
+  assert two.fits and two.verdict == "uncertain"
+  assert two.peak_range[0] <= 0.9 * tpu.hbm_bytes < two.peak_range[1]
+  assert "run with --compile" in planning.describe(two)
   assert ok["parameters"] == pytest.approx(107.77e9, rel=5e-5)
   # without remat every layer's activations stay for the backward pass: no longer fits, and the planner
   # names the changes that do (each verified by planning it)
