@@ -4,7 +4,6 @@ KV cache against the sampler's, the TPU configs against their slices, and the CL
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 import llama4_jax as l4
 from llama4_jax import planning
 from llama4_jax.train.compiled_memory import compiled_train_step_memory
-from train_utils import REPO, micro_config
+from train_utils import REPO, config_file, micro_config
 
 BASE = dict(data=1, fsdp=1, tensor=1, expert=1, context=1)
 WIDE = {"model.hidden_size": 256, "model.intermediate_size": 512, "model.intermediate_size_mlp": 512,
@@ -90,13 +89,9 @@ def test_cli_verdict_and_changes_that_fit():
   low, high = planning.TPU_ESTIMATE_RATIO
   assert ok["peak_range_bytes"] == [int(ok["total"] / high), int(ok["total"] / low)]
   assert ok["verdict"] == "fits" and ok["peak_range_bytes"][1] <= 0.9 * 95 * 2**30
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("scout", os.path.join(REPO, "configs", "scout_v5p256.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   tpu = planning.parse_tpu("v5p-256")  # 2 sequences per chip at once: the compiler says 66.6 GiB
-  two = planning.plan_training(planning.changed(module.get_config(), {"microbatches": 1}), tpu.chips,
-                               tpu.hbm_bytes, platform="tpu")
+  two = planning.plan_training(planning.changed(config_file("scout_v5p256"), {"microbatches": 1}),
+                               tpu.chips, tpu.hbm_bytes, platform="tpu")
   assert two.fits and two.verdict == "uncertain"
   assert two.peak_range[0] <= 0.9 * tpu.hbm_bytes < two.peak_range[1]
   assert "run with --compile" in planning.describe(two)
