@@ -197,6 +197,18 @@ def collectives(text: str) -> dict[str, dict[str, int]]:
   return out
 
 
+def estimate_caveats(text: str) -> dict[str, int]:
+  """What keeps the compiler's own step-time estimate (`cost_analysis()["optimal_seconds"]`) from being
+  a step time: {"while_loops": `while` instructions, whose bodies the cost model counts once however
+  many times they run (a layer scan, the microbatch loop); "sparsecore_offloads": scatters the TPU
+  compiler runs on the SparseCore (v5p, v6e), for each of which libtpu 0.0.42's cost model adds -2 s
+  (`benchmarks/tpu_collective_lowering.py` measures both)}."""
+  instrs, _, _ = _parse(text)
+  return {"while_loops": sum(i.opcode == "while" for i in instrs),
+          "sparsecore_offloads": sum(i.opcode == "custom-call" and '"PrepareAsyncCallStart"' in i.rest
+                                     for i in instrs)}
+
+
 def _reduce_scatter_results(instrs) -> dict[str, int]:
   """Fused computations that the TPU compiler emits as a reduce-scatter (named all-reduce-scatter*: an
   all-reduce whose result is sliced to this device's shard inside the fusion) -> bytes of the shard."""

@@ -73,7 +73,8 @@ class Report:
   pallas_uncounted: int  # Pallas calls per execution without a cost estimate (their flops are missing)
   splash_flops: float  # of `flops`: splash attention's kernels, counted from their shapes (no estimate)
   compiler_flops: float  # cost_analysis()'s figure, which counts each while-loop body once
-  optimal_seconds: float | None  # the compiler's own time estimate, None when it gives no positive one
+  optimal_seconds: float | None  # the compiler's own time estimate as it gives it (see `estimate_caveats`)
+  estimate_caveats: dict[str, int]  # hlo_report.estimate_caveats: why that estimate is not a step time
   compute_seconds: float  # flops at the chip's peak bf16 rate: a lower bound of the step time
   collectives: dict[str, dict[str, int]]
   largest: list[dict]
@@ -86,6 +87,7 @@ class Report:
             "flops": self.flops, "pallas_calls_without_cost": self.pallas_uncounted,
             "splash_flops_from_shapes": self.splash_flops,
             "compiler_flops": self.compiler_flops, "optimal_seconds": self.optimal_seconds,
+            **self.estimate_caveats,
             "compute_seconds": self.compute_seconds,
             "collectives": {k: v["bytes"] for k, v in self.collectives.items()},
             "collective_counts": {k: v["count"] for k, v in self.collectives.items()},
@@ -105,8 +107,8 @@ def report(name: str, lowered, tpu: Tpu, top: int = 8) -> Report:
   counted = hlo_report.flops(text)
   total = counted["matmul"] + counted["pallas"] + counted["splash"]
   return Report(name, memory_figures(compiled), total, counted["pallas_uncounted"], counted["splash"],
-                float(cost.get("flops", 0.0)), float(optimal) if optimal is not None and optimal > 0 else None,
-                total / PEAK_BF16_FLOPS[tpu.generation], hlo_report.collectives(text),
+                float(cost.get("flops", 0.0)), None if optimal is None else float(optimal),
+                hlo_report.estimate_caveats(text), total / PEAK_BF16_FLOPS[tpu.generation], hlo_report.collectives(text),
                 hlo_report.largest_buffers(text, top), seconds)
 
 
@@ -148,9 +150,9 @@ def format_report(r: Report, tpu: Tpu, model_flops: float | None = None, tokens:
            f"  flops per chip {r.flops:.3e} (counted from the HLO"
            + (f"; splash attention {r.splash_flops:.3e}, from its kernels' shapes" if r.splash_flops else "")
            + (f"; {r.pallas_uncounted} Pallas calls without a cost estimate not counted" if r.pallas_uncounted
-              else "") + f"); at peak bf16: {r.compute_seconds:.3f} s; compiler's own estimate "
-           + (f"{r.optimal_seconds:.3f} s" if r.optimal_seconds else "none (no positive figure)")]
-  seconds = r.optimal_seconds or r.compute_seconds
+              else "") + f"); at peak bf16: {r.compute_seconds:.3f} s",
+           f"  compiler's own estimate: {_estimate(r)}"]
+  seconds = r.compute_seconds
   if model_flops:
     lines.append(f"  model flops {model_flops:.3e} per step: at most {mfu(model_flops, seconds, tpu):.1%} MFU"
                  + (f", {tokens / seconds / tpu.chips:,.0f} tokens/s/chip" if tokens else "")
@@ -163,6 +165,19 @@ def format_report(r: Report, tpu: Tpu, model_flops: float | None = None, tokens:
     lines.append(f"    {b['bytes'] / GiB:7.2f} GiB {b['opcode']:<12} {b['shape']:<28} x{b['count']:<3} "
                  f"{_short(b['op_name'])}")
   return "\n".join(lines)
+
+
+def _estimate(r: Report) -> str:
+  """The compiler's `optimal_seconds`, with what keeps it from being this program's time."""
+  if r.optimal_seconds is None:
+    return "none given"
+  why = []
+  loops, offloads = r.estimate_caveats["while_loops"], r.estimate_caveats["sparsecore_offloads"]
+  if loops:
+    why.append(f"counts the bodies of its {loops} while loops once each")
+  if offloads:
+    why.append(f"adds -2 s for each of its {offloads} SparseCore-offloaded scatters")
+  return f"{r.optimal_seconds:.4g} s" + (f" (not a step time: it {' and '.join(why)})" if why else "")
 
 
 def _short(op_name: str, width: int = 90) -> str:

@@ -168,3 +168,24 @@ def test_without_libtpu_the_error_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` now raises ImportError
   with pytest.raises(RuntimeError, match=r"pip install -e '\.\[tpu\]'"):
     tpu_compile.tpu_devices(V5E_4)
+
+
+@pytest.mark.parametrize("tpu_name, offloads", [("v5p-8", 1), ("v5e-4", 0)])
+def test_the_compilers_estimate_says_what_it_leaves_out(tpu_name, offloads):
+  """A scatter-add inside a loop: the report counts the loop (whose body the compiler's optimal_seconds
+  counts once) and, on a v5p, the scatter offloaded to the SparseCore (for which that estimate adds -2 s),
+  and says so beside the figure."""
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  tpu = planning.parse_tpu(tpu_name)
+  rep = NamedSharding(Mesh(np.array(tpu_compile.tpu_devices(tpu)), ("x",)), P())
+  idx = jax.ShapeDtypeStruct((4096,), jnp.int32, sharding=rep)
+  val = jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=rep)
+  looped = jax.jit(lambda i, v: jax.lax.fori_loop(0, 5, lambda k, acc: acc.at[(i + k) % 1024].add(v),
+                                                   jnp.zeros((1024,))))
+  r = tpu_compile.report("scatter loop", looped.lower(idx, val), tpu)
+  assert r.estimate_caveats == {"while_loops": 1, "sparsecore_offloads": offloads}
+  assert (r.optimal_seconds < 0) == bool(offloads), r.optimal_seconds
+  text = tpu_compile.format_report(r, tpu)
+  assert "counts the bodies of its 1 while loops once each" in text
+  assert ("SparseCore-offloaded" in text) == bool(offloads)
