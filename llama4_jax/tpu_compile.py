@@ -108,7 +108,8 @@ def report(name: str, lowered, tpu: Tpu, top: int = 8) -> Report:
   total = counted["matmul"] + counted["pallas"] + counted["splash"]
   return Report(name, memory_figures(compiled), total, counted["pallas_uncounted"], counted["splash"],
                 float(cost.get("flops", 0.0)), None if optimal is None else float(optimal),
-                hlo_report.estimate_caveats(text), total / PEAK_BF16_FLOPS[tpu.generation], hlo_report.collectives(text),
+                hlo_report.estimate_caveats(text), total / PEAK_BF16_FLOPS[tpu.generation],
+                hlo_report.collectives(text),
                 hlo_report.largest_buffers(text, top), seconds)
 
 
