@@ -96,6 +96,16 @@ TPU_HELD_OUT = {
     "scout 4 layers, v5p-64 fsdp4 expert8, seq 4096": (
         "configs/scout_v5p256.py", "v5p-64", dict(_SB, batch_size=64, seq_len=4096,
                                                   mesh=_mesh(fsdp=4, expert=8))),
+    # Compiled after planning.TPU_ESTIMATE_RATIO was set, as a blind check of that range:
+    "scout 4 layers, v5p-128 fsdp4 expert16, capacity 1.25": (
+        "configs/scout_v5p256.py", "v5p-128", dict(_SB, batch_size=128, mesh=_mesh(fsdp=4, expert=16),
+                                                   **{"model.moe_capacity_factor": 1.25})),
+    "scout 4 layers, v5p-32 fsdp2 expert8, capacity 2": (
+        "configs/scout_v5p256.py", "v5p-32", dict(_SB, batch_size=32, mesh=_mesh(fsdp=2, expert=8),
+                                                  **{"model.moe_capacity_factor": 2.0})),
+    "scout 4 layers, loss_chunks 4": ("configs/scout_v5p256.py", "v5p-256", dict(_SB, loss_chunks=4)),
+    "maverick 4 layers, v6e-64 expert64": (
+        "configs/maverick_v6e256.py", "v6e-64", dict(_SB, batch_size=64, mesh=_mesh(expert=64))),
 }
 
 
@@ -137,6 +147,8 @@ def tpu_main(rows_file: str | None):
     report.append({"config": name, "fit": in_fit, "compiler_peak_gib": round(peak / 2**30, 2),
                    "estimate_gib": round((exact + float(np.dot(row, coef))) / 2**30, 2),
                    "ratio": round((exact + float(np.dot(row, coef))) / peak, 3)})
+    low, high = planning.TPU_ESTIMATE_RATIO  # the range each TPU plan states
+    report[-1]["inside_stated_range"] = low <= report[-1]["ratio"] <= high
   print(json.dumps({"benchmark": "plan_calibration_tpu", "fitted": {k: round(float(v), 3) for k, v in
                                                                       zip(names, coef)},
                     "configs": report}, indent=1))

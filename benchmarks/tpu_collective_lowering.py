@@ -1,14 +1,15 @@
 """How the TPU compiler lowers a weight gather and a gradient reduce-scatter, and what its own step-time
 estimate counts: two things to know when reading `plan --compile`'s collectives and estimate.
 
-    python benchmarks/tpu_collective_lowering.py     # ~2 minutes on 2 cores; needs libtpu
+    python benchmarks/tpu_collective_lowering.py     # ~1 minute on 2 cores; needs libtpu
 
 Prints one JSON object:
-- "collectives": for v5p slices of 16 to 128 chips, the collective instructions (opcode -> count, from
-  the partitioned HLO) of (a) gathering a bf16 [5120, 8192] weight split over the whole slice (fsdp x
-  expert, as the rules split Scout's non-expert weights), (b) the same split over the 8-chip fsdp axis
-  only, (c) the weight gradient of a data-parallel matmul, summed over the slice and left split over it
-  (GSPMD's choice), and (d) that gradient by an explicit `psum_scatter` in a `shard_map`.
+- "collectives": for v5p slices of 16 to 128 chips, a v4-128 and v6e slices of 16 to 256 chips, the
+  collective instructions (opcode -> count, from the partitioned HLO) of (a) gathering a bf16 [5120,
+  8192] weight split over the whole slice (fsdp x expert, as the rules split Scout's non-expert weights),
+  (b) the same split over the 8-chip fsdp axis only, (c) the weight gradient of a data-parallel matmul,
+  summed over the slice and left split over it (GSPMD's choice), and (d) that gradient by an explicit
+  `psum_scatter` in a `shard_map`.
 - "estimate": the compiler's `optimal_seconds` (cost_analysis) of programs of 1-3 one-dimensional
   scatter-adds and of one inside a 5-step loop, on v5e, v5p and v6e, beside the count of scatters it
   offloads to the SparseCore (`hlo_report.estimate_caveats`).
@@ -93,8 +94,9 @@ def _estimates(tpu_name: str) -> dict:
 
 
 def main():
+  slices = ("v5p-32", "v5p-64", "v5p-128", "v5p-256", "v4-128", "v6e-16", "v6e-32", "v6e-64", "v6e-256")
   print(json.dumps({"benchmark": "tpu_collective_lowering", "jax": jax.__version__,
-                    "collectives": {t: _collectives(t) for t in ("v5p-32", "v5p-64", "v5p-128", "v5p-256")},
+                    "collectives": {t: _collectives(t) for t in slices},
                     "estimate": {t: _estimates(t) for t in ("v5e-4", "v5p-8", "v6e-4")}}, indent=1))
 
 
