@@ -11,9 +11,11 @@ much it talks:
 - `collectives`: bytes per step by kind (all-gather, reduce-scatter, all-reduce, all-to-all,
   collective-permute, ragged-all-to-all), each instruction's result bytes per device times how often it
   runs: instructions inside a `while` body (a layer scan, the microbatch loop) count once per iteration,
-  from the loop's trip count. The TPU compiler writes a reduce-scatter as a fusion (`all-reduce-scatter`)
-  of an all-reduce and a slice; it counts as a reduce-scatter of the slice's bytes. A ragged
-  all-to-all's result is its receive buffer, sized for the worst case: an upper bound of what it moves.
+  from the loop's trip count; a collective the TPU compiler splits into an async chain of fusions (each
+  holding a copy of it, with one channel and `chain_id`) counts once. The TPU compiler writes a
+  reduce-scatter as a fusion (`all-reduce-scatter`) of an all-reduce and a slice; it counts as a
+  reduce-scatter of the slice's bytes. A ragged all-to-all's result is its receive buffer, sized for the
+  worst case: an upper bound of what it moves.
 
 Hand-written because no library parses HLO text; the grammar used is XLA's printed form (`%name = shape
 opcode(operands), attr=..., metadata={op_name="..."}`), stable across the versions we pin.
@@ -37,6 +39,9 @@ _BRANCH_PAIR = re.compile(r"\b(?:true_computation|false_computation)=%([\w.\-]+)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# An async collective the TPU compiler splits into a start, continuation and done fusion: each fused
+# computation holds a copy of the collective, with the same channel and chain ids.
+_CHAIN = re.compile(r'channel_id=(\d+).*?chain_id="(\d+)"')
 
 COLLECTIVES = {"all-gather": "all-gather", "all-gather-start": "all-gather",
                "reduce-scatter": "reduce-scatter", "all-reduce": "all-reduce",
@@ -182,10 +187,17 @@ def collectives(text: str) -> dict[str, dict[str, int]]:
   mult = _multiplicity(instrs, entry)
   scattered = _reduce_scatter_results(instrs)
   out = {k: {"bytes": 0, "count": 0} for k in sorted(set(COLLECTIVES.values()))}
+  chains = set()
   for i in instrs:
     kind = COLLECTIVES.get(i.opcode)
     if kind is None:
       continue
+    chain = _CHAIN.search(i.rest)
+    if chain:  # one collective split over an async chain's start, continuation and done fusions
+      key = (i.opcode,) + chain.groups()
+      if key in chains:
+        continue
+      chains.add(key)
     sizes = array_bytes(i.shape)
     # an async start returns (operands, results, ...): its result is the largest member
     nbytes = max(sizes) if i.opcode.endswith("-start") and sizes else sum(sizes)

@@ -189,3 +189,28 @@ def test_the_compilers_estimate_says_what_it_leaves_out(tpu_name, offloads):
   text = tpu_compile.format_report(r, tpu)
   assert "counts the bodies of its 1 while loops once each" in text
   assert ("SparseCore-offloaded" in text) == bool(offloads)
+
+
+def test_an_async_collective_chain_counts_once(v5e_devices):
+  """A weight gather independent of a chain of matmuls: the TPU compiler overlaps it as an async chain
+  (start, continuation and done fusions, each holding a copy of the all-gather with one channel and
+  chain id). `collectives` counts it once, at the gathered weight's size."""
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(v5e_devices), ("fsdp",))
+
+  def arg(shape, *spec):
+    return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P(*spec)))
+
+  def f(x, w, z):
+    a = z
+    for _ in range(4):
+      a = jnp.tanh(jnp.einsum("bij,bjk->bik", a, z))
+    return a, x @ w
+
+  text = jax.jit(f).lower(arg((4096, 256), "fsdp", None), arg((256, 4096), "fsdp", None),
+                          arg((4, 2048, 2048), "fsdp", None, None)).compile().as_text()
+  copies = [i for i in hlo_report._parse(text)[0] if i.opcode == "all-gather"]
+  assert len(copies) > 1 and all('chain_id="' in i.rest for i in copies)  # the chain this test is about
+  gathers = hlo_report.collectives(text)["all-gather"]
+  assert gathers == {"bytes": 256 * 4096 * 2, "count": 1}, gathers
