@@ -13,7 +13,7 @@ Loading reads the bf16 checkpoint into its shards (55 GB per chip) and quantizes
 releasing each bf16 weight as it goes. Sequences of 8192 tokens, 2 microbatches of 4, full remat, and the
 blockwise custom-VJP attention (attention_impl="ring"). `python -m llama4_jax.plan
 --config=configs/lora_scout_v5p8.py --tpu=v5p-8 --config.init_from=DIR --compile`: the TPU compiler's peak
-is 66.7 GiB per chip of 95 (the planner's TPU-fitted estimate 67.0).
+is 62.6 GiB per chip of 95 (recompiled 2026-12-07; the planner's TPU-fitted estimate 67.0).
 Records are chat JSONL, {"messages": [{"role": ..., "content": ...}, ...]}; the loss is on assistant
 tokens only. A v6e-8 (8 chips of 32 GB) does not fit this config: the planner (CPU-fitted, at the time)
 estimated 65 GiB per chip with expert=8 against 28.8 usable. Written from the published shapes and HBM sizes;
