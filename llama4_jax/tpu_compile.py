@@ -175,9 +175,9 @@ def _estimate(r: Report) -> str:
   why = []
   loops, offloads = r.estimate_caveats["while_loops"], r.estimate_caveats["sparsecore_offloads"]
   if loops:
-    why.append(f"counts the bodies of its {loops} while loops once each")
+    why.append(f"counts the body of each of its while loops ({loops}) once")
   if offloads:
-    why.append(f"adds -2 s for each of its {offloads} SparseCore-offloaded scatters")
+    why.append(f"adds -2 s for each scatter it offloads to the SparseCore ({offloads})")
   return f"{r.optimal_seconds:.4g} s" + (f" (not a step time: it {' and '.join(why)})" if why else "")
 
 

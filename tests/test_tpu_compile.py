@@ -187,8 +187,8 @@ def test_the_compilers_estimate_says_what_it_leaves_out(tpu_name, offloads):
   assert r.estimate_caveats == {"while_loops": 1, "sparsecore_offloads": offloads}
   assert (r.optimal_seconds < 0) == bool(offloads), r.optimal_seconds
   text = tpu_compile.format_report(r, tpu)
-  assert "counts the bodies of its 1 while loops once each" in text
-  assert ("SparseCore-offloaded" in text) == bool(offloads)
+  assert "counts the body of each of its while loops (1) once" in text
+  assert ("offloads to the SparseCore (1)" in text) == bool(offloads)
 
 
 def test_an_async_collective_chain_counts_once(v5e_devices):
