@@ -40,7 +40,8 @@ COEFFICIENTS = {"attention_probs": 4.37, "attention_io": 0.0, "residual": 4.0, "
                 "gathered_weights": 1.7}
 # The same for a TPU slice (features: `activation_features(..., platform="tpu")`), fitted to the TPU
 # compiler's peaks of the ten train steps of `benchmarks/plan_calibration.py --tpu`: within 0.86-1.07 of
-# them, but 0.70-1.41 on the four configs held out (1.12 / 1.41 / 0.70 / 1.40, see TPU_HELD_OUT there):
+# them, but 0.70-1.41 on the eight configs held out (1.12 / 1.41 / 0.70 / 1.40 / 1.11 / 1.34 / 0.79 / 0.72,
+# see TPU_HELD_OUT there):
 # an estimate, not a verdict; `plan --compile` is the answer for a TPU run.
 TPU_COEFFICIENTS = {"attention_probs": 0.0, "attention_io": 0.0, "residual": 7.137, "mlp": 0.577,
                     "logits": 2.131, "gathered_weights": 9.61, "lm_head": 0.0}
