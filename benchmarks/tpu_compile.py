@@ -12,7 +12,6 @@ step. These are compiler figures, not hardware measurements. Needs libtpu (pip i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -44,11 +43,9 @@ ROWS = [
 
 
 def load_config(path: str, overrides: dict):
+  from llama4_jax.cli import load_config as load
   from llama4_jax.planning import changed
-  spec = importlib.util.spec_from_file_location("run_config", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return changed(module.get_config(), overrides)
+  return changed(load(os.path.join(ROOT, path)), overrides)
 
 
 def row(name, path, tpu_name, overrides, serve) -> dict:

@@ -12,8 +12,6 @@ between steps, unlike the `tokens_per_sec` of one step. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import tempfile
 import time
 
@@ -27,12 +25,8 @@ def main():
   args = p.parse_args()
 
   from llama4_jax.train import train
-  here = os.path.dirname(os.path.abspath(__file__))
-  spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(here, "..", "configs",
-                                                                         "tiny_cpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from llama4_jax.cli import load_config
+  c = load_config("tiny_cpu")
   c.steps, c.log_every, c.eval_every, c.checkpoint_every, c.sample_prompt = args.steps, 1, 0, 0, ""
 
   times = {}

@@ -9,6 +9,7 @@ when no such file is in the working directory.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -36,6 +37,16 @@ def resolve_config(value: str) -> str:
   if os.path.exists(path) or os.path.dirname(path) not in ("", "configs") or not os.path.isfile(shipped):
     return value
   return shipped + colon + arg
+
+
+def load_config(value: str):
+  """The run config a --config value names (its file's `get_config()`; see `resolve_config`), for code
+  that wants a config without the flag: tests, benchmarks."""
+  path = resolve_config(value).partition(":")[0]
+  spec = importlib.util.spec_from_file_location("run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _configs_resolved(argv: list[str]) -> list[str]:

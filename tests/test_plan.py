@@ -12,8 +12,9 @@ import pytest
 
 import llama4_jax as l4
 from llama4_jax import planning
+from llama4_jax.cli import load_config
 from llama4_jax.train.compiled_memory import compiled_train_step_memory
-from train_utils import REPO, config_file, micro_config
+from train_utils import REPO, micro_config
 
 BASE = dict(data=1, fsdp=1, tensor=1, expert=1, context=1)
 WIDE = {"model.hidden_size": 256, "model.intermediate_size": 512, "model.intermediate_size_mlp": 512,
@@ -90,7 +91,7 @@ def test_cli_verdict_and_changes_that_fit():
   assert ok["peak_range_bytes"] == [int(ok["total"] / high), int(ok["total"] / low)]
   assert ok["verdict"] == "fits" and ok["peak_range_bytes"][1] <= 0.9 * 95 * 2**30
   tpu = planning.parse_tpu("v5p-256")  # 2 sequences per chip at once: the compiler says 66.6 GiB
-  two = planning.plan_training(planning.changed(config_file("scout_v5p256"), {"microbatches": 1}),
+  two = planning.plan_training(planning.changed(load_config("scout_v5p256"), {"microbatches": 1}),
                                tpu.chips, tpu.hbm_bytes, platform="tpu")
   assert two.fits and two.verdict == "uncertain"
   assert two.peak_range[0] <= 0.9 * tpu.hbm_bytes < two.peak_range[1]

@@ -18,7 +18,7 @@ import llama4_jax as l4
 from llama4_jax import storage
 from llama4_jax.train import TrainingDiverged, train
 from llama4_jax.checkpoint.orbax import COMMIT_MARKER, checkpoint_steps
-from train_utils import REPO, config_file, make_corpus, micro_config, read_metrics, run, train_command
+from train_utils import REPO, make_corpus, micro_config, read_metrics, run, train_command
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +304,9 @@ def test_init_from_orbax_and_hugging_face(trained, corpus, tmp_path):
 def test_tpu_configs_validate_for_their_slices(name, tpu, tmp_path):
   from llama4_jax import planning
   chips = planning.parse_tpu(tpu).chips
+  from llama4_jax.cli import load_config
   from llama4_jax.train.config import model_config, validate
-  c = config_file(name)
+  c = load_config(name)
   (tmp_path / "shard.array_record").write_bytes(b"")
   (tmp_path / "chat.jsonl").write_text("")
   c.data.path = str(tmp_path / ("*.jsonl" if c.data.source == "jsonl" else "*.array_record"))

@@ -46,15 +46,6 @@ def micro_config(corpus, **changes):
   return apply_changes(c, changes)
 
 
-def config_file(name: str):
-  """The run config of configs/NAME.py (its `get_config()`), as the trainer's --config flag loads it."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def apply_changes(c, changes):
   """Sets dotted fields ("model.lora_rank") of run config `c`; dict values update sub-configs."""
   for key, value in changes.items():
